@@ -1,0 +1,31 @@
+"""lm-eval-faults: count-exact, reproducible hardware-fault injection for language models.
+
+`from lm_eval_faults import inject, FaultSpec` gives the plain Python API; `--model faulty_hf`
+gives the lm-eval one. Attributes load lazily so that `import lm_eval_faults` (which the `.pth`
+hook triggers in every interpreter) never imports torch.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+__version__ = "0.1.0"
+
+_LAZY = {
+    "FaultSpec": "lm_eval_faults.spec",
+    "parse_fault_args": "lm_eval_faults.spec",
+    "inject": "lm_eval_faults.inject",
+    "Injection": "lm_eval_faults.inject",
+    "FaultReport": "lm_eval_faults.report",
+    "resolve_sites": "lm_eval_faults.targets",
+    "FaultyHFLM": "lm_eval_faults.model",
+}
+
+__all__ = sorted(_LAZY)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'lm_eval_faults' has no attribute {name!r}")
