@@ -15,8 +15,8 @@ __version__ = "0.1.0"
 _LAZY = {
     "FaultSpec": "lm_eval_faults.spec",
     "parse_fault_args": "lm_eval_faults.spec",
-    "inject": "lm_eval_faults.inject",
-    "Injection": "lm_eval_faults.inject",
+    "inject": "lm_eval_faults.injection",
+    "Injection": "lm_eval_faults.injection",
     "FaultReport": "lm_eval_faults.report",
     "resolve_sites": "lm_eval_faults.targets",
     "FaultyHFLM": "lm_eval_faults.model",

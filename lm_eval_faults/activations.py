@@ -1,0 +1,140 @@
+"""Transient faults on module outputs: fresh faults at every forward call, nothing retained.
+
+One forward hook per targeted module corrupts the floating-point tensors in its output (a
+tensor, a tuple or list of them, or a ModelOutput / dict), in loglikelihood scoring and in
+generation with a KV cache alike. Call number i of module m draws from stream i of the
+generator keyed by (seed, m, spec), so a run is reproducible; the hook keeps only integer
+counters, so memory stays flat however many calls are made (the RRAM study's tool leaked).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.hooks import RemovableHandle
+
+from lm_eval_faults.faults import bit_histogram, draw_faults, popcount
+from lm_eval_faults.formats import LAYOUTS, BitLayout, from_unsigned, resolve_bits, to_unsigned
+from lm_eval_faults.report import SiteStats
+from lm_eval_faults.sampling import generator, site_key
+from lm_eval_faults.spec import FaultSpec
+from lm_eval_faults.targets import ModuleSite
+from lm_eval_faults.weights import expected_counts, nonfinite_created
+
+
+class ActivationInjector:
+    """Attaches fault hooks to modules; `stats` accumulates per module over all calls."""
+
+    def __init__(self, spec: FaultSpec, sites: list[ModuleSite]) -> None:
+        self.spec = spec
+        self.sites = sites
+        self.stats: dict[str, SiteStats] = {}
+        self._handles: list[RemovableHandle] = []
+        self._eligible: dict[torch.dtype, tuple[int, ...]] = {}
+
+    @property
+    def attached(self) -> bool:
+        return bool(self._handles)
+
+    def attach(self) -> None:
+        if self._handles:
+            return
+        for site in self.sites:
+            self.stats.setdefault(site.name, SiteStats(site.name, site.component, site.layer, "", 0, 0, 0.0, 0.0))
+            hook = _OutputFaultHook(self, site, site_key(self.spec.seed, f"activation:{site.name}", self.spec.sampling_key()))
+            self._handles.append(site.module.register_forward_hook(hook, with_kwargs=True))
+
+    def detach(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+
+    def eligible_bits(self, layout: BitLayout) -> tuple[int, ...]:
+        if layout.dtype not in self._eligible:
+            self._eligible[layout.dtype] = resolve_bits(layout, self.spec.bits) if self.spec.per_bit else tuple(range(layout.width))
+        return self._eligible[layout.dtype]
+
+
+class _OutputFaultHook:
+    """The forward hook of one module. Holds counters only, never tensors."""
+
+    def __init__(self, injector: ActivationInjector, site: ModuleSite, key: int) -> None:
+        self.injector = injector
+        self.stats = injector.stats[site.name]
+        self.key = key
+
+    def __call__(self, module: torch.nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
+        rng = generator(self.key, stream=self.stats.calls)
+        self.stats.calls += 1
+        inputs = _storages(args) | _storages(tuple(kwargs.values()))
+        with torch.no_grad():
+            return self._corrupt(output, rng, inputs)
+
+    def _corrupt(self, value: Any, rng: np.random.Generator, inputs: set[int]) -> Any:
+        if isinstance(value, torch.Tensor):
+            return self._corrupt_tensor(value, rng, inputs)
+        if isinstance(value, Mapping):  # ModelOutput and plain dicts
+            for key in list(value.keys()):
+                if isinstance(value[key], torch.Tensor):
+                    value[key] = self._corrupt_tensor(value[key], rng, inputs)
+            return value
+        if isinstance(value, (tuple, list)):
+            corrupted = [self._corrupt(item, rng, inputs) for item in value]
+            return type(value)(corrupted) if isinstance(value, list) else tuple(corrupted)
+        return value
+
+    def _corrupt_tensor(self, tensor: torch.Tensor, rng: np.random.Generator, inputs: set[int]) -> torch.Tensor:
+        layout = LAYOUTS.get(tensor.dtype)
+        if layout is None or not layout.is_float or tensor.numel() == 0:
+            return tensor
+        spec = self.injector.spec
+        eligible = self.injector.eligible_bits(layout)
+        numel = tensor.numel()
+        expected_elements, expected_bits = expected_counts(spec, numel, len(eligible))
+        stats = self.stats
+        stats.dtype = layout.name
+        stats.elements += numel
+        stats.eligible_bits += numel * len(eligible)
+        stats.expected_elements += expected_elements
+        stats.expected_bits += expected_bits
+
+        target = tensor
+        words: torch.Tensor | None = None
+
+        def read_words(positions: np.ndarray) -> np.ndarray:
+            nonlocal target, words
+            # Outputs that alias an input (Identity, eval-mode Dropout, views) must not be
+            # corrupted in place: the input may be read again (residual connections).
+            if not target.is_contiguous() or target.untyped_storage().data_ptr() in inputs:
+                target = target.contiguous() if not target.is_contiguous() else target.clone()
+            words = target.view(-1).view(layout.int_view)
+            index = torch.from_numpy(positions).to(words.device)
+            return to_unsigned(words[index].cpu(), layout).numpy()
+
+        batch = draw_faults(numel, read_words, spec, layout, eligible, rng)
+        if not len(batch.positions):
+            return tensor
+        changed = batch.only_changed()
+        assert words is not None
+        words[torch.from_numpy(changed.positions).to(words.device)] = from_unsigned(torch.from_numpy(changed.new), layout).to(words.device)
+        stats.hit_elements += len(batch.positions)
+        stats.fault_bits += popcount(batch.fault_bits)
+        stats.changed_elements += len(changed.positions)
+        stats.flipped_bits += popcount(changed.old ^ changed.new)
+        stats.nonfinite_created += nonfinite_created(changed.old, changed.new, layout)
+        stats.bit_histogram = [a + b for a, b in zip(stats.bit_histogram or [0] * layout.width, bit_histogram(changed.old, changed.new, layout.width))]
+        return target
+
+
+def _storages(values: tuple) -> set[int]:
+    """Storage addresses of the tensors among `values` (one level deep, as modules receive them)."""
+    found: set[int] = set()
+    for value in values:
+        if isinstance(value, torch.Tensor):
+            found.add(value.untyped_storage().data_ptr())
+        elif isinstance(value, (tuple, list)):
+            found |= {v.untyped_storage().data_ptr() for v in value if isinstance(v, torch.Tensor)}
+    return found

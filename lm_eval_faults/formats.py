@@ -1,0 +1,118 @@
+"""Bit layouts of the dtypes we can fault: which integer view, which bits are sign/exponent/mantissa.
+
+Bit 0 is the least significant bit of the stored word; the sign bit is the most significant.
+Faults act on the integer view of a tensor, so a float's bits are flipped exactly as a memory
+cell would flip them, with no rounding through float arithmetic.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class BitLayout:
+    """How one dtype stores a value: total width and the positions of each field."""
+
+    name: str
+    dtype: torch.dtype
+    int_view: torch.dtype
+    width: int
+    sign: tuple[int, ...]
+    exponent: tuple[int, ...]
+    mantissa: tuple[int, ...]
+
+    @property
+    def is_float(self) -> bool:
+        return bool(self.exponent)
+
+    def field(self, name: str) -> tuple[int, ...]:
+        """Bit positions of a named field, with an error that lists what this dtype has."""
+        fields = {"all": tuple(range(self.width)), "sign": self.sign}
+        if self.is_float:
+            fields.update(exponent=self.exponent, mantissa=self.mantissa)
+        if name not in fields:
+            raise ValueError(
+                f"bits={name!r} does not exist in {self.name}; valid fields: {', '.join(fields)}"
+            )
+        return fields[name]
+
+    def field_of_bit(self, bit: int) -> str:
+        if bit in self.sign:
+            return "sign"
+        if bit in self.exponent:
+            return "exponent"
+        return "mantissa" if self.is_float else "value"
+
+
+def _float_layout(name: str, dtype: torch.dtype, int_view: torch.dtype, exp_bits: int, man_bits: int) -> BitLayout:
+    width = 1 + exp_bits + man_bits
+    return BitLayout(
+        name=name,
+        dtype=dtype,
+        int_view=int_view,
+        width=width,
+        sign=(width - 1,),
+        exponent=tuple(range(man_bits, man_bits + exp_bits)),
+        mantissa=tuple(range(man_bits)),
+    )
+
+
+def _int_layout(name: str, dtype: torch.dtype, int_view: torch.dtype, width: int, signed: bool) -> BitLayout:
+    value_bits = tuple(range(width - 1)) if signed else tuple(range(width))
+    return BitLayout(name, dtype, int_view, width, (width - 1,) if signed else (), (), value_bits)
+
+
+LAYOUTS: dict[torch.dtype, BitLayout] = {
+    layout.dtype: layout
+    for layout in (
+        _float_layout("float32", torch.float32, torch.int32, 8, 23),
+        _float_layout("float16", torch.float16, torch.int16, 5, 10),
+        _float_layout("bfloat16", torch.bfloat16, torch.int16, 8, 7),
+        _int_layout("int8", torch.int8, torch.int8, 8, signed=True),
+        _int_layout("uint8", torch.uint8, torch.uint8, 8, signed=False),
+    )
+}
+
+
+def layout_of(dtype: torch.dtype) -> BitLayout:
+    """The layout of `dtype`, or an error naming the dtypes that can be faulted."""
+    try:
+        return LAYOUTS[dtype]
+    except KeyError:
+        valid = ", ".join(layout.name for layout in LAYOUTS.values())
+        raise TypeError(f"cannot inject bit faults into {dtype}; supported dtypes: {valid}") from None
+
+
+def resolve_bits(layout: BitLayout, bits: str) -> tuple[int, ...]:
+    """Turn a `bits` selector ("all", "exponent", "sign+mantissa", "0-6+15") into sorted positions."""
+    positions: set[int] = set()
+    for part in bits.split("+"):
+        part = part.strip()
+        if part and (part[0].isdigit()):
+            low, _, high = part.partition("-")
+            first, last = int(low), int(high or low)
+            if not 0 <= first <= last < layout.width:
+                raise ValueError(
+                    f"bits={bits!r}: position range {part!r} is outside 0-{layout.width - 1} for {layout.name}"
+                )
+            positions.update(range(first, last + 1))
+        else:
+            positions.update(layout.field(part))
+    return tuple(sorted(positions))
+
+
+def to_unsigned(words: torch.Tensor, layout: BitLayout) -> torch.Tensor:
+    """Integer-view words as non-negative int64, so bit arithmetic needs no sign tricks."""
+    return words.to(torch.int64) & ((1 << layout.width) - 1)
+
+
+def from_unsigned(values: torch.Tensor, layout: BitLayout) -> torch.Tensor:
+    """Inverse of `to_unsigned`: wrap to the signed integer view of the layout."""
+    if layout.int_view == torch.uint8:
+        return values.to(torch.uint8)
+    half = 1 << (layout.width - 1)
+    signed = torch.where(values >= half, values - (1 << layout.width), values)
+    return signed.to(layout.int_view)

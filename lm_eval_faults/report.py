@@ -1,0 +1,179 @@
+"""`FaultReport`: what was actually injected, so that a silent no-op can never pass unnoticed.
+
+Counts are kept per site (parameter or module) and rolled up per component, per layer and per
+bit position. "hit" counts fault events (a stuck-at bit that already had its value is hit but
+not changed); "changed"/"flipped" count what really differs from the clean model.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import warnings
+from collections import defaultdict
+from dataclasses import asdict, dataclass, field
+from typing import Any, Iterable
+
+logger = logging.getLogger(__name__)
+
+SILENT_NO_OP_EXPECTATION = 10.0
+"""Zero faults when at least this many were expected has probability < e^-10: that is a bug."""
+
+
+@dataclass
+class SiteStats:
+    """Counts for one faulted site (a parameter tensor, or a module's outputs over all calls)."""
+
+    name: str
+    component: str
+    layer: int | None
+    dtype: str
+    elements: int
+    eligible_bits: int
+    expected_elements: float
+    expected_bits: float
+    hit_elements: int = 0
+    fault_bits: int = 0
+    changed_elements: int = 0
+    flipped_bits: int = 0
+    nonfinite_created: int = 0
+    bit_histogram: list[int] = field(default_factory=list)
+    shared_with: list[str] = field(default_factory=list)
+    calls: int = 0
+
+    def add(self, other: "SiteStats") -> None:
+        """Accumulate another batch at the same site (activations: one batch per forward call)."""
+        for name in ("elements", "eligible_bits", "hit_elements", "fault_bits", "changed_elements", "flipped_bits", "nonfinite_created", "calls"):
+            setattr(self, name, getattr(self, name) + getattr(other, name))
+        self.expected_elements += other.expected_elements
+        self.expected_bits += other.expected_bits
+        self.bit_histogram = _add_lists(self.bit_histogram, other.bit_histogram)
+
+
+_TOTAL_FIELDS = ("elements", "eligible_bits", "expected_elements", "expected_bits", "hit_elements", "fault_bits", "changed_elements", "flipped_bits", "nonfinite_created")
+
+
+def _add_lists(a: list[int], b: list[int]) -> list[int]:
+    width = max(len(a), len(b))
+    return [(a[i] if i < len(a) else 0) + (b[i] if i < len(b) else 0) for i in range(width)]
+
+
+def _totals(sites: Iterable[SiteStats]) -> dict[str, float]:
+    totals: dict[str, float] = dict.fromkeys(_TOTAL_FIELDS, 0)
+    for site in sites:
+        for name in _TOTAL_FIELDS:
+            totals[name] += getattr(site, name)
+    totals["expected_elements"] = round(totals["expected_elements"], 3)
+    totals["expected_bits"] = round(totals["expected_bits"], 3)
+    return totals
+
+
+def _rollup(sites: Iterable[SiteStats], key) -> dict[str, dict[str, float]]:
+    groups: dict[str, list[SiteStats]] = defaultdict(list)
+    for site in sites:
+        groups[key(site)].append(site)
+    return {name: _totals(members) for name, members in sorted(groups.items())}
+
+
+@dataclass
+class FaultReport:
+    """Everything injected under one spec: weights (once) and activations (accumulated per call)."""
+
+    spec: dict[str, Any]
+    weights: list[SiteStats] = field(default_factory=list)
+    activations: dict[str, SiteStats] = field(default_factory=dict)
+    nonfinite_requests: dict[str, int] = field(default_factory=dict)
+    requests: dict[str, int] = field(default_factory=dict)
+
+    def totals(self, part: str = "weights") -> dict[str, float]:
+        return _totals(self._sites(part))
+
+    def _sites(self, part: str) -> list[SiteStats]:
+        return self.weights if part == "weights" else list(self.activations.values())
+
+    def by_component(self, part: str = "weights") -> dict[str, dict[str, float]]:
+        return _rollup(self._sites(part), lambda s: s.component)
+
+    def by_layer(self, part: str = "weights") -> dict[str, dict[str, float]]:
+        return _rollup(self._sites(part), lambda s: "-" if s.layer is None else f"{s.layer:03d}")
+
+    def bit_histogram(self, part: str = "weights") -> dict[str, list[int]]:
+        """Changed elements per bit position, per dtype (positions differ between dtypes)."""
+        histograms: dict[str, list[int]] = {}
+        for site in self._sites(part):
+            histograms[site.dtype] = _add_lists(histograms.get(site.dtype, []), site.bit_histogram)
+        return histograms
+
+    @property
+    def injected(self) -> int:
+        """Fault events, weights and activations together."""
+        return int(self.totals("weights")["hit_elements"] + self.totals("activations")["hit_elements"])
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON form that goes into lm-eval's results under config.fault_injection."""
+        return {
+            "spec": self.spec,
+            "weights": {
+                "totals": self.totals("weights"),
+                "by_component": self.by_component("weights"),
+                "by_layer": self.by_layer("weights"),
+                "bit_histogram": self.bit_histogram("weights"),
+                "shared_tensors": {s.name: s.shared_with for s in self.weights if s.shared_with},
+                "sites": [asdict(s) for s in self.weights],
+            },
+            "activations": {
+                "totals": {**self.totals("activations"), "calls": sum(s.calls for s in self.activations.values())},
+                "by_component": self.by_component("activations"),
+                "by_layer": self.by_layer("activations"),
+                "bit_histogram": self.bit_histogram("activations"),
+            },
+            "requests": dict(self.requests),
+            "nonfinite_requests": dict(self.nonfinite_requests),
+        }
+
+    def to_json(self, **kwargs: Any) -> str:
+        return json.dumps(self.to_dict(), **kwargs)
+
+    def format_table(self) -> str:
+        """A short human-readable summary, printed after an lm-eval run."""
+        lines = [f"Fault injection: {self.spec.get('description', self.spec)}"]
+        header = f"{'site':<12}{'component':<22}{'elements':>14}{'expected':>12}{'hit':>10}{'changed':>10}{'bits':>10}{'non-finite':>12}"
+        for part in ("weights", "activations"):
+            if not self._sites(part):
+                continue
+            lines.append(header)
+            for component, row in self.by_component(part).items():
+                lines.append(
+                    f"{part:<12}{component:<22}{int(row['elements']):>14,}{row['expected_elements']:>12.1f}"
+                    f"{int(row['hit_elements']):>10,}{int(row['changed_elements']):>10,}{int(row['flipped_bits']):>10,}"
+                    f"{int(row['nonfinite_created']):>12,}"
+                )
+        if self.nonfinite_requests:
+            lines.append("requests with non-finite log-likelihoods or logits, per task: "
+                         + ", ".join(f"{task}={count}/{self.requests.get(task, '?')}" for task, count in sorted(self.nonfinite_requests.items())))
+        return "\n".join(lines)
+
+    def check_not_silent(self, part: str) -> None:
+        """Shout when faults were asked for on `part` and none landed (the RRAM study shipped such a no-op).
+
+        Zero faults despite >= 10 expected is a bug and raises; fewer expected is a loud warning.
+        """
+        sites = self._sites(part)
+        if sites and any(site.elements for site in sites):
+            totals = self.totals(part)
+            if totals["hit_elements"] > 0:
+                return
+            expected = totals["expected_elements"]
+            if expected >= SILENT_NO_OP_EXPECTATION:
+                raise RuntimeError(
+                    f"lm_eval_faults: {expected:.1f} faults expected on {part} but none injected; "
+                    f"this is a bug, please report it with the spec {self.spec}"
+                )
+            chance = math.exp(-expected)
+            message = (
+                f"lm_eval_faults: NO FAULTS were injected on {part} (expected {expected:.3g}; "
+                f"P(zero faults) = {chance:.2f}). This run measures the clean model. Raise p or widen the target."
+            )
+            logger.warning(message)
+            warnings.warn(message, stacklevel=2)
