@@ -5,6 +5,7 @@ Imports only the standard library: `_autoload` uses it at interpreter start.
 
 from __future__ import annotations
 
+import argparse
 from pathlib import Path
 
 PACKAGE_DIR = Path(__file__).resolve().parent
@@ -21,3 +22,13 @@ def tasks_dir() -> Path:
 def demo_model_dir() -> Path:
     """The embedded demo model (config, weights, tokenizer), shipped as package data."""
     return PACKAGE_DIR / "demo_model"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """`lm-eval-faults tasks-path` takes no options."""
+
+
+def main(args: argparse.Namespace) -> int:
+    """Print the task directory, for `--include_path` in setups that bypass the import hook."""
+    print(tasks_dir())
+    return 0

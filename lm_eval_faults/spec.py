@@ -190,7 +190,7 @@ class FaultSpec:
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
         data["target"] = "+".join(self.target)
-        data["layers"] = None if self.layers is None else _layers_label(self.layers)
+        data["layers"] = None if self.layers is None else layers_label(self.layers)
         data["value_range"] = list(self.value_range)
         return data
 
@@ -202,11 +202,11 @@ class FaultSpec:
     def describe(self) -> str:
         rate = f"p01={self.p01 or 0:g},p10={self.p10 or 0:g}" if self.asymmetric else f"p={self.p:g}"
         unit = "bit" if self.per_bit else "element"
-        layers = "all layers" if self.layers is None else f"layers {_layers_label(self.layers)}"
+        layers = "all layers" if self.layers is None else f"layers {layers_label(self.layers)}"
         return f"{self.fault} {rate} per {unit} on {self.site} of {'+'.join(self.target)} ({layers}, bits={self.bits}, seed={self.seed})"
 
 
-def _layers_label(layers: Iterable[int]) -> str:
+def layers_label(layers: Iterable[int]) -> str:
     """(0,1,2,3,7) -> "0-3+7": the same syntax `layers=` accepts."""
     parts, run = [], []
     for index in sorted(layers):

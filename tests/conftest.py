@@ -1,0 +1,44 @@
+"""Shared fixtures: tiny models saved once per session, the tiny local task, the shared data."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from tiny import save_tiny_model, write_tiny_task  # noqa: E402
+
+SHARED = Path(__file__).resolve().parents[2] / "shared"
+SMOLLM_DIR = SHARED / "models" / "smollm2-135m-instruct"
+SMOLLM_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return save_tiny_model(tmp_path_factory.mktemp("tiny_llama"))
+
+
+@pytest.fixture(scope="session")
+def tiny_task_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_tiny_task(tmp_path_factory.mktemp("tiny_tasks"))
+
+
+@pytest.fixture(scope="session")
+def task_manager(tiny_task_dir: Path):
+    from lm_eval.tasks import TaskManager
+
+    return TaskManager(include_path=str(tiny_task_dir))
+
+
+@pytest.fixture(scope="session")
+def smollm_dir() -> Path:
+    if not (SMOLLM_DIR / SMOLLM_GGUF).is_file():
+        pytest.skip(f"real-model test: {SMOLLM_DIR / SMOLLM_GGUF} is absent (see ../shared/models/README.md)")
+    return SMOLLM_DIR

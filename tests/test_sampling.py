@@ -1,0 +1,148 @@
+"""Fault statistics match their definition: iid Bernoulli per bit (or element), exactly.
+
+Statistical assertions use 5 standard deviations, so a correct sampler fails them with
+probability below 1e-6 per check; the seeds are fixed, so the tests are deterministic anyway.
+"""
+
+import math
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from lm_eval_faults.faults import draw_faults, popcount
+from lm_eval_faults.formats import LAYOUTS, resolve_bits, to_unsigned
+from lm_eval_faults.sampling import (
+    DENSE_ABOVE,
+    bernoulli_positions,
+    distinct_uniform,
+    element_rate,
+    generator,
+    nonzero_masks,
+    site_key,
+)
+from lm_eval_faults.spec import FaultSpec
+
+
+def within_5_sigma(observed: float, n: float, p: float) -> bool:
+    return abs(observed - n * p) <= 5 * math.sqrt(n * p * (1 - p)) + 1e-9
+
+
+@pytest.mark.parametrize("q", [1e-4, 3e-3, DENSE_ABOVE * 2, 0.5])
+def test_positions_are_distinct_sorted_and_binomial(q):
+    n, repeats = 200_000, 30
+    counts = []
+    for seed in range(repeats):
+        positions = bernoulli_positions(n, q, generator(site_key(seed, "w", {})))
+        assert np.all(np.diff(positions) > 0) and positions.min(initial=0) >= 0 and positions.max(initial=0) < n
+        counts.append(len(positions))
+    assert within_5_sigma(sum(counts), n * repeats, q)
+
+
+def test_positions_are_uniform_over_the_tensor():
+    n, bins = 1_000_000, 10
+    positions = np.concatenate([bernoulli_positions(n, 1e-3, generator(site_key(s, "w", {}))) for s in range(20)])
+    histogram = np.bincount(positions * bins // n, minlength=bins)
+    for count in histogram:
+        assert within_5_sigma(count, len(positions), 1 / bins)
+
+
+def test_distinct_uniform_even_when_collisions_are_common():
+    rng = generator(1)
+    subset = distinct_uniform(50, 45, rng)
+    assert len(set(subset.tolist())) == 45 and subset.max() < 50
+    # Every element of a small population is equally likely to be chosen.
+    hits = np.zeros(10)
+    for stream in range(4000):
+        hits[distinct_uniform(10, 3, generator(7, stream))] += 1
+    for count in hits:
+        assert within_5_sigma(count, 4000, 0.3)
+
+
+@pytest.mark.parametrize("p, bits", [(1e-3, tuple(range(32))), (0.1, tuple(range(16))), (0.3, (0, 5, 9, 30)), (1e-2, tuple(range(23, 31)))])
+def test_every_eligible_bit_is_hit_with_probability_p(p, bits):
+    """Element rate x conditional mask = iid Bernoulli(p) per bit, checked per bit position."""
+    n = 400_000
+    rng = generator(site_key(0, "bits", {"p": p}))
+    positions = bernoulli_positions(n, element_rate(p, len(bits)), rng)
+    masks = nonzero_masks(len(positions), p, bits, rng)
+    assert np.all(masks != 0)
+    for bit in range(32):
+        hits = np.count_nonzero(masks >> bit & 1)
+        if bit in bits:
+            assert within_5_sigma(hits, n, p), (bit, hits, n * p)
+        else:
+            assert hits == 0
+    # Bits are independent: elements with two or more faulty bits occur at the binomial rate.
+    multi = np.count_nonzero([bin(m).count("1") >= 2 for m in masks])
+    b = len(bits)
+    p_multi = 1 - (1 - p) ** b - b * p * (1 - p) ** (b - 1)
+    assert within_5_sigma(multi, n, p_multi)
+
+
+def test_element_faults_count_and_values():
+    layout = LAYOUTS[torch.float32]
+    spec = FaultSpec(p=0.01, fault="value", value_range="-2:3")
+    n = 300_000
+    batch = draw_faults(n, lambda pos: np.zeros(len(pos), dtype=np.int64), spec, layout, tuple(range(32)), generator(3))
+    assert within_5_sigma(len(batch.positions), n, 0.01)
+    values = torch.from_numpy(batch.new).to(torch.int32).view(torch.float32).numpy()
+    assert values.min() >= -2 and values.max() <= 3
+    # Uniform on (-2, 3): each unit interval holds a fifth of the draws.
+    for low in range(-2, 3):
+        assert within_5_sigma(np.count_nonzero((values >= low) & (values < low + 1)), len(values), 0.2)
+
+
+def test_asymmetric_flips_follow_p01_and_p10_separately():
+    layout = LAYOUTS[torch.int8]
+    n = 200_000
+    words = np.full(n, 0b00001111, dtype=np.int64)  # four zero bits, four one bits
+    spec = FaultSpec(p01=0.02, p10=0.005)
+    batch = draw_faults(n, lambda pos: words[pos], spec, layout, tuple(range(8)), generator(5))
+    up = popcount(~batch.old & batch.new & 0xFF)
+    down = popcount(batch.old & ~batch.new & 0xFF)
+    assert within_5_sigma(up, 4 * n, 0.02) and within_5_sigma(down, 4 * n, 0.005)
+
+
+def test_stuck_at_only_changes_bits_that_differ():
+    layout = LAYOUTS[torch.float16]
+    words = to_unsigned(torch.tensor([1.0, -2.5, 0.0, 65504.0], dtype=torch.float16).view(torch.int16), layout).numpy()
+    for fault, check in (("stuck0", lambda o, n: (n & ~o) == 0), ("stuck1", lambda o, n: (o & ~n) == 0)):
+        batch = draw_faults(4, lambda pos: words[pos], FaultSpec(p=0.5, fault=fault), layout, tuple(range(16)), generator(1))
+        assert np.all(check(batch.old, batch.new))
+        assert np.all((batch.old ^ batch.new) & ~batch.fault_bits == 0)
+
+
+def test_bit_fields_select_the_right_positions():
+    fp32, bf16, fp16 = LAYOUTS[torch.float32], LAYOUTS[torch.bfloat16], LAYOUTS[torch.float16]
+    assert resolve_bits(fp32, "sign") == (31,) and resolve_bits(fp32, "exponent") == tuple(range(23, 31))
+    assert resolve_bits(bf16, "exponent") == tuple(range(7, 15)) and resolve_bits(fp16, "mantissa") == tuple(range(10))
+    assert resolve_bits(fp16, "0-2+15") == (0, 1, 2, 15)
+    with pytest.raises(ValueError, match="outside 0-15"):
+        resolve_bits(fp16, "16")
+    with pytest.raises(ValueError, match="valid fields: all, sign"):
+        resolve_bits(LAYOUTS[torch.int8], "exponent")
+
+
+def test_a_flip_of_the_top_exponent_bit_of_a_value_in_1_2_gives_inf_or_nan():
+    value = torch.tensor([1.5], dtype=torch.float32)
+    flipped = (value.view(torch.int32) ^ (1 << 30)).view(torch.float32)
+    assert not torch.isfinite(flipped).any()
+    small = torch.tensor([0.75], dtype=torch.float32)
+    huge = (small.view(torch.int32) ^ (1 << 30)).view(torch.float32)
+    assert torch.isfinite(huge).all() and huge.item() == 0.75 * 2.0**128
+
+
+def test_map_is_a_pure_function_of_seed_name_and_spec_across_processes():
+    code = (
+        "from lm_eval_faults.sampling import *;"
+        "g = generator(site_key(4, 'model.layers.0.mlp.up_proj.weight', {'p': 1e-3}));"
+        "print(bernoulli_positions(10**7, 1e-4, g).sum())"
+    )
+    other = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
+    here = bernoulli_positions(10**7, 1e-4, generator(site_key(4, "model.layers.0.mlp.up_proj.weight", {"p": 1e-3}))).sum()
+    assert int(other) == int(here)
+    different_name = bernoulli_positions(10**7, 1e-4, generator(site_key(4, "model.layers.1.mlp.up_proj.weight", {"p": 1e-3}))).sum()
+    assert different_name != here
