@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import re
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -23,7 +24,7 @@ logger = logging.getLogger(__name__)
 KNOWN_MODEL_TYPES = frozenset(
     "llama mistral mixtral qwen2 qwen2_moe qwen3 gemma gemma2 gemma3_text gpt2 gpt_neox opt phi phi3 smollm3 olmo olmo2 granite".split()
 )
-_warned_model_types: set[str | None] = set()
+_warned_models: "weakref.WeakSet[nn.Module]" = weakref.WeakSet()
 _ATTENTION = re.compile(r"attn|attention")
 _MLP = re.compile(r"mlp|ffn|feed_forward|^fc\d$|dense_h_to_4h|dense_4h_to_h|experts|^c_fc$")
 
@@ -70,8 +71,8 @@ def decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList] | None:
 def classify_modules(model: nn.Module) -> dict[str, ModuleSite]:
     """Every named module of `model` with its component and layer."""
     model_type = getattr(getattr(model, "config", None), "model_type", None)
-    if model_type not in KNOWN_MODEL_TYPES and model_type not in _warned_model_types:
-        _warned_model_types.add(model_type)
+    if model_type not in KNOWN_MODEL_TYPES and model not in _warned_models:
+        _warned_models.add(model)
         logger.warning(
             "lm_eval_faults: architecture %r is not in the tested list; components are inferred from "
             "module types and names. Check them with `lm-eval-faults targets`.",
