@@ -44,6 +44,8 @@ WEIGHTINGS: tuple[str, ...] = ("uniform", "log_p", "p")
 PRIMARY_METRICS: tuple[str, ...] = ("acc", "acc_norm", "exact_match")
 RANK_KEYS: tuple[str, ...] = ("awrcl_p", "awrcl_count", "threshold_p", "threshold_count")
 ALL_LAYERS = "all"
+RESULTS_FILE = "results.jsonl"
+"""A sweep run directory's results file: one JSON record per finished point."""
 
 
 class MalformedRecordError(ValueError):

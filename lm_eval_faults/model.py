@@ -64,7 +64,7 @@ class FaultyHFLM(HFLM):
         self._requests: Counter[str] = Counter()
         self._rank_merged: tuple[dict[str, SiteStats], Counter, Counter] | None = None
         self._current_task: str | None = None
-        self._guard: NonFiniteLogitsGuard | None = None
+        self.print_report = True
         self.injection = Injection(self.model, spec, progress=self.rank == 0)
 
     # -- faults --------------------------------------------------------------------------
@@ -182,6 +182,7 @@ class FaultyHFLM(HFLM):
         report = self.report
         if self.spec.active:
             report.check_not_silent("activations")
-        print(report.format_table(), file=sys.stderr)
+        if self.print_report:
+            print(report.format_table(), file=sys.stderr)
         info["fault_injection"] = report.to_dict()
         return info

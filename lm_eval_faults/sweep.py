@@ -33,6 +33,7 @@ from itertools import product
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO
 
+from lm_eval_faults.metrics import RESULTS_FILE
 from lm_eval_faults.spec import (
     FAULT_KEYS,
     FAULT_KINDS,
@@ -50,7 +51,6 @@ if TYPE_CHECKING:
 
     from lm_eval_faults.model import FaultyHFLM
 
-RESULTS_FILE = "results.jsonl"
 """Also named by `sweep_report`; kept here so a sweep without matplotlib (`--no_report`) imports nothing of plotting."""
 CONFIG_FILE = "sweep.json"
 LOCK_FILE = ".sweep.lock"
@@ -462,7 +462,9 @@ def load_model(config: SweepConfig) -> FaultyHFLM:
     from lm_eval_faults.model import FaultyHFLM
 
     extra = {"batch_size": config.batch_size, "max_batch_size": config.max_batch_size, "device": config.device}
-    return FaultyHFLM.create_from_arg_obj(config.hf_args(), extra)
+    lm = FaultyHFLM.create_from_arg_obj(config.hf_args(), extra)
+    lm.print_report = False  # one table per point would bury the progress bar; the report has them all
+    return lm
 
 
 def evaluate_point(lm: FaultyHFLM, point: SweepPoint, config: SweepConfig, task_manager: TaskManager) -> dict[str, Any]:
@@ -508,7 +510,11 @@ def fault_counts(lm: FaultyHFLM, spec: FaultSpec) -> dict[str, Any]:
     return {
         "injected": {"elements": int(total("hit_elements")), "bits": int(total("fault_bits"))},
         "expected": {"elements": round(total("expected_elements"), 3), "bits": round(total("expected_bits"), 3)},
-        "nonfinite": {"weights": int(report.totals("weights")["nonfinite_created"]), "requests": dict(report.nonfinite_requests)},
+        "nonfinite": {
+            "weights": int(report.totals("weights")["nonfinite_created"]),
+            "activations": int(report.totals("activations")["nonfinite_created"]),
+            "requests": dict(report.nonfinite_requests),
+        },
     }
 
 

@@ -11,6 +11,7 @@ site and target.
 
 from __future__ import annotations
 
+import argparse
 import math
 import re
 from collections import defaultdict
@@ -23,6 +24,7 @@ import numpy as np
 from lm_eval_faults import plots
 from lm_eval_faults.metrics import (
     ALL_LAYERS,
+    RESULTS_FILE,
     RANK_KEYS,
     WEIGHTINGS,
     CountUnit,
@@ -43,7 +45,6 @@ from lm_eval_faults.metrics import (
     task_scores,
 )
 
-RESULTS_FILE = "results.jsonl"
 REPORT_FILE = "report.md"
 FIGURES_DIR = "figures"
 
@@ -386,3 +387,17 @@ def _requests(requests: Mapping[str, int] | None) -> str:
         return "0" if requests is not None else "—"
     detail = ", ".join(f"{task}: {n}" for task, n in sorted(requests.items()))
     return f"{sum(requests.values())} ({detail})"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("run_dir", help="a sweep's run directory (holds results.jsonl)")
+    parser.add_argument("--weighting", default="uniform", choices=WEIGHTINGS, help="AWRCL weights over the p grid")
+    parser.add_argument("--layer_bars_p", type=float, default=None, help="p for the per-layer-group bar chart")
+    parser.add_argument("--fraction", type=float, default=0.5, help="relative accuracy drop that defines the threshold")
+
+
+def main(args: argparse.Namespace) -> int:
+    """`lm-eval-faults report RUN_DIR`: rebuild figures and report.md from results.jsonl alone."""
+    report = build_report(args.run_dir, args.layer_bars_p, args.weighting, fraction=args.fraction)
+    print(report)
+    return 0
