@@ -9,7 +9,8 @@ counters, so memory stays flat however many calls are made (the RRAM study's too
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import itertools
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import numpy as np
@@ -19,10 +20,14 @@ from torch.utils.hooks import RemovableHandle
 from lm_eval_faults.faults import bit_histogram, draw_faults, popcount
 from lm_eval_faults.formats import LAYOUTS, BitLayout, from_unsigned, resolve_bits, to_unsigned
 from lm_eval_faults.report import SiteStats
-from lm_eval_faults.sampling import generator, site_key
+from lm_eval_faults.sampling import SiteStream, site_key, spec_key
 from lm_eval_faults.spec import FaultSpec
 from lm_eval_faults.targets import ModuleSite
 from lm_eval_faults.weights import expected_counts, nonfinite_created
+
+
+TENSORS_PER_CALL = 256
+"""Streams reserved per forward call, one per output tensor (outputs hold a handful)."""
 
 
 class ActivationInjector:
@@ -42,9 +47,10 @@ class ActivationInjector:
     def attach(self) -> None:
         if self._handles:
             return
+        key_of_spec = spec_key(self.spec.seed, self.spec.sampling_key())
         for site in self.sites:
             self.stats.setdefault(site.name, SiteStats(site.name, site.component, site.layer, "", 0, 0, 0.0, 0.0))
-            hook = _OutputFaultHook(self, site, site_key(self.spec.seed, f"activation:{site.name}", self.spec.sampling_key()))
+            hook = _OutputFaultHook(self, site, site_key(key_of_spec, f"activation:{site.name}"))
             self._handles.append(site.module.register_forward_hook(hook, with_kwargs=True))
 
     def detach(self) -> None:
@@ -54,39 +60,40 @@ class ActivationInjector:
 
     def eligible_bits(self, layout: BitLayout) -> tuple[int, ...]:
         if layout.dtype not in self._eligible:
-            self._eligible[layout.dtype] = resolve_bits(layout, self.spec.bits) if self.spec.per_bit else tuple(range(layout.width))
+            self._eligible[layout.dtype] = resolve_bits(layout, self.spec.bits) if self.spec.per_bit else layout.all_bits
         return self._eligible[layout.dtype]
 
 
 class _OutputFaultHook:
     """The forward hook of one module. Holds counters only, never tensors."""
 
-    def __init__(self, injector: ActivationInjector, site: ModuleSite, key: int) -> None:
+    def __init__(self, injector: ActivationInjector, site: ModuleSite, key: bytes) -> None:
         self.injector = injector
         self.stats = injector.stats[site.name]
         self.key = key
 
     def __call__(self, module: torch.nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
-        rng = generator(self.key, stream=self.stats.calls)
+        # Tensor i of call c draws from stream c * 256 + i: independent, and reproducible.
+        streams = (SiteStream(self.key, stream=self.stats.calls * TENSORS_PER_CALL + i) for i in itertools.count())
         self.stats.calls += 1
         inputs = _storages(args) | _storages(tuple(kwargs.values()))
         with torch.no_grad():
-            return self._corrupt(output, rng, inputs)
+            return self._corrupt(output, streams, inputs)
 
-    def _corrupt(self, value: Any, rng: np.random.Generator, inputs: set[int]) -> Any:
+    def _corrupt(self, value: Any, streams: Iterator[SiteStream], inputs: set[int]) -> Any:
         if isinstance(value, torch.Tensor):
-            return self._corrupt_tensor(value, rng, inputs)
+            return self._corrupt_tensor(value, next(streams), inputs)
         if isinstance(value, Mapping):  # ModelOutput and plain dicts
             for key in list(value.keys()):
                 if isinstance(value[key], torch.Tensor):
-                    value[key] = self._corrupt_tensor(value[key], rng, inputs)
+                    value[key] = self._corrupt_tensor(value[key], next(streams), inputs)
             return value
         if isinstance(value, (tuple, list)):
-            corrupted = [self._corrupt(item, rng, inputs) for item in value]
+            corrupted = [self._corrupt(item, streams, inputs) for item in value]
             return type(value)(corrupted) if isinstance(value, list) else tuple(corrupted)
         return value
 
-    def _corrupt_tensor(self, tensor: torch.Tensor, rng: np.random.Generator, inputs: set[int]) -> torch.Tensor:
+    def _corrupt_tensor(self, tensor: torch.Tensor, stream: SiteStream, inputs: set[int]) -> torch.Tensor:
         layout = LAYOUTS.get(tensor.dtype)
         if layout is None or not layout.is_float or tensor.numel() == 0:
             return tensor
@@ -114,7 +121,7 @@ class _OutputFaultHook:
             index = torch.from_numpy(positions).to(words.device)
             return to_unsigned(words[index].cpu(), layout).numpy()
 
-        batch = draw_faults(numel, read_words, spec, layout, eligible, rng)
+        batch = draw_faults(numel, read_words, spec, layout, eligible, stream)
         if not len(batch.positions):
             return tensor
         changed = batch.only_changed()

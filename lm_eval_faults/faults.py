@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from lm_eval_faults.formats import BitLayout, from_unsigned, to_unsigned
-from lm_eval_faults.sampling import bernoulli_positions, element_rate, nonzero_masks
+from lm_eval_faults.sampling import SiteStream, bernoulli_positions, element_rate, nonzero_masks
 from lm_eval_faults.spec import FaultSpec
 
 WordReader = Callable[[np.ndarray], np.ndarray]
@@ -45,19 +45,22 @@ def draw_faults(
     spec: FaultSpec,
     layout: BitLayout,
     eligible_bits: tuple[int, ...],
-    rng: np.random.Generator,
+    stream: SiteStream,
 ) -> FaultBatch:
-    """Draw this spec's faults for a tensor of `numel` elements and compute the new words."""
+    """Draw this spec's faults for a tensor of `numel` elements and compute the new words.
+
+    `read_words` is only called when a fault lands, so a clean site never touches its tensor.
+    """
     if spec.per_bit:
-        return _bit_faults(numel, read_words, spec, layout, eligible_bits, rng)
-    positions = bernoulli_positions(numel, spec.p, rng)
+        return _bit_faults(numel, read_words, spec, layout, eligible_bits, stream)
+    positions = bernoulli_positions(numel, spec.p, stream)
     if not len(positions):
         return _no_faults()
     old = read_words(positions)
     if spec.fault == "zero":
         new = np.zeros_like(old)
     else:
-        new = uniform_words(rng.uniform(*spec.value_range, size=len(positions)), layout)
+        new = uniform_words(stream.rng.uniform(*spec.value_range, size=len(positions)), layout)
     return FaultBatch(positions, np.zeros_like(old), old, new)
 
 
@@ -72,12 +75,13 @@ def _bit_faults(
     spec: FaultSpec,
     layout: BitLayout,
     eligible_bits: tuple[int, ...],
-    rng: np.random.Generator,
+    stream: SiteStream,
 ) -> FaultBatch:
     rate = max(spec.p01 or 0.0, spec.p10 or 0.0) if spec.asymmetric else spec.p
-    positions = bernoulli_positions(numel, element_rate(rate, len(eligible_bits)), rng)
+    positions = bernoulli_positions(numel, element_rate(rate, len(eligible_bits)), stream)
     if not len(positions):
         return _no_faults()
+    rng = stream.rng
     masks = nonzero_masks(len(positions), rate, eligible_bits, rng)
     old = read_words(positions)
     if spec.fault == "stuck0":
@@ -122,15 +126,12 @@ def uniform_words(values: np.ndarray, layout: BitLayout) -> np.ndarray:
     return to_unsigned(stored, layout).numpy()
 
 
-def words_as_values(words: np.ndarray, layout: BitLayout) -> torch.Tensor:
-    """Unsigned words back to values of the layout's dtype (to test finiteness, magnitude...)."""
-    return from_unsigned(torch.from_numpy(words), layout).view(layout.dtype)
-
-
 def bit_histogram(old: np.ndarray, new: np.ndarray, width: int) -> np.ndarray:
     """How many elements changed at each bit position (index 0 = least significant bit)."""
-    diff = old ^ new
-    return np.array([np.count_nonzero(diff >> bit & 1) for bit in range(width)], dtype=np.int64)
+    if not len(old):
+        return np.zeros(width, dtype=np.int64)
+    diff_bytes = (old ^ new).astype("<u8").view(np.uint8).reshape(-1, 8)
+    return np.unpackbits(diff_bytes, axis=1, bitorder="little").sum(axis=0, dtype=np.int64)[:width]
 
 
 def popcount(words: np.ndarray) -> int:

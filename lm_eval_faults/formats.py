@@ -8,6 +8,7 @@ cell would flip them, with no rounding through float arithmetic.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import lru_cache
 
 import torch
 
@@ -23,6 +24,10 @@ class BitLayout:
     sign: tuple[int, ...]
     exponent: tuple[int, ...]
     mantissa: tuple[int, ...]
+
+    @property
+    def all_bits(self) -> tuple[int, ...]:
+        return tuple(range(self.width))
 
     @property
     def is_float(self) -> bool:
@@ -86,6 +91,7 @@ def layout_of(dtype: torch.dtype) -> BitLayout:
         raise TypeError(f"cannot inject bit faults into {dtype}; supported dtypes: {valid}") from None
 
 
+@lru_cache(maxsize=256)
 def resolve_bits(layout: BitLayout, bits: str) -> tuple[int, ...]:
     """Turn a `bits` selector ("all", "exponent", "sign+mantissa", "0-6+15") into sorted positions."""
     positions: set[int] = set()

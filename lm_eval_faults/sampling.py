@@ -11,9 +11,10 @@ distribution in two exact steps instead:
 2. *Which bits* of each hit element: the B-bit mask conditioned on being non-zero, drawn
    8 bits at a time from exact lookup tables (inverse CDF in float64).
 
-Randomness comes from a Philox counter-based generator on the CPU keyed by a hash of
-(seed, site name, sampling key): the map is a pure function of those, identical on CPU and GPU,
-in every data-parallel rank and in every run. Positions move to the device afterwards.
+Randomness comes from a hash of (seed, sampling key, site name, stream) on the CPU: a uniform
+number that decides the fault count when few are expected (a clean site costs one hash), and a
+Philox generator for positions and masks. The map is a pure function of those, identical on CPU
+and GPU, in every data-parallel rank and in every run. Positions move to the device afterwards.
 """
 
 from __future__ import annotations
@@ -36,15 +37,43 @@ DENSE_CHUNK = 1 << 22
 TABLE_BITS = 8
 
 
-def site_key(seed: int, name: str, sampling_key: Mapping[str, Any]) -> int:
-    """A 128-bit key from (seed, name, spec fields that shape the map); stable across processes."""
-    text = json.dumps([int(seed), name, dict(sampling_key)], sort_keys=True)
-    return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=16).digest(), "little")
+SMALL_MEAN = 100.0
+"""Expected fault count below which the count is drawn by inverse CDF from the site's uniform:
+a site with no fault then costs one hash, no generator and no tensor access."""
 
 
-def generator(key: int, stream: int = 0) -> np.random.Generator:
-    """Independent stream number `stream` of the generator for `key` (e.g. one per forward call)."""
-    return np.random.Generator(np.random.Philox(key=key, counter=[0, 0, 0, stream]))
+def spec_key(seed: int, sampling_key: Mapping[str, Any]) -> bytes:
+    """The part of every site key that depends on the spec: hashed once per injection."""
+    text = json.dumps([int(seed), dict(sampling_key)], sort_keys=True)
+    return hashlib.blake2b(text.encode(), digest_size=32).digest()
+
+
+def site_key(spec: bytes, name: str) -> bytes:
+    """The key of one site (parameter or module): a keyed hash of its name."""
+    return hashlib.blake2b(name.encode(), key=spec, digest_size=32).digest()
+
+
+class SiteStream:
+    """The randomness of one draw at one site: stream `stream` (e.g. a forward call) of `key`.
+
+    `u` is a uniform number that decides the fault count when few faults are expected; the
+    Philox generator is only built when at least one fault lands. Both derive from a hash of
+    (key, stream), so they are the same in every process, on every device.
+    """
+
+    __slots__ = ("u", "_philox_key", "_rng")
+
+    def __init__(self, key: bytes, stream: int = 0) -> None:
+        digest = hashlib.blake2b(stream.to_bytes(8, "little"), key=key, digest_size=24).digest()
+        self.u = (int.from_bytes(digest[:8], "little") >> 11) * 2.0**-53
+        self._philox_key = int.from_bytes(digest[8:], "little")
+        self._rng: np.random.Generator | None = None
+
+    @property
+    def rng(self) -> np.random.Generator:
+        if self._rng is None:
+            self._rng = np.random.Generator(np.random.Philox(key=self._philox_key))
+        return self._rng
 
 
 def element_rate(p: float, eligible_bits: int) -> float:
@@ -54,7 +83,18 @@ def element_rate(p: float, eligible_bits: int) -> float:
     return -math.expm1(eligible_bits * math.log1p(-p))
 
 
-def bernoulli_positions(n: int, q: float, rng: np.random.Generator) -> np.ndarray:
+def binomial_from_uniform(n: int, q: float, u: float) -> int:
+    """The Binomial(n, q) quantile at u (inverse CDF), for small n*q: exact to float64 precision."""
+    pmf = math.exp(n * math.log1p(-q))
+    cdf, k, ratio = pmf, 0, q / (1.0 - q)
+    while u >= cdf and k < n and pmf > 0.0:
+        pmf *= (n - k) / (k + 1) * ratio
+        k += 1
+        cdf += pmf
+    return k
+
+
+def bernoulli_positions(n: int, q: float, stream: SiteStream) -> np.ndarray:
     """Sorted positions in [0, n), each present independently with probability q."""
     if n == 0 or q <= 0.0:
         return np.empty(0, dtype=np.int64)
@@ -62,11 +102,14 @@ def bernoulli_positions(n: int, q: float, rng: np.random.Generator) -> np.ndarra
         return np.arange(n, dtype=np.int64)
     if q > DENSE_ABOVE:
         chunks = [
-            np.flatnonzero(rng.random(min(DENSE_CHUNK, n - start)) < q) + start
+            np.flatnonzero(stream.rng.random(min(DENSE_CHUNK, n - start)) < q) + start
             for start in range(0, n, DENSE_CHUNK)
         ]
         return np.concatenate(chunks).astype(np.int64, copy=False)
-    return distinct_uniform(n, int(rng.binomial(n, q)), rng)
+    k = binomial_from_uniform(n, q, stream.u) if n * q <= SMALL_MEAN else int(stream.rng.binomial(n, q))
+    if k == 0:
+        return np.empty(0, dtype=np.int64)
+    return distinct_uniform(n, k, stream.rng)
 
 
 def distinct_uniform(n: int, k: int, rng: np.random.Generator) -> np.ndarray:
@@ -78,6 +121,9 @@ def distinct_uniform(n: int, k: int, rng: np.random.Generator) -> np.ndarray:
     if k == 0:
         return np.empty(0, dtype=np.int64)
     draws = rng.integers(0, n, size=k, dtype=np.int64)
+    ordered = np.sort(draws)
+    if k < 2 or np.all(ordered[1:] != ordered[:-1]):  # the common case: no collision at all
+        return ordered
     while True:
         distinct, first_seen = np.unique(draws, return_index=True)
         if len(distinct) >= k:
@@ -130,11 +176,10 @@ def nonzero_masks(k: int, p: float, bits: tuple[int, ...], rng: np.random.Genera
     all_zero_so_far = np.ones(k, dtype=bool)
     for uncond, cond, words in zip(tables.unconditional, tables.given_rest_zero, tables.words):
         u = rng.random(k)
-        value = np.where(
-            all_zero_so_far,
-            np.searchsorted(cond, u, side="right"),
-            np.searchsorted(uncond, u, side="right"),
-        )
+        value = np.searchsorted(cond, u, side="right")
+        settled = ~all_zero_so_far
+        if settled.any():
+            value[settled] = np.searchsorted(uncond, u[settled], side="right")
         value = np.minimum(value, len(words) - 1)
         masks |= words[value]
         all_zero_so_far &= value == 0

@@ -610,7 +610,7 @@ def _task_manager(config: SweepConfig) -> TaskManager:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of `lm-eval-faults sweep`; lm-eval's own options keep lm-eval's names."""
-    parser.add_argument("--model_args", required=True, help="HF model arguments as for `--model hf`, e.g. pretrained=mistralai/Mistral-7B-v0.1,dtype=float16")
+    parser.add_argument("--model_args", default="", help="HF model arguments as for `--model hf`, e.g. pretrained=mistralai/Mistral-7B-v0.1,dtype=float16 (default: the embedded demo model)")
     parser.add_argument("--tasks", required=True, help="comma-separated lm-eval tasks")
     parser.add_argument("--run_dir", "--output_path", dest="run_dir", required=True, help="directory for sweep.json, results.jsonl and the report; rerun the same command to resume")
     grid = parser.add_argument_group("grid (one point per combination, plus one clean baseline)")

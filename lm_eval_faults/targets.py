@@ -68,8 +68,25 @@ def decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList] | None:
     return best
 
 
+_classified: "weakref.WeakKeyDictionary[nn.Module, tuple[int, dict[str, ModuleSite]]]" = weakref.WeakKeyDictionary()
+
+
 def classify_modules(model: nn.Module) -> dict[str, ModuleSite]:
-    """Every named module of `model` with its component and layer."""
+    """Every named module of `model` with its component and layer.
+
+    Cached per model (a sweep injects hundreds of times into one model); the cache is
+    invalidated when the number of modules changes, e.g. when an adapter is added.
+    """
+    n_modules = sum(1 for _ in model.modules())
+    cached = _classified.get(model)
+    if cached is not None and cached[0] == n_modules:
+        return cached[1]
+    sites = _classify(model)
+    _classified[model] = (n_modules, sites)
+    return sites
+
+
+def _classify(model: nn.Module) -> dict[str, ModuleSite]:
     model_type = getattr(getattr(model, "config", None), "model_type", None)
     if model_type not in KNOWN_MODEL_TYPES and model not in _warned_models:
         _warned_models.add(model)

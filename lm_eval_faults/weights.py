@@ -13,10 +13,10 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from lm_eval_faults.faults import bit_histogram, draw_faults, popcount, words_as_values
+from lm_eval_faults.faults import bit_histogram, draw_faults, popcount
 from lm_eval_faults.formats import BitLayout, from_unsigned, layout_of, resolve_bits, to_unsigned
 from lm_eval_faults.report import SiteStats
-from lm_eval_faults.sampling import element_rate, generator, site_key
+from lm_eval_faults.sampling import SiteStream, element_rate, site_key, spec_key
 from lm_eval_faults.spec import FaultSpec
 from lm_eval_faults.targets import ParamSite
 
@@ -55,6 +55,7 @@ class WeightInjector:
     def __init__(self, spec: FaultSpec, sites: list[ParamSite]) -> None:
         self.spec = spec
         self.sites = sites
+        self._spec_key = spec_key(spec.seed, spec.sampling_key())
         self._undo: list[UndoEntry] = []
 
     @property
@@ -73,23 +74,20 @@ class WeightInjector:
 
     def _fault_site(self, site: ParamSite) -> SiteStats:
         layout = layout_of(site.param.dtype)
-        eligible = resolve_bits(layout, self.spec.bits) if self.spec.per_bit else tuple(range(layout.width))
-        words = flat_words(site.param, layout)
-        numel = words.numel()
+        eligible = resolve_bits(layout, self.spec.bits) if self.spec.per_bit else layout.all_bits
+        numel = site.param.numel()
+        words: torch.Tensor | None = None
 
         def read_words(positions: np.ndarray) -> np.ndarray:
+            nonlocal words
+            words = flat_words(site.param, layout)
             index = torch.from_numpy(positions).to(words.device)
             return to_unsigned(words[index].cpu(), layout).numpy()
 
-        rng = generator(site_key(self.spec.seed, site.name, self.spec.sampling_key()))
-        batch = draw_faults(numel, read_words, self.spec, layout, eligible, rng)
-        changed = batch.only_changed()
-        if len(changed.positions):
-            positions = torch.from_numpy(changed.positions).to(words.device)
-            self._undo.append(UndoEntry(words, positions, from_unsigned(torch.from_numpy(changed.old), layout).to(words.device)))
-            words[positions] = from_unsigned(torch.from_numpy(changed.new), layout).to(words.device)
+        stream = SiteStream(site_key(self._spec_key, site.name))
+        batch = draw_faults(numel, read_words, self.spec, layout, eligible, stream)
         expected_elements, expected_bits = expected_counts(self.spec, numel, len(eligible))
-        return SiteStats(
+        stats = SiteStats(
             name=site.name,
             component=site.component,
             layer=site.layer,
@@ -98,14 +96,23 @@ class WeightInjector:
             eligible_bits=numel * len(eligible),
             expected_elements=expected_elements,
             expected_bits=expected_bits,
-            hit_elements=len(batch.positions),
-            fault_bits=popcount(batch.fault_bits),
-            changed_elements=len(changed.positions),
-            flipped_bits=popcount(changed.old ^ changed.new),
-            nonfinite_created=nonfinite_created(changed.old, changed.new, layout),
-            bit_histogram=bit_histogram(changed.old, changed.new, layout.width).tolist(),
+            bit_histogram=[0] * layout.width,
             shared_with=list(site.names[1:]),
         )
+        if words is None:  # no fault landed: the tensor was never touched
+            return stats
+        changed = batch.only_changed()
+        if len(changed.positions):
+            positions = torch.from_numpy(changed.positions).to(words.device)
+            self._undo.append(UndoEntry(words, positions, from_unsigned(torch.from_numpy(changed.old), layout).to(words.device)))
+            words[positions] = from_unsigned(torch.from_numpy(changed.new), layout).to(words.device)
+        stats.hit_elements = len(batch.positions)
+        stats.fault_bits = popcount(batch.fault_bits)
+        stats.changed_elements = len(changed.positions)
+        stats.flipped_bits = popcount(changed.old ^ changed.new)
+        stats.nonfinite_created = nonfinite_created(changed.old, changed.new, layout)
+        stats.bit_histogram = bit_histogram(changed.old, changed.new, layout.width).tolist()
+        return stats
 
     def restore(self) -> None:
         """Write the original words back: the model is bit-identical to before `apply`."""
@@ -116,9 +123,13 @@ class WeightInjector:
 
 
 def nonfinite_created(old: np.ndarray, new: np.ndarray, layout: BitLayout) -> int:
-    """Elements that were finite before the fault and are NaN or +-Inf after it."""
+    """Elements that were finite before the fault and are NaN or +-Inf after it.
+
+    A float is non-finite exactly when its exponent field is all ones: read it off the words.
+    """
     if not layout.is_float or not len(old):
         return 0
-    was_finite = torch.isfinite(words_as_values(old, layout))
-    is_finite = torch.isfinite(words_as_values(new, layout))
-    return int((was_finite & ~is_finite).sum())
+    shift, ones = layout.exponent[0], (1 << len(layout.exponent)) - 1
+    was_finite = (old >> shift) & ones != ones
+    is_finite = (new >> shift) & ones != ones
+    return int(np.count_nonzero(was_finite & ~is_finite))

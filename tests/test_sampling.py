@@ -16,14 +16,20 @@ from lm_eval_faults.faults import draw_faults, popcount
 from lm_eval_faults.formats import LAYOUTS, resolve_bits, to_unsigned
 from lm_eval_faults.sampling import (
     DENSE_ABOVE,
+    SiteStream,
     bernoulli_positions,
+    binomial_from_uniform,
     distinct_uniform,
     element_rate,
-    generator,
     nonzero_masks,
     site_key,
+    spec_key,
 )
 from lm_eval_faults.spec import FaultSpec
+
+
+def stream(seed: int, name: str = "w", key: dict | None = None, index: int = 0) -> SiteStream:
+    return SiteStream(site_key(spec_key(seed, key or {}), name), index)
 
 
 def within_5_sigma(observed: float, n: float, p: float) -> bool:
@@ -35,7 +41,7 @@ def test_positions_are_distinct_sorted_and_binomial(q):
     n, repeats = 200_000, 30
     counts = []
     for seed in range(repeats):
-        positions = bernoulli_positions(n, q, generator(site_key(seed, "w", {})))
+        positions = bernoulli_positions(n, q, stream(seed))
         assert np.all(np.diff(positions) > 0) and positions.min(initial=0) >= 0 and positions.max(initial=0) < n
         counts.append(len(positions))
     assert within_5_sigma(sum(counts), n * repeats, q)
@@ -43,20 +49,19 @@ def test_positions_are_distinct_sorted_and_binomial(q):
 
 def test_positions_are_uniform_over_the_tensor():
     n, bins = 1_000_000, 10
-    positions = np.concatenate([bernoulli_positions(n, 1e-3, generator(site_key(s, "w", {}))) for s in range(20)])
+    positions = np.concatenate([bernoulli_positions(n, 1e-3, stream(s)) for s in range(20)])
     histogram = np.bincount(positions * bins // n, minlength=bins)
     for count in histogram:
         assert within_5_sigma(count, len(positions), 1 / bins)
 
 
 def test_distinct_uniform_even_when_collisions_are_common():
-    rng = generator(1)
-    subset = distinct_uniform(50, 45, rng)
+    subset = distinct_uniform(50, 45, stream(1).rng)
     assert len(set(subset.tolist())) == 45 and subset.max() < 50
     # Every element of a small population is equally likely to be chosen.
     hits = np.zeros(10)
-    for stream in range(4000):
-        hits[distinct_uniform(10, 3, generator(7, stream))] += 1
+    for i in range(4000):
+        hits[distinct_uniform(10, 3, stream(7, index=i).rng)] += 1
     for count in hits:
         assert within_5_sigma(count, 4000, 0.3)
 
@@ -65,9 +70,9 @@ def test_distinct_uniform_even_when_collisions_are_common():
 def test_every_eligible_bit_is_hit_with_probability_p(p, bits):
     """Element rate x conditional mask = iid Bernoulli(p) per bit, checked per bit position."""
     n = 400_000
-    rng = generator(site_key(0, "bits", {"p": p}))
-    positions = bernoulli_positions(n, element_rate(p, len(bits)), rng)
-    masks = nonzero_masks(len(positions), p, bits, rng)
+    site = stream(0, "bits", {"p": p})
+    positions = bernoulli_positions(n, element_rate(p, len(bits)), site)
+    masks = nonzero_masks(len(positions), p, bits, site.rng)
     assert np.all(masks != 0)
     for bit in range(32):
         hits = np.count_nonzero(masks >> bit & 1)
@@ -86,7 +91,7 @@ def test_element_faults_count_and_values():
     layout = LAYOUTS[torch.float32]
     spec = FaultSpec(p=0.01, fault="value", value_range="-2:3")
     n = 300_000
-    batch = draw_faults(n, lambda pos: np.zeros(len(pos), dtype=np.int64), spec, layout, tuple(range(32)), generator(3))
+    batch = draw_faults(n, lambda pos: np.zeros(len(pos), dtype=np.int64), spec, layout, tuple(range(32)), stream(3))
     assert within_5_sigma(len(batch.positions), n, 0.01)
     values = torch.from_numpy(batch.new).to(torch.int32).view(torch.float32).numpy()
     assert values.min() >= -2 and values.max() <= 3
@@ -100,7 +105,7 @@ def test_asymmetric_flips_follow_p01_and_p10_separately():
     n = 200_000
     words = np.full(n, 0b00001111, dtype=np.int64)  # four zero bits, four one bits
     spec = FaultSpec(p01=0.02, p10=0.005)
-    batch = draw_faults(n, lambda pos: words[pos], spec, layout, tuple(range(8)), generator(5))
+    batch = draw_faults(n, lambda pos: words[pos], spec, layout, tuple(range(8)), stream(5))
     up = popcount(~batch.old & batch.new & 0xFF)
     down = popcount(batch.old & ~batch.new & 0xFF)
     assert within_5_sigma(up, 4 * n, 0.02) and within_5_sigma(down, 4 * n, 0.005)
@@ -110,7 +115,7 @@ def test_stuck_at_only_changes_bits_that_differ():
     layout = LAYOUTS[torch.float16]
     words = to_unsigned(torch.tensor([1.0, -2.5, 0.0, 65504.0], dtype=torch.float16).view(torch.int16), layout).numpy()
     for fault, check in (("stuck0", lambda o, n: (n & ~o) == 0), ("stuck1", lambda o, n: (o & ~n) == 0)):
-        batch = draw_faults(4, lambda pos: words[pos], FaultSpec(p=0.5, fault=fault), layout, tuple(range(16)), generator(1))
+        batch = draw_faults(4, lambda pos: words[pos], FaultSpec(p=0.5, fault=fault), layout, tuple(range(16)), stream(1))
         assert np.all(check(batch.old, batch.new))
         assert np.all((batch.old ^ batch.new) & ~batch.fault_bits == 0)
 
@@ -138,11 +143,20 @@ def test_a_flip_of_the_top_exponent_bit_of_a_value_in_1_2_gives_inf_or_nan():
 def test_map_is_a_pure_function_of_seed_name_and_spec_across_processes():
     code = (
         "from lm_eval_faults.sampling import *;"
-        "g = generator(site_key(4, 'model.layers.0.mlp.up_proj.weight', {'p': 1e-3}));"
-        "print(bernoulli_positions(10**7, 1e-4, g).sum())"
+        "s = SiteStream(site_key(spec_key(4, {'p': 1e-3}), 'model.layers.0.mlp.up_proj.weight'));"
+        "print(bernoulli_positions(10**7, 1e-4, s).sum())"
     )
     other = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
-    here = bernoulli_positions(10**7, 1e-4, generator(site_key(4, "model.layers.0.mlp.up_proj.weight", {"p": 1e-3}))).sum()
+    here = bernoulli_positions(10**7, 1e-4, stream(4, "model.layers.0.mlp.up_proj.weight", {"p": 1e-3})).sum()
     assert int(other) == int(here)
-    different_name = bernoulli_positions(10**7, 1e-4, generator(site_key(4, "model.layers.1.mlp.up_proj.weight", {"p": 1e-3}))).sum()
+    different_name = bernoulli_positions(10**7, 1e-4, stream(4, "model.layers.1.mlp.up_proj.weight", {"p": 1e-3})).sum()
     assert different_name != here
+
+
+@pytest.mark.parametrize("n, q", [(10**9, 1e-9), (10**6, 2e-5), (500, 0.01), (40, 0.3)])
+def test_count_from_the_sites_uniform_is_binomial(n, q):
+    """The inverse-CDF count (used when few faults are expected) has the binomial's mean and P(0)."""
+    draws = np.array([binomial_from_uniform(n, q, (i + 0.5) / 20000) for i in range(20000)])
+    mean, var = n * q, n * q * (1 - q)
+    assert abs(draws.mean() - mean) <= 5 * math.sqrt(var / 20000) + 1e-3
+    assert abs(np.mean(draws == 0) - (1 - q) ** n) <= 1e-3

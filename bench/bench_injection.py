@@ -1,0 +1,104 @@
+"""Injection and restore time vs a dense per-bit mask (the UCLA study's method) and a plain copy.
+
+    python bench/bench_injection.py            # ~160M-parameter float32 Llama built from a config
+    python bench/bench_injection.py --small    # a 20M-parameter model, for a quick look
+
+Everything is measured side by side in one process, so the ratios hold on a noisy machine:
+- ours: `inject(model, p=...)` over all weights (all 32 bits), then `restore()`;
+- dense: for every bit position a Bernoulli(p) mask over the whole tensor, XOR-ed in (what a
+  dropout-mask simulator such as the study's PyTEI extension does);
+- copy: one `copy_` of every parameter into a preallocated buffer: the memory-bandwidth floor
+  of any method that touches every weight.
+Prints medians over repeats and the ratios ours/copy and dense/ours.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from lm_eval_faults import inject
+
+P_VALUES = (1e-9, 1e-7, 1e-5, 1e-3, 1e-1)
+
+
+def build_model(small: bool) -> LlamaForCausalLM:
+    if small:
+        config = LlamaConfig(vocab_size=8000, hidden_size=512, intermediate_size=1376, num_hidden_layers=4, num_attention_heads=8)
+    else:
+        config = LlamaConfig(vocab_size=32000, hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12)
+    torch.manual_seed(0)
+    return LlamaForCausalLM(config).float().eval()
+
+
+def median_seconds(fn, repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def plain_copy(params: list[torch.Tensor], buffers: list[torch.Tensor]) -> None:
+    for param, buffer in zip(params, buffers):
+        buffer.copy_(param)
+
+
+def dense_bitflip(params: list[torch.Tensor], p: float, generator: torch.Generator) -> None:
+    """One Bernoulli(p) mask per bit of every element, XOR-ed in: O(model size x 32)."""
+    for param in params:
+        words = param.view(torch.int32)
+        mask = torch.zeros_like(words)
+        for bit in range(32):
+            hit = torch.rand(words.shape, generator=generator) < p
+            mask |= hit.to(torch.int32) << bit
+        words ^= mask
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--small", action="store_true")
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args()
+    model = build_model(args.small)
+    params = [param.data for param in model.parameters()]
+    n = sum(param.numel() for param in params)
+    print(f"model: {n / 1e6:.1f}M float32 parameters, {n * 32 / 1e9:.2f}G bits; torch threads: {torch.get_num_threads()}")
+    buffers = [torch.empty_like(param) for param in params]
+    copy_s = median_seconds(lambda: plain_copy(params, buffers), args.repeats)
+    print(f"plain copy of all parameters: {copy_s * 1e3:.1f} ms")
+    print(f"{'p':>8}{'faults':>14}{'inject ms':>12}{'restore ms':>12}{'inject/copy':>13}{'restore/copy':>14}{'dense ms':>12}{'dense/ours':>12}")
+    generator = torch.Generator().manual_seed(0)
+    for p in P_VALUES:
+        state: dict = {}
+
+        def run_inject() -> None:
+            state["faults"] = inject(model, p=p, seed=1)
+
+        def run_restore() -> None:
+            state["faults"].restore()
+
+        inject_times, restore_times = [], []
+        for _ in range(args.repeats):
+            inject_times.append(median_seconds(run_inject, 1))
+            restore_times.append(median_seconds(run_restore, 1))
+        inject_s, restore_s = statistics.median(inject_times), statistics.median(restore_times)
+        faults = state["faults"].report.totals()["flipped_bits"]
+        snapshot = [param.clone() for param in params]
+        dense_s = median_seconds(lambda: dense_bitflip(params, p, generator), 1)
+        for param, original in zip(params, snapshot):
+            param.copy_(original)
+        del snapshot
+        print(
+            f"{p:>8.0e}{int(faults):>14,}{inject_s * 1e3:>12.2f}{restore_s * 1e3:>12.2f}"
+            f"{inject_s / copy_s:>13.4f}{restore_s / copy_s:>14.4f}{dense_s * 1e3:>12.0f}{dense_s / inject_s:>12.1f}"
+        )
+
+
+if __name__ == "__main__":
+    main()
