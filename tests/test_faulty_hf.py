@@ -156,3 +156,28 @@ def test_real_gguf_model_passes_through_and_checkpoint_is_untouched(smollm_dir):
     with torch.no_grad():
         assert torch.isfinite(lm.model(torch.tensor([tokens])).logits).all()
     assert gguf.stat().st_mtime == stat_before.st_mtime and gguf.stat().st_size == stat_before.st_size
+
+
+@pytest.mark.slow
+def test_data_parallel_accelerate_launch(tiny_llama_dir, tiny_task_dir, tmp_path):
+    """Two CPU ranks: the run completes and request counts are summed over ranks."""
+    done = run_cli(
+        ["accelerate", "launch", "--num_processes", "2", "--cpu", "-m", "lm_eval", "--model", "faulty_hf",
+         "--model_args", f"pretrained={tiny_llama_dir},p=1e-2,site=weights+activations", "--tasks", "tiny_colors",
+         "--include_path", str(tiny_task_dir), "--device", "cpu", "--output_path", str(tmp_path / "out")],
+        tmp_path,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = results_json(tmp_path / "out")["config"]["fault_injection"]
+    assert report["requests"] == {"tiny_colors": 16}
+    assert report["weights"]["totals"]["hit_elements"] > 0 and report["activations"]["totals"]["calls"] > 0
+
+
+def test_targets_command_prints_the_taxonomy(tiny_llama_dir, capsys):
+    from lm_eval_faults.cli import main
+
+    assert main(["targets", str(tiny_llama_dir), "--model_args", "target=attention,layers=0-1"]) == 0
+    out = capsys.readouterr().out
+    assert "4 decoder layers at 'model.layers'" in out
+    assert "attention           0-3" in out and "attention           0-1" in out
+    assert "norm" in out and "lm_head" in out
