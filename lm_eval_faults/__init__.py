@@ -18,7 +18,8 @@ _LAZY = {
     "inject": "lm_eval_faults.injection",
     "Injection": "lm_eval_faults.injection",
     "FaultReport": "lm_eval_faults.report",
-    "resolve_sites": "lm_eval_faults.targets",
+    "analyze": "lm_eval_faults.analysis",
+    "run_sweep": "lm_eval_faults.sweep",
     "FaultyHFLM": "lm_eval_faults.model",
 }
 

@@ -21,6 +21,12 @@ from lm_eval_faults.metrics import GridPoint, SeedStats, Series, SeriesKey, laye
 _KEY_FIELDS = ("fault", "site", "target", "layers")
 
 
+
+SCORE_LIMITS = (0.0, 1.0)
+"""Scores are accuracies or exact-match rates."""
+RELCHANGE_LIMITS = (-math.inf, 1.0)
+"""A score cannot fall below 0, so the relative change cannot exceed 1."""
+
 def series_labels(keys: Sequence[SeriesKey]) -> list[str]:
     """Legend labels naming only what differs between the plotted series, so a per-component
     figure reads "attention", "mlp" rather than repeating the fault and site on every line."""
@@ -45,7 +51,7 @@ def plot_accuracy_vs_p(
     clean score as a horizontal reference and, if given, the chance level below it."""
     fig, ax = _new_axes()
     for s, label in zip(series, series_labels([s.key for s in series])):
-        _mean_with_band(ax, s.p, [g.score for g in s.grid], label)
+        _mean_with_band(ax, s.p, [g.score for g in s.grid], label, limits=SCORE_LIMITS)
     ax.axhline(baseline, color="black", linestyle="--", linewidth=1, label="baseline (p=0)")
     if chance is not None:
         ax.axhline(chance, color="grey", linestyle=":", linewidth=1, label="chance")
@@ -66,7 +72,7 @@ def plot_relchange_vs_p(
     crossings reported in the tables can be read off the figure."""
     fig, ax = _new_axes()
     for s, label in zip(series, series_labels([s.key for s in series])):
-        _mean_with_band(ax, s.p, [g.relchange for g in s.grid], label)
+        _mean_with_band(ax, s.p, [g.relchange for g in s.grid], label, limits=RELCHANGE_LIMITS)
     _threshold_line(ax, fraction)
     ax.set_xscale("log")
     ax.set_xlabel("fault rate p")
@@ -90,7 +96,7 @@ def plot_relchange_vs_count(
     """
     fig, ax = _new_axes()
     for s, label in zip(series, series_labels([s.key for s in series])):
-        _mean_with_band(ax, s.mean_injected, [g.relchange for g in s.grid], label)
+        _mean_with_band(ax, s.mean_injected, [g.relchange for g in s.grid], label, limits=RELCHANGE_LIMITS)
     _threshold_line(ax, fraction)
     ax.set_xscale("log")
     ax.set_xlabel(count_label)
@@ -150,12 +156,21 @@ def _new_axes() -> tuple[Figure, Axes]:
     return fig, fig.add_subplot()
 
 
-def _mean_with_band(ax: Axes, x: np.ndarray, stats: Sequence[SeedStats], label: str) -> None:
-    """Seed-mean line with markers and a shaded 95% CI band where the interval exists."""
+def _mean_with_band(
+    ax: Axes, x: np.ndarray, stats: Sequence[SeedStats], label: str, limits: tuple[float, float] = (-math.inf, math.inf)
+) -> None:
+    """Seed-mean line with markers and a shaded 95% CI band where the interval exists.
+
+    The band is clipped to `limits`, the values the metric can take: a t-interval over three
+    seeds of a step-like accuracy curve would otherwise reach far below 0 and above 1.
+    """
     x = np.asarray(x, dtype=float)
     mean = np.array([st.mean for st in stats])
-    low = np.array([st.ci_low for st in stats])
-    high = np.array([st.ci_high for st in stats])
+    finite = mean[np.isfinite(mean)]
+    if finite.size and (finite.min() < limits[0] or finite.max() > limits[1]):
+        limits = (-math.inf, math.inf)  # not the metric the limits describe (e.g. a perplexity)
+    low = np.clip(np.array([st.ci_low for st in stats]), *limits)
+    high = np.clip(np.array([st.ci_high for st in stats]), *limits)
     shown = (x > 0) & np.isfinite(mean)
     (line,) = ax.plot(x[shown], mean[shown], marker="o", markersize=3, label=label)
     band = shown & np.isfinite(low) & np.isfinite(high)
