@@ -30,7 +30,13 @@ def prepare_model(model: str | None, workdir: Path) -> str:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         target = workdir / "smollm2"
-        AutoModelForCausalLM.from_pretrained(SMOLLM, gguf_file=GGUF, dtype=torch.float32).save_pretrained(target)
+        # A GGUF-loaded model refuses save_pretrained; copy its dequantized weights into a plain one.
+        loaded = AutoModelForCausalLM.from_pretrained(SMOLLM, gguf_file=GGUF, dtype=torch.float32)
+        plain = AutoModelForCausalLM.from_config(loaded.config, dtype=torch.float32)
+        plain.load_state_dict(loaded.state_dict())
+        if hasattr(plain.config, "quantization_config"):
+            del plain.config.quantization_config  # the GGUF loading options, meaningless now
+        plain.save_pretrained(target)
         AutoTokenizer.from_pretrained(SMOLLM, gguf_file=GGUF).save_pretrained(target)
         return str(target)
     from lm_eval_faults.paths import demo_model_dir
