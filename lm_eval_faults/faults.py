@@ -39,6 +39,12 @@ class FaultBatch:
         return FaultBatch(self.positions[keep], self.fault_bits[keep], self.old[keep], self.new[keep])
 
 
+_EMPTY = np.empty(0, dtype=np.int64)
+_EMPTY.flags.writeable = False
+NO_FAULTS = FaultBatch(_EMPTY, _EMPTY, _EMPTY, _EMPTY)
+"""The batch of a site where no fault landed (the common case at small p): shared, read-only."""
+
+
 def draw_faults(
     numel: int,
     read_words: WordReader,
@@ -55,18 +61,13 @@ def draw_faults(
         return _bit_faults(numel, read_words, spec, layout, eligible_bits, stream)
     positions = bernoulli_positions(numel, spec.p, stream)
     if not len(positions):
-        return _no_faults()
+        return NO_FAULTS
     old = read_words(positions)
     if spec.fault == "zero":
         new = np.zeros_like(old)
     else:
         new = uniform_words(stream.rng.uniform(*spec.value_range, size=len(positions)), layout)
     return FaultBatch(positions, np.zeros_like(old), old, new)
-
-
-def _no_faults() -> FaultBatch:
-    empty = np.empty(0, dtype=np.int64)
-    return FaultBatch(empty, empty, empty, empty)
 
 
 def _bit_faults(
@@ -80,7 +81,7 @@ def _bit_faults(
     rate = max(spec.p01 or 0.0, spec.p10 or 0.0) if spec.asymmetric else spec.p
     positions = bernoulli_positions(numel, element_rate(rate, len(eligible_bits)), stream)
     if not len(positions):
-        return _no_faults()
+        return NO_FAULTS
     rng = stream.rng
     masks = nonzero_masks(len(positions), rate, eligible_bits, rng)
     old = read_words(positions)
