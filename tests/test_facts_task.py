@@ -1,0 +1,36 @@
+"""faults_facts: deterministic data, and a real pretrained model that knows it and loses it under faults."""
+
+from __future__ import annotations
+
+import lm_eval
+import pytest
+
+from lm_eval_faults.facts_data import CAPITALS, test_docs
+from lm_eval_faults.model import FaultyHFLM
+
+
+def test_docs_are_deterministic_with_the_true_capital_at_the_gold_index():
+    docs = test_docs()
+    assert docs == test_docs() and len(docs) == len(CAPITALS) == 40
+    for doc in docs:
+        assert len(set(doc["choices"])) == 4 and doc["choices"][doc["answer"]] == CAPITALS[doc["country"]]
+    positions = [doc["answer"] for doc in docs]
+    assert all(positions.count(i) >= 4 for i in range(4))
+
+
+@pytest.mark.slow
+def test_real_model_knows_the_facts_and_loses_them_under_bit_flips(smollm_dir):
+    lm = FaultyHFLM(pretrained=str(smollm_dir), gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf", dtype="float32", device="cpu", batch_size=32)
+
+    def accuracy() -> float:
+        results = lm_eval.simple_evaluate(model=lm, tasks=["faults_facts"])
+        return results["results"]["faults_facts"]["acc,none"]
+
+    assert accuracy() >= 0.9
+    from lm_eval_faults import FaultSpec
+
+    lm.set_faults(FaultSpec(p=1e-4, target="attention", seed=0))
+    assert lm.report.totals()["flipped_bits"] > 50_000
+    assert accuracy() <= 0.5
+    lm.set_faults(FaultSpec(p=0))
+    assert accuracy() >= 0.9
