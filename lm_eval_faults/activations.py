@@ -40,10 +40,6 @@ class ActivationInjector:
         self._handles: list[RemovableHandle] = []
         self._eligible: dict[torch.dtype, tuple[int, ...]] = {}
 
-    @property
-    def attached(self) -> bool:
-        return bool(self._handles)
-
     def attach(self) -> None:
         if self._handles:
             return

@@ -13,7 +13,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from lm_eval_faults.formats import BitLayout, from_unsigned, to_unsigned
+from lm_eval_faults.formats import BitLayout, to_unsigned
 from lm_eval_faults.sampling import SiteStream, bernoulli_positions, element_rate, nonzero_masks
 from lm_eval_faults.spec import FaultSpec
 

@@ -44,13 +44,6 @@ class BitLayout:
             )
         return fields[name]
 
-    def field_of_bit(self, bit: int) -> str:
-        if bit in self.sign:
-            return "sign"
-        if bit in self.exponent:
-            return "exponent"
-        return "mantissa" if self.is_float else "value"
-
 
 def _float_layout(name: str, dtype: torch.dtype, int_view: torch.dtype, exp_bits: int, man_bits: int) -> BitLayout:
     width = 1 + exp_bits + man_bits

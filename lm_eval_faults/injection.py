@@ -44,11 +44,6 @@ class Injection:
             self.report.activations = self._activations.stats
             self.report.check_not_silent("weights")
 
-    @property
-    def active(self) -> bool:
-        """True until `restore()`: the model carries faults or fault hooks."""
-        return self._weights.applied or self._activations.attached
-
     def restore(self) -> None:
         """Return the model to its original weights and remove activation hooks."""
         self._weights.restore()

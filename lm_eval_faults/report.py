@@ -7,7 +7,6 @@ not changed); "changed"/"flipped" count what really differs from the clean model
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import warnings
@@ -105,11 +104,6 @@ class FaultReport:
             histograms[site.dtype] = _add_lists(histograms.get(site.dtype, []), site.bit_histogram)
         return histograms
 
-    @property
-    def injected(self) -> int:
-        """Fault events, weights and activations together."""
-        return int(self.totals("weights")["hit_elements"] + self.totals("activations")["hit_elements"])
-
     def to_dict(self) -> dict[str, Any]:
         """The JSON form that goes into lm-eval's results under config.fault_injection."""
         return {
@@ -131,9 +125,6 @@ class FaultReport:
             "requests": dict(self.requests),
             "nonfinite_requests": dict(self.nonfinite_requests),
         }
-
-    def to_json(self, **kwargs: Any) -> str:
-        return json.dumps(self.to_dict(), **kwargs)
 
     def format_table(self) -> str:
         """A short human-readable summary, printed after an lm-eval run."""

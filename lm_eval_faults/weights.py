@@ -58,10 +58,6 @@ class WeightInjector:
         self._spec_key = spec_key(spec.seed, spec.sampling_key())
         self._undo: list[UndoEntry] = []
 
-    @property
-    def applied(self) -> bool:
-        return bool(self._undo)
-
     def apply(self, progress: bool = False) -> list[SiteStats]:
         """Fault every site once; returns per-site counts. Calling twice without restore is an error."""
         if self._undo:
