@@ -461,7 +461,7 @@ def build_series(
             )
         )
     series = []
-    for key in sorted(grouped):
+    for key in sorted(grouped, key=lambda k: (k.fault, k.site, k.target, layer_sort_key(k.layers))):
         points = tuple(sorted(grouped[key], key=lambda pt: (pt.p, pt.seed)))
         series.append(Series(key=key, points=points, grid=_aggregate_grid(points)))
     return base, series
