@@ -139,3 +139,13 @@ def test_build_report_layer_bars_at_requested_rate(run_dir):
 def test_build_report_rejects_unknown_weighting(run_dir):
     with pytest.raises(ValueError, match="unknown weighting"):
         build_report(run_dir, weighting="linear")
+
+
+def test_report_command_rebuilds_from_the_results_file_alone(run_dir, capsys):
+    from lm_eval_faults.cli import main
+
+    with pytest.warns(UserWarning, match="partial last line"):
+        assert main(["report", str(run_dir), "--weighting", "p"]) == 0
+    assert capsys.readouterr().out.strip() == str(run_dir / REPORT_FILE)
+    assert "weighting `p`" in (run_dir / REPORT_FILE).read_text(encoding="utf-8")
+    assert any((run_dir / "figures").glob("*.png"))
