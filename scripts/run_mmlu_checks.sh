@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The study's MMLU tasks on local data (../shared/data/mmlu): both protocols at p=0 and two p values,
-# on the demo model and on SmolLM2-135M-Instruct (../shared/models), plus component sweeps whose
-# reports are committed under docs/sweeps/. Rerunning resumes the sweeps.
+# on the demo model and on SmolLM2-135M-Instruct (../shared/models), plus the MMLU component sweeps
+# whose reports are committed under docs/sweeps/. Rerunning resumes the sweeps.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 OMP_NUM_THREADS=1
@@ -25,5 +25,4 @@ done
 
 common=(--device cpu --batch_size 16 --faults value --targets embedding,attention,mlp,norm,lm_head --no_progress)
 lm-eval-faults sweep "${common[@]}" --tasks mmlu_faults_mc --p 1e-7:1e-1 --seeds 2 --run_dir docs/sweeps/demo_mmlu_components
-lm-eval-faults sweep "${common[@]}" --model_args "$SMOL" --tasks faults_demo --p 1e-7:1e-1 --seeds 1 --run_dir docs/sweeps/smollm2_demo_components
 lm-eval-faults sweep "${common[@]}" --model_args "$SMOL" --tasks mmlu_faults_mc --limit 40 --p 1e-7:1e-1:4 --seeds 1 --run_dir docs/sweeps/smollm2_mmlu_components
