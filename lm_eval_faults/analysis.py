@@ -483,16 +483,16 @@ class Analysis:
         thresholds = ", ".join(f"{dtype} {value:.4g}" for dtype, value in sorted({s.dtype: s.threshold for s in self.sites}.items()))
         lines = [
             f"Expected damage of: {self.spec.describe()}",
-            f"(huge = finite with |x| > threshold: {thresholds})",
+            f"(huge = finite with |x| > threshold: {thresholds}; P(...) = probability of at least one such element)",
             f"{'component':<22}{'elements':>14}{'bits':>16}{'E[elements]':>13}{'E[bits]':>12}"
-            f"{'E[NaN]':>11}{'E[Inf]':>11}{'E[huge]':>11}{'P(NaN/Inf)':>12}",
+            f"{'E[NaN]':>11}{'E[Inf]':>11}{'E[huge]':>11}{'P(NaN/Inf)':>12}{'P(any bad)':>12}",
         ]
         rows = [*self.by_component().items(), ("total", self.total())]
         for name, e in rows:
             bits = "n/a" if e.flipped_bits is None else f"{e.flipped_bits:.4g}"
             lines.append(
                 f"{name:<22}{e.elements:>14,}{e.eligible_bits:>16,}{e.changed_elements:>13.4g}{bits:>12}"
-                f"{e.nan:>11.3g}{e.inf:>11.3g}{e.huge:>11.3g}{e.p_any_nonfinite:>12.3g}"
+                f"{e.nan:>11.3g}{e.inf:>11.3g}{e.huge:>11.3g}{e.p_any_nonfinite:>12.3g}{e.p_any_bad:>12.3g}"
             )
         return "\n".join(lines)
 
