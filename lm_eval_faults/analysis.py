@@ -31,6 +31,7 @@ import torch
 from torch import nn
 
 from lm_eval_faults.formats import BitLayout, from_unsigned, layout_of, resolve_bits, to_unsigned
+from lm_eval_faults.loading import LOAD_KEYS, load_model
 from lm_eval_faults.sampling import element_rate
 from lm_eval_faults.spec import FaultSpec, parse_arg_string, parse_fault_args
 from lm_eval_faults.targets import ParamSite, select_params
@@ -541,34 +542,11 @@ def _as_spec(spec: FaultSpec | str) -> FaultSpec:
 
 # -- command line ----------------------------------------------------------------------------
 
-LOAD_KEYS = ("pretrained", "dtype", "torch_dtype", "gguf_file", "revision", "subfolder", "trust_remote_code", "device_map", "attn_implementation")
-
-
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Arguments of `lm-eval-faults analyze`."""
     parser.add_argument("--model_args", default="", help="pretrained=DIR,p=1e-7,target=attention[,dtype=float16,gguf_file=F,bits=exponent,...]")
     parser.add_argument("--threshold", type=float, default=None, help="magnitude counted as 'huge' (default: half the dtype's largest finite value)")
     parser.add_argument("--json", default=None, help="also write the full analysis (per site) to this JSON file")
-
-
-def load_model(load_args: dict[str, Any]) -> nn.Module:
-    """`AutoModelForCausalLM.from_pretrained` from model_args strings (dtype=float16 -> torch.float16)."""
-    from transformers import AutoModelForCausalLM
-
-    from lm_eval_faults.paths import demo_model_dir
-
-    args = dict(load_args)
-    pretrained = args.pop("pretrained", None)
-    if pretrained is None:
-        if not demo_model_dir().is_dir():
-            raise SystemExit("lm-eval-faults analyze: give --model_args pretrained=... (no embedded demo model found)")
-        pretrained = str(demo_model_dir())
-    for key in ("dtype", "torch_dtype"):
-        if isinstance(args.get(key), str) and args[key] != "auto":
-            args[key] = getattr(torch, args[key])
-    if isinstance(args.get("trust_remote_code"), str):
-        args["trust_remote_code"] = args["trust_remote_code"].lower() == "true"
-    return AutoModelForCausalLM.from_pretrained(pretrained, **args)
 
 
 def main(args: argparse.Namespace) -> int:

@@ -11,37 +11,10 @@ import argparse
 from collections import defaultdict
 from typing import Any
 
-import torch
-from torch import nn
-
 from lm_eval_faults.formats import layout_of
+from lm_eval_faults.loading import LOAD_KEYS, load_model
 from lm_eval_faults.spec import layers_label, parse_arg_string, parse_fault_args
 from lm_eval_faults.targets import ParamSite, all_param_sites, decoder_layers, select_params
-
-LOAD_ARGUMENTS = ("revision", "subfolder", "gguf_file", "trust_remote_code", "dtype", "device_map", "attn_implementation")
-
-
-def load_model(model_args: dict[str, Any]) -> nn.Module:
-    """Load a causal LM from `model_args` as `faulty_hf` would (pretrained, dtype, gguf_file, peft...)."""
-    from transformers import AutoModelForCausalLM
-
-    from lm_eval_faults.paths import demo_model_dir
-
-    args = dict(model_args)
-    pretrained = args.pop("pretrained", None) or str(demo_model_dir())
-    peft = args.pop("peft", None)
-    kwargs = {key: args.pop(key) for key in LOAD_ARGUMENTS if key in args}
-    if isinstance(kwargs.get("dtype"), str) and kwargs["dtype"] != "auto":
-        kwargs["dtype"] = getattr(torch, kwargs["dtype"])
-    if args:
-        raise ValueError(f"unsupported model_args for loading here: {', '.join(args)}; supported: pretrained, peft, {', '.join(LOAD_ARGUMENTS)}")
-    model = AutoModelForCausalLM.from_pretrained(pretrained, **kwargs)
-    if peft:
-        from peft import PeftModel
-
-        model = PeftModel.from_pretrained(model, peft)
-    return model.eval()
-
 
 def taxonomy_rows(sites: list[ParamSite]) -> list[dict[str, Any]]:
     """One row per component: layers spanned, tensors, elements, bits, shared tensors."""
@@ -86,7 +59,7 @@ def main(args: argparse.Namespace) -> int:
     model_args = parse_arg_string(args.model_args)
     if args.pretrained:
         model_args["pretrained"] = args.pretrained
-    spec, load_args = parse_fault_args(model_args, passthrough=("pretrained", "peft", *LOAD_ARGUMENTS))
+    spec, load_args = parse_fault_args(model_args, passthrough=LOAD_KEYS)
     model = load_model(load_args)
     stack = decoder_layers(model)
     print(f"{type(model).__name__}: {len(stack[1]) if stack else 0} decoder layers at '{stack[0] if stack else '-'}'")
