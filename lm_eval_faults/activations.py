@@ -72,11 +72,11 @@ class _OutputFaultHook:
         # Tensor i of call c draws from stream c * 256 + i: independent, and reproducible.
         streams = (SiteStream(self.key, stream=self.stats.calls * TENSORS_PER_CALL + i) for i in itertools.count())
         self.stats.calls += 1
-        inputs = _storages(args) | _storages(tuple(kwargs.values()))
+        inputs = (*args, *kwargs.values())  # looked at only if a fault lands (see read_words)
         with torch.no_grad():
             return self._corrupt(output, streams, inputs)
 
-    def _corrupt(self, value: Any, streams: Iterator[SiteStream], inputs: set[int]) -> Any:
+    def _corrupt(self, value: Any, streams: Iterator[SiteStream], inputs: tuple) -> Any:
         if isinstance(value, torch.Tensor):
             return self._corrupt_tensor(value, next(streams), inputs)
         if isinstance(value, Mapping):  # ModelOutput and plain dicts
@@ -89,7 +89,7 @@ class _OutputFaultHook:
             return type(value)(corrupted) if isinstance(value, list) else tuple(corrupted)
         return value
 
-    def _corrupt_tensor(self, tensor: torch.Tensor, stream: SiteStream, inputs: set[int]) -> torch.Tensor:
+    def _corrupt_tensor(self, tensor: torch.Tensor, stream: SiteStream, inputs: tuple) -> torch.Tensor:
         layout = LAYOUTS.get(tensor.dtype)
         if layout is None or not layout.is_float or tensor.numel() == 0:
             return tensor
@@ -111,7 +111,7 @@ class _OutputFaultHook:
             nonlocal target, words
             # Outputs that alias an input (Identity, eval-mode Dropout, views) must not be
             # corrupted in place: the input may be read again (residual connections).
-            if not target.is_contiguous() or target.untyped_storage().data_ptr() in inputs:
+            if not target.is_contiguous() or target.untyped_storage().data_ptr() in _storages(inputs):
                 target = target.contiguous() if not target.is_contiguous() else target.clone()
             words = target.view(-1).view(layout.int_view)
             index = torch.from_numpy(positions).to(words.device)

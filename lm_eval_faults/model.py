@@ -60,12 +60,9 @@ class FaultyHFLM(HFLM):
             pretrained = str(demo_model_dir())
             print(f"lm_eval_faults: no `pretrained` given; using the embedded demo model at {pretrained}", file=sys.stderr)
         super().__init__(pretrained=pretrained, **hf_kwargs)
-        self._nonfinite_requests: Counter[str] = Counter()
-        self._requests: Counter[str] = Counter()
-        self._rank_merged: tuple[dict[str, SiteStats], Counter, Counter] | None = None
         self._current_task: str | None = None
         self.print_report = True
-        self.injection = Injection(self.model, spec, progress=self.rank == 0)
+        self._inject(spec)
 
     # -- faults --------------------------------------------------------------------------
 
@@ -76,9 +73,13 @@ class FaultyHFLM(HFLM):
     def set_faults(self, spec: FaultSpec) -> Injection:
         """Restore the clean weights (O(k)) and inject `spec` instead: sweeps never reload."""
         self.injection.restore()
-        self._nonfinite_requests.clear()
-        self._requests.clear()
-        self._rank_merged = None
+        return self._inject(spec)
+
+    def _inject(self, spec: FaultSpec) -> Injection:
+        """Inject `spec` into the (clean) model, with fresh request counters."""
+        self._nonfinite_requests: Counter[str] = Counter()
+        self._requests: Counter[str] = Counter()
+        self._rank_merged: tuple[dict[str, SiteStats], Counter, Counter] | None = None
         self.injection = Injection(self.model, spec, progress=self.rank == 0)
         return self.injection
 
