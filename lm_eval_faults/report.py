@@ -20,6 +20,10 @@ SILENT_NO_OP_EXPECTATION = 10.0
 """Zero faults when at least this many were expected has probability < e^-10: that is a bug."""
 
 
+_TOTAL_FIELDS = ("elements", "eligible_bits", "expected_elements", "expected_bits", "hit_elements", "fault_bits", "changed_elements", "flipped_bits", "nonfinite_created")
+"""The counts that add up across sites and calls."""
+
+
 @dataclass
 class SiteStats:
     """Counts for one faulted site (a parameter tensor, or a module's outputs over all calls)."""
@@ -43,14 +47,9 @@ class SiteStats:
 
     def add(self, other: "SiteStats") -> None:
         """Accumulate another batch at the same site (activations: one batch per forward call)."""
-        for name in ("elements", "eligible_bits", "hit_elements", "fault_bits", "changed_elements", "flipped_bits", "nonfinite_created", "calls"):
+        for name in (*_TOTAL_FIELDS, "calls"):
             setattr(self, name, getattr(self, name) + getattr(other, name))
-        self.expected_elements += other.expected_elements
-        self.expected_bits += other.expected_bits
         self.bit_histogram = _add_lists(self.bit_histogram, other.bit_histogram)
-
-
-_TOTAL_FIELDS = ("elements", "eligible_bits", "expected_elements", "expected_bits", "hit_elements", "fault_bits", "changed_elements", "flipped_bits", "nonfinite_created")
 
 
 def _add_lists(a: list[int], b: list[int]) -> list[int]:
