@@ -1,7 +1,8 @@
 """Injection and restore time vs a dense per-bit mask (the UCLA study's method) and a plain copy.
 
-    python bench/bench_injection.py            # ~160M-parameter float32 Llama built from a config
-    python bench/bench_injection.py --small    # a 20M-parameter model, for a quick look
+    python bench/bench_injection.py                     # ~160M-parameter float32 Llama built from a config
+    python bench/bench_injection.py --size small        # a 20M-parameter model, for a quick look
+    python bench/bench_injection.py --size 1b --p 1e-9,1e-7,1e-6,1e-5 --no-dense   # TinyLlama-1.1B's shape
 
 Everything is measured side by side in one process, so the ratios hold on a noisy machine:
 - ours: `inject(model, p=...)` over all weights (all 32 bits), then `restore()`;
@@ -9,12 +10,14 @@ Everything is measured side by side in one process, so the ratios hold on a nois
   dropout-mask simulator such as the study's PyTEI extension does);
 - copy: one `copy_` of every parameter into a preallocated buffer: the memory-bandwidth floor
   of any method that touches every weight.
-Prints medians over repeats and the ratios ours/copy and dense/ours.
+Prints medians over repeats (copy, inject and restore interleaved) and the ratios ours/copy
+and dense/ours.
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import statistics
 import time
 
@@ -26,13 +29,17 @@ from lm_eval_faults import inject
 P_VALUES = (1e-9, 1e-7, 1e-5, 1e-3, 1e-1)
 
 
-def build_model(small: bool) -> LlamaForCausalLM:
-    if small:
-        config = LlamaConfig(vocab_size=8000, hidden_size=512, intermediate_size=1376, num_hidden_layers=4, num_attention_heads=8)
-    else:
-        config = LlamaConfig(vocab_size=32000, hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12)
+CONFIGS = {
+    "small": dict(vocab_size=8000, hidden_size=512, intermediate_size=1376, num_hidden_layers=4, num_attention_heads=8),
+    "default": dict(vocab_size=32000, hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12),
+    "1b": dict(vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32, num_key_value_heads=4),
+}
+"""Model shapes: 20.8M, 162.4M (111 tensors) and TinyLlama-1.1B's 1.1B (201 tensors) parameters."""
+
+
+def build_model(size: str) -> LlamaForCausalLM:
     torch.manual_seed(0)
-    return LlamaForCausalLM(config).float().eval()
+    return LlamaForCausalLM(LlamaConfig(**CONFIGS[size])).float().eval()
 
 
 def median_seconds(fn, repeats: int) -> float:
@@ -62,17 +69,19 @@ def dense_bitflip(params: list[torch.Tensor], p: float, generator: torch.Generat
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--small", action="store_true")
+    parser.add_argument("--size", choices=list(CONFIGS), default="default")
+    parser.add_argument("--p", type=lambda text: [float(v) for v in text.split(",")], default=list(P_VALUES))
+    parser.add_argument("--no-dense", action="store_true", help="skip the dense reference (slow on big models)")
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
-    model = build_model(args.small)
+    model = build_model(args.size)
     params = [param.data for param in model.parameters()]
     n = sum(param.numel() for param in params)
-    print(f"model: {n / 1e6:.1f}M float32 parameters, {n * 32 / 1e9:.2f}G bits; torch threads: {torch.get_num_threads()}")
+    print(f"model: {n / 1e6:.1f}M float32 parameters in {len(params)} tensors, {n * 32 / 1e9:.2f}G bits; torch threads: {torch.get_num_threads()}")
     buffers = [torch.empty_like(param) for param in params]
     print(f"{'p':>8}{'faults':>14}{'copy ms':>10}{'inject ms':>12}{'restore ms':>12}{'inject/copy':>13}{'restore/copy':>14}{'dense ms':>12}{'dense/ours':>12}")
     generator = torch.Generator().manual_seed(0)
-    for p in P_VALUES:
+    for p in args.p:
         state: dict = {}
 
         def run_inject() -> None:
@@ -81,19 +90,22 @@ def main() -> None:
         def run_restore() -> None:
             state["faults"].restore()
 
-        # The copy is timed again beside every row, so each ratio compares like with like.
-        copy_s = median_seconds(lambda: plain_copy(params, buffers), args.repeats)
-        inject_times, restore_times = [], []
+        # Copy, inject and restore take turns, so each ratio compares like with like: every
+        # injection starts, like one in a sweep, from caches that a pass over the weights flushed.
+        copy_times, inject_times, restore_times = [], [], []
         for _ in range(args.repeats):
+            copy_times.append(median_seconds(lambda: plain_copy(params, buffers), 1))
             inject_times.append(median_seconds(run_inject, 1))
             restore_times.append(median_seconds(run_restore, 1))
-        inject_s, restore_s = statistics.median(inject_times), statistics.median(restore_times)
+        copy_s, inject_s, restore_s = (statistics.median(times) for times in (copy_times, inject_times, restore_times))
         faults = state["faults"].report.totals()["flipped_bits"]
-        snapshot = [param.clone() for param in params]
-        dense_s = median_seconds(lambda: dense_bitflip(params, p, generator), 1)
-        for param, original in zip(params, snapshot):
-            param.copy_(original)
-        del snapshot
+        dense_s = math.nan
+        if not args.no_dense:
+            snapshot = [param.clone() for param in params]
+            dense_s = median_seconds(lambda: dense_bitflip(params, p, generator), 1)
+            for param, original in zip(params, snapshot):
+                param.copy_(original)
+            del snapshot
         print(
             f"{p:>8.0e}{int(faults):>14,}{copy_s * 1e3:>10.1f}{inject_s * 1e3:>12.2f}{restore_s * 1e3:>12.2f}"
             f"{inject_s / copy_s:>13.4f}{restore_s / copy_s:>14.4f}{dense_s * 1e3:>12.0f}{dense_s / inject_s:>12.1f}"

@@ -2,8 +2,8 @@
 
 One forward hook per targeted module corrupts the floating-point tensors in its output (a
 tensor, a tuple or list of them, or a ModelOutput / dict), in loglikelihood scoring and in
-generation with a KV cache alike. Call number i of module m draws from stream i of the
-generator keyed by (seed, m, spec), so a run is reproducible; the hook keeps only integer
+generation with a KV cache alike. Tensor j of call i of module m draws from stream i * 256 + j
+of the site keyed by (seed, m, spec), so a run is reproducible; the hook keeps only integer
 counters, so memory stays flat however many calls are made (the RRAM study's tool leaked).
 """
 
@@ -17,13 +17,14 @@ import numpy as np
 import torch
 from torch.utils.hooks import RemovableHandle
 
-from lm_eval_faults.faults import bit_histogram, draw_faults, popcount
-from lm_eval_faults.formats import LAYOUTS, BitLayout, from_unsigned, resolve_bits, to_unsigned
+from lm_eval_faults.faults import count_by_site, draw_faults
+from lm_eval_faults.formats import LAYOUTS, BitLayout, resolve_bits
 from lm_eval_faults.report import SiteStats
-from lm_eval_faults.sampling import SiteStream, site_key, spec_key
+from lm_eval_faults.sampling import Hits, site_key, spec_key
 from lm_eval_faults.spec import FaultSpec
 from lm_eval_faults.targets import ModuleSite
-from lm_eval_faults.weights import expected_counts, nonfinite_created
+from lm_eval_faults.weights import expected_counts
+from lm_eval_faults.words import WordAccess
 
 
 TENSORS_PER_CALL = 256
@@ -46,7 +47,7 @@ class ActivationInjector:
         key_of_spec = spec_key(self.spec.seed, self.spec.sampling_key())
         for site in self.sites:
             self.stats.setdefault(site.name, SiteStats(site.name, site.component, site.layer, "", 0, 0, 0.0, 0.0))
-            hook = _OutputFaultHook(self, site, site_key(key_of_spec, f"activation:{site.name}"))
+            hook = _OutputFaultHook(self, site, key_of_spec)
             self._handles.append(site.module.register_forward_hook(hook, with_kwargs=True))
 
     def detach(self) -> None:
@@ -63,20 +64,22 @@ class ActivationInjector:
 class _OutputFaultHook:
     """The forward hook of one module. Holds counters only, never tensors."""
 
-    def __init__(self, injector: ActivationInjector, site: ModuleSite, key: bytes) -> None:
+    def __init__(self, injector: ActivationInjector, site: ModuleSite, key_of_spec: bytes) -> None:
         self.injector = injector
         self.stats = injector.stats[site.name]
-        self.key = key
+        self.key_of_spec = key_of_spec
+        self.name = f"activation:{site.name}"
 
     def __call__(self, module: torch.nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
         # Tensor i of call c draws from stream c * 256 + i: independent, and reproducible.
-        streams = (SiteStream(self.key, stream=self.stats.calls * TENSORS_PER_CALL + i) for i in itertools.count())
+        first = self.stats.calls * TENSORS_PER_CALL
+        streams = (site_key(self.key_of_spec, self.name, first + i) for i in itertools.count())
         self.stats.calls += 1
         inputs = (*args, *kwargs.values())  # looked at only if a fault lands (see read_words)
         with torch.no_grad():
             return self._corrupt(output, streams, inputs)
 
-    def _corrupt(self, value: Any, streams: Iterator[SiteStream], inputs: tuple) -> Any:
+    def _corrupt(self, value: Any, streams: Iterator[int], inputs: tuple) -> Any:
         if isinstance(value, torch.Tensor):
             return self._corrupt_tensor(value, next(streams), inputs)
         if isinstance(value, Mapping):  # ModelOutput and plain dicts
@@ -89,7 +92,7 @@ class _OutputFaultHook:
             return type(value)(corrupted) if isinstance(value, list) else tuple(corrupted)
         return value
 
-    def _corrupt_tensor(self, tensor: torch.Tensor, stream: SiteStream, inputs: tuple) -> torch.Tensor:
+    def _corrupt_tensor(self, tensor: torch.Tensor, key: int, inputs: tuple) -> torch.Tensor:
         layout = LAYOUTS.get(tensor.dtype)
         if layout is None or not layout.is_float or tensor.numel() == 0:
             return tensor
@@ -105,30 +108,24 @@ class _OutputFaultHook:
         stats.expected_bits += expected_bits
 
         target = tensor
-        words: torch.Tensor | None = None
+        access: WordAccess | None = None
 
-        def read_words(positions: np.ndarray) -> np.ndarray:
-            nonlocal target, words
+        def read_words(hits: Hits) -> np.ndarray:
+            nonlocal target, access
             # Outputs that alias an input (Identity, eval-mode Dropout, views) must not be
             # corrupted in place: the input may be read again (residual connections).
             if not target.is_contiguous() or target.untyped_storage().data_ptr() in _storages(inputs):
                 target = target.contiguous() if not target.is_contiguous() else target.clone()
-            words = target.view(-1).view(layout.int_view)
-            index = torch.from_numpy(positions).to(words.device)
-            return to_unsigned(words[index].cpu(), layout).numpy()
+            access = WordAccess(target, layout)
+            return access.read(hits.position)
 
-        batch = draw_faults(numel, read_words, spec, layout, eligible, stream)
-        if not len(batch.positions):
+        batch = draw_faults(np.array([numel]), np.array([key], dtype=np.uint64), read_words, spec, layout, eligible)
+        if not len(batch):
             return tensor
         changed = batch.only_changed()
-        assert words is not None
-        words[torch.from_numpy(changed.positions).to(words.device)] = from_unsigned(torch.from_numpy(changed.new), layout).to(words.device)
-        stats.hit_elements += len(batch.positions)
-        stats.fault_bits += popcount(batch.fault_bits)
-        stats.changed_elements += len(changed.positions)
-        stats.flipped_bits += popcount(changed.old ^ changed.new)
-        stats.nonfinite_created += nonfinite_created(changed.old, changed.new, layout)
-        stats.bit_histogram = [a + b for a, b in zip(stats.bit_histogram or [0] * layout.width, bit_histogram(changed.old, changed.new, layout.width))]
+        assert access is not None
+        access.write(changed.hits.position, changed.new)
+        count_by_site(batch, 1, layout).add_to([stats])
         return target
 
 

@@ -35,7 +35,7 @@ from lm_eval_faults.loading import LOAD_KEYS, load_model
 from lm_eval_faults.sampling import element_rate
 from lm_eval_faults.spec import FaultSpec, parse_arg_string, parse_fault_args
 from lm_eval_faults.targets import ParamSite, select_params
-from lm_eval_faults.weights import flat_words
+from lm_eval_faults.words import flat_words
 
 CHUNK = 1 << 22
 """Elements read per pass step: bounds temporary memory whatever the tensor size."""

@@ -1,8 +1,8 @@
 """What a fault does at the positions the sampler chose: bit flips, stuck-at bits, value errors.
 
 All arithmetic happens on the CPU, in numpy, on the k stored words that were hit (as unsigned
-integers), so the result is bit-identical wherever the tensor lives. Callers gather the old
-words and scatter the new ones; the cost is O(k).
+integers), for every site of a group at once, so the result is bit-identical wherever the
+tensors live. Callers gather the old words and scatter the new ones; the cost is O(k).
 """
 
 from __future__ import annotations
@@ -14,86 +14,92 @@ import numpy as np
 import torch
 
 from lm_eval_faults.formats import BitLayout, to_unsigned
-from lm_eval_faults.sampling import SiteStream, bernoulli_positions, element_rate, nonzero_masks
+from lm_eval_faults.report import SiteStats
+from lm_eval_faults.sampling import Hits, Purpose, bernoulli_hits, element_rate, nonzero_masks, random_words, to_uniform
 from lm_eval_faults.spec import FaultSpec
 
-WordReader = Callable[[np.ndarray], np.ndarray]
-"""Reads the stored words at given flat element positions, as unsigned int64."""
+WordReader = Callable[[Hits], np.ndarray]
+"""Reads the stored words at the hits (site index, flat element position), as unsigned int64."""
 
 
 @dataclass(frozen=True)
 class FaultBatch:
-    """The faults drawn for one tensor: where, which bits, and the words before and after."""
+    """The faults drawn for a group of sites: where, which bits, and the words before and after."""
 
-    positions: np.ndarray
+    hits: Hits
     fault_bits: np.ndarray
     old: np.ndarray
     new: np.ndarray
 
-    @property
-    def changed(self) -> np.ndarray:
-        return self.old != self.new
+    def __len__(self) -> int:
+        return len(self.hits)
 
     def only_changed(self) -> "FaultBatch":
-        keep = self.changed
-        return FaultBatch(self.positions[keep], self.fault_bits[keep], self.old[keep], self.new[keep])
+        keep = self.old != self.new
+        return FaultBatch(self.hits.select(keep), self.fault_bits[keep], self.old[keep], self.new[keep])
 
 
 _EMPTY = np.empty(0, dtype=np.int64)
 _EMPTY.flags.writeable = False
-NO_FAULTS = FaultBatch(_EMPTY, _EMPTY, _EMPTY, _EMPTY)
-"""The batch of a site where no fault landed (the common case at small p): shared, read-only."""
+NO_FAULTS = FaultBatch(Hits(_EMPTY, _EMPTY, _EMPTY), _EMPTY, _EMPTY, _EMPTY)
+"""The batch of sites where no fault landed (the common case at small p): shared, read-only."""
+
+_THIN_STRIDE = 64
+"""THIN draws of hit r use words r * 64 + bit: one per bit position of the widest word."""
 
 
 def draw_faults(
-    numel: int,
+    numels: np.ndarray,
+    keys: np.ndarray,
     read_words: WordReader,
     spec: FaultSpec,
     layout: BitLayout,
     eligible_bits: tuple[int, ...],
-    stream: SiteStream,
 ) -> FaultBatch:
-    """Draw this spec's faults for a tensor of `numel` elements and compute the new words.
+    """Draw this spec's faults for sites of `numels` elements keyed by `keys`; compute the new words.
 
-    `read_words` is only called when a fault lands, so a clean site never touches its tensor.
+    `read_words` is only called when a fault lands, so clean sites never touch their tensors.
     """
+    keys = np.asarray(keys, dtype=np.uint64)
     if spec.per_bit:
-        return _bit_faults(numel, read_words, spec, layout, eligible_bits, stream)
-    positions = bernoulli_positions(numel, spec.p, stream)
-    if not len(positions):
+        return _bit_faults(numels, keys, read_words, spec, layout, eligible_bits)
+    hits = bernoulli_hits(numels, spec.p, keys)
+    if not len(hits):
         return NO_FAULTS
-    old = read_words(positions)
+    old = read_words(hits)
     if spec.fault == "zero":
         new = np.zeros_like(old)
     else:
-        new = uniform_words(stream.rng.uniform(*spec.value_range, size=len(positions)), layout)
-    return FaultBatch(positions, np.zeros_like(old), old, new)
+        low, high = spec.value_range
+        u = to_uniform(random_words(keys[hits.site], Purpose.VALUE, hits.rank.astype(np.uint64)))
+        new = uniform_words(low + (high - low) * u, layout)
+    return FaultBatch(hits, np.zeros_like(old), old, new)
 
 
 def _bit_faults(
-    numel: int,
+    numels: np.ndarray,
+    keys: np.ndarray,
     read_words: WordReader,
     spec: FaultSpec,
     layout: BitLayout,
     eligible_bits: tuple[int, ...],
-    stream: SiteStream,
 ) -> FaultBatch:
     rate = max(spec.p01 or 0.0, spec.p10 or 0.0) if spec.asymmetric else spec.p
-    positions = bernoulli_positions(numel, element_rate(rate, len(eligible_bits)), stream)
-    if not len(positions):
+    hits = bernoulli_hits(numels, element_rate(rate, len(eligible_bits)), keys)
+    if not len(hits):
         return NO_FAULTS
-    rng = stream.rng
-    masks = nonzero_masks(len(positions), rate, eligible_bits, rng)
-    old = read_words(positions)
+    hit_keys = keys[hits.site]
+    masks = nonzero_masks(rate, eligible_bits, hit_keys, hits.rank)
+    old = read_words(hits)
     if spec.fault == "stuck0":
-        return FaultBatch(positions, masks, old, old & ~masks)
+        return FaultBatch(hits, masks, old, old & ~masks)
     if spec.fault == "stuck1":
-        return FaultBatch(positions, masks, old, old | masks)
+        return FaultBatch(hits, masks, old, old | masks)
     if spec.asymmetric:
-        masks = _thin_by_bit_value(masks, old, (spec.p01 or 0.0) / rate, (spec.p10 or 0.0) / rate, layout, rng)
-        hit = masks != 0
-        positions, masks, old = positions[hit], masks[hit], old[hit]
-    return FaultBatch(positions, masks, old, old ^ masks)
+        masks = _thin_by_bit_value(masks, old, (spec.p01 or 0.0) / rate, (spec.p10 or 0.0) / rate, layout, hit_keys, hits.rank)
+        kept = masks != 0
+        hits, masks, old = hits.select(kept), masks[kept], old[kept]
+    return FaultBatch(hits, masks, old, old ^ masks)
 
 
 def _thin_by_bit_value(
@@ -102,7 +108,8 @@ def _thin_by_bit_value(
     keep_if_zero: float,
     keep_if_one: float,
     layout: BitLayout,
-    rng: np.random.Generator,
+    hit_keys: np.ndarray,
+    rank: np.ndarray,
 ) -> np.ndarray:
     """Asymmetric flips by thinning: a candidate drawn at max(p01, p10) survives w.p. p01/max or p10/max."""
     kept = masks.copy()
@@ -111,7 +118,9 @@ def _thin_by_bit_value(
         if not len(candidates):
             continue
         is_one = (old[candidates] >> bit & 1).astype(bool)
-        survive = rng.random(len(candidates)) < np.where(is_one, keep_if_one, keep_if_zero)
+        index = rank[candidates].astype(np.uint64) * np.uint64(_THIN_STRIDE) + np.uint64(bit)
+        u = to_uniform(random_words(hit_keys[candidates], Purpose.THIN, index))
+        survive = u < np.where(is_one, keep_if_one, keep_if_zero)
         kept[candidates[~survive]] &= ~(1 << bit)
     return kept
 
@@ -127,14 +136,72 @@ def uniform_words(values: np.ndarray, layout: BitLayout) -> np.ndarray:
     return to_unsigned(stored, layout).numpy()
 
 
-def bit_histogram(old: np.ndarray, new: np.ndarray, width: int) -> np.ndarray:
-    """How many elements changed at each bit position (index 0 = least significant bit)."""
-    if not len(old):
-        return np.zeros(width, dtype=np.int64)
-    diff_bytes = (old ^ new).astype("<u8").view(np.uint8).reshape(-1, 8)
-    return np.unpackbits(diff_bytes, axis=1, bitorder="little").sum(axis=0, dtype=np.int64)[:width]
+_COUNT_FIELDS = ("hit_elements", "fault_bits", "changed_elements", "flipped_bits", "nonfinite_created")
 
 
-def popcount(words: np.ndarray) -> int:
-    """Total number of set bits in non-negative int64 words."""
-    return int(np.unpackbits(words.astype("<u8").view(np.uint8)).sum())
+@dataclass(frozen=True)
+class SiteCounts:
+    """What a batch did to each of `sites` sites: one entry (or histogram row) per site."""
+
+    hit_elements: np.ndarray
+    fault_bits: np.ndarray
+    changed_elements: np.ndarray
+    flipped_bits: np.ndarray
+    nonfinite_created: np.ndarray
+    bit_histogram: np.ndarray
+
+    def add_to(self, stats: list[SiteStats]) -> None:
+        """Add each site's counts to its running stats (activations add one batch per call)."""
+        columns = [getattr(self, name).tolist() for name in _COUNT_FIELDS]
+        for site in np.flatnonzero(self.hit_elements).tolist():
+            target = stats[site]
+            for name, column in zip(_COUNT_FIELDS, columns):
+                setattr(target, name, getattr(target, name) + column[site])
+            histogram = self.bit_histogram[site].tolist()
+            target.bit_histogram = [a + b for a, b in zip(target.bit_histogram or [0] * len(histogram), histogram)]
+
+
+def count_by_site(batch: FaultBatch, sites: int, layout: BitLayout) -> SiteCounts:
+    """Per-site counts of a batch in a few vectorised passes (bincounts), never a loop over hits."""
+    site = batch.hits.site
+    diff = batch.old ^ batch.new
+
+    def per_site(weights: np.ndarray | None = None) -> np.ndarray:
+        return np.bincount(site, weights=weights, minlength=sites).astype(np.int64)
+
+    histogram = _bit_histograms(site, diff, sites, layout.width)
+    return SiteCounts(
+        hit_elements=per_site(),
+        fault_bits=per_site(np.bitwise_count(batch.fault_bits)),
+        changed_elements=per_site((diff != 0).astype(np.float64)),
+        flipped_bits=per_site(np.bitwise_count(diff)),
+        nonfinite_created=per_site(_becomes_nonfinite(batch.old, batch.new, layout).astype(np.float64)),
+        bit_histogram=histogram,
+    )
+
+
+_BITS_OF_BYTE = (np.arange(256)[:, None] >> np.arange(8)) & 1
+"""Row v: the 8 bits of byte value v, least significant first."""
+
+
+def _bit_histograms(site: np.ndarray, diff: np.ndarray, sites: int, width: int) -> np.ndarray:
+    """Changed elements per (site, bit position): a bincount of (site, byte value) per byte lane,
+    then byte values to bits by one small matrix product (an order faster than unpacking bits)."""
+    lanes = (width + 7) // 8
+    as_bytes = diff.astype("<u8").view(np.uint8).reshape(-1, 8)
+    histogram = np.zeros((sites, lanes * 8), dtype=np.int64)
+    for lane in range(lanes):
+        per_value = np.bincount(site * 256 + as_bytes[:, lane], minlength=sites * 256).reshape(sites, 256)
+        histogram[:, lane * 8 : lane * 8 + 8] = per_value @ _BITS_OF_BYTE
+    return histogram[:, :width]
+
+
+def _becomes_nonfinite(old: np.ndarray, new: np.ndarray, layout: BitLayout) -> np.ndarray:
+    """Elements that were finite before the fault and are NaN or +-Inf after it.
+
+    A float is non-finite exactly when its exponent field is all ones: read it off the words.
+    """
+    if not layout.is_float:
+        return np.zeros(len(old), dtype=bool)
+    shift, ones = layout.exponent[0], (1 << len(layout.exponent)) - 1
+    return ((old >> shift) & ones != ones) & ((new >> shift) & ones == ones)

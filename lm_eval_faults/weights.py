@@ -13,30 +13,22 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from lm_eval_faults.faults import bit_histogram, draw_faults, popcount
-from lm_eval_faults.formats import BitLayout, from_unsigned, layout_of, resolve_bits, to_unsigned
+from lm_eval_faults.faults import count_by_site, draw_faults
+from lm_eval_faults.formats import BitLayout, layout_of, resolve_bits
 from lm_eval_faults.report import SiteStats
-from lm_eval_faults.sampling import SiteStream, element_rate, site_key, spec_key
+from lm_eval_faults.sampling import Hits, element_rate, site_key, spec_key
 from lm_eval_faults.spec import FaultSpec
 from lm_eval_faults.targets import ParamSite
+from lm_eval_faults.words import WordAccess
 
 
 @dataclass(frozen=True)
 class UndoEntry:
-    """The original stored words at the positions one injection changed."""
+    """The original stored words at the positions one injection changed in one tensor."""
 
-    words: torch.Tensor
-    positions: torch.Tensor
-    original: torch.Tensor
-
-
-def flat_words(tensor: torch.Tensor, layout: BitLayout) -> torch.Tensor:
-    """A flat integer view sharing storage with `tensor`: writes to it change the tensor's bits."""
-    if not tensor.is_contiguous():
-        raise ValueError("cannot fault a non-contiguous parameter in place")
-    if tensor.device.type == "meta":
-        raise ValueError("cannot fault a parameter on the meta device (offloaded weights are not supported)")
-    return tensor.detach().view(-1).view(layout.int_view)
+    words: WordAccess
+    positions: np.ndarray
+    original: np.ndarray
 
 
 def expected_counts(spec: FaultSpec, numel: int, eligible_bits: int) -> tuple[float, float]:
@@ -47,6 +39,11 @@ def expected_counts(spec: FaultSpec, numel: int, eligible_bits: int) -> tuple[fl
         # For asymmetric flips the exact expectation depends on the data; this is an upper bound.
         return numel * element_rate(rate, eligible_bits), numel * eligible_bits * rate
     return numel * spec.p, 0.0
+
+
+MAX_BATCH_HITS = 1 << 20
+"""Expected hits per batch of sites drawn together: bounds temporary memory at large p, while at
+small p every site of the model goes into one vectorised draw."""
 
 
 class WeightInjector:
@@ -62,28 +59,19 @@ class WeightInjector:
         """Fault every site once; returns per-site counts. Calling twice without restore is an error."""
         if self._undo:
             raise RuntimeError("faults are already applied; call restore() first")
-        stats = []
-        with torch.no_grad():
-            for site in tqdm(self.sites, desc="injecting faults", unit="tensor", disable=not progress):
-                stats.append(self._fault_site(site))
+        stats = [self._site_stats(site) for site in self.sites]
+        with torch.no_grad(), tqdm(total=len(self.sites), desc="injecting faults", unit="tensor", disable=not progress) as bar:
+            for batch in self._batches(stats):
+                self._fault_batch(batch, stats)
+                bar.update(len(batch))
         return stats
 
-    def _fault_site(self, site: ParamSite) -> SiteStats:
+    def _site_stats(self, site: ParamSite) -> SiteStats:
         layout = layout_of(site.param.dtype)
-        eligible = resolve_bits(layout, self.spec.bits) if self.spec.per_bit else layout.all_bits
+        eligible = self._eligible(layout)
         numel = site.param.numel()
-        words: torch.Tensor | None = None
-
-        def read_words(positions: np.ndarray) -> np.ndarray:
-            nonlocal words
-            words = flat_words(site.param, layout)
-            index = torch.from_numpy(positions).to(words.device)
-            return to_unsigned(words[index].cpu(), layout).numpy()
-
-        stream = SiteStream(site_key(self._spec_key, site.name))
-        batch = draw_faults(numel, read_words, self.spec, layout, eligible, stream)
         expected_elements, expected_bits = expected_counts(self.spec, numel, len(eligible))
-        stats = SiteStats(
+        return SiteStats(
             name=site.name,
             component=site.component,
             layer=site.layer,
@@ -95,37 +83,54 @@ class WeightInjector:
             bit_histogram=[0] * layout.width,
             shared_with=list(site.names[1:]),
         )
-        if words is None:  # no fault landed: the tensor was never touched
-            return stats
+
+    def _eligible(self, layout: BitLayout) -> tuple[int, ...]:
+        return resolve_bits(layout, self.spec.bits) if self.spec.per_bit else layout.all_bits
+
+    def _batches(self, stats: list[SiteStats]) -> list[list[int]]:
+        """Site indices in batches of one dtype and at most MAX_BATCH_HITS expected hits (or one site)."""
+        batches: list[list[int]] = []
+        for dtype in dict.fromkeys(s.dtype for s in stats):
+            current: list[int] = []
+            expected = 0.0
+            for index, site_stats in enumerate(stats):
+                if site_stats.dtype != dtype:
+                    continue
+                if current and expected + site_stats.expected_elements > MAX_BATCH_HITS:
+                    batches.append(current)
+                    current, expected = [], 0.0
+                current.append(index)
+                expected += site_stats.expected_elements
+            batches.append(current)
+        return batches
+
+    def _fault_batch(self, members: list[int], stats: list[SiteStats]) -> None:
+        """Draw and apply the faults of sites `members` (one dtype) in one vectorised pass."""
+        sites = [self.sites[i] for i in members]
+        layout = layout_of(sites[0].param.dtype)
+        keys = np.array([site_key(self._spec_key, site.name) for site in sites], dtype=np.uint64)
+        numels = np.array([stats[i].elements for i in members], dtype=np.int64)
+        access: dict[int, WordAccess] = {}
+
+        def read_words(hits: Hits) -> np.ndarray:
+            old = np.empty(len(hits), dtype=np.int64)
+            for site, where in hits.by_site():
+                access[site] = WordAccess(sites[site].param, layout)
+                old[where] = access[site].read(hits.position[where])
+            return old
+
+        batch = draw_faults(numels, keys, read_words, self.spec, layout, self._eligible(layout))
+        if not len(batch):
+            return
         changed = batch.only_changed()
-        if len(changed.positions):
-            positions = torch.from_numpy(changed.positions).to(words.device)
-            self._undo.append(UndoEntry(words, positions, from_unsigned(torch.from_numpy(changed.old), layout).to(words.device)))
-            words[positions] = from_unsigned(torch.from_numpy(changed.new), layout).to(words.device)
-        stats.hit_elements = len(batch.positions)
-        stats.fault_bits = popcount(batch.fault_bits)
-        stats.changed_elements = len(changed.positions)
-        stats.flipped_bits = popcount(changed.old ^ changed.new)
-        stats.nonfinite_created = nonfinite_created(changed.old, changed.new, layout)
-        stats.bit_histogram = bit_histogram(changed.old, changed.new, layout.width).tolist()
-        return stats
+        for site, where in changed.hits.by_site():
+            positions = changed.hits.position[where]
+            self._undo.append(UndoEntry(access[site], positions, changed.old[where]))
+            access[site].write(positions, changed.new[where])
+        count_by_site(batch, len(members), layout).add_to([stats[i] for i in members])
 
     def restore(self) -> None:
         """Write the original words back: the model is bit-identical to before `apply`."""
-        with torch.no_grad():
-            for entry in reversed(self._undo):
-                entry.words[entry.positions] = entry.original
+        for entry in reversed(self._undo):
+            entry.words.write(entry.positions, entry.original)
         self._undo.clear()
-
-
-def nonfinite_created(old: np.ndarray, new: np.ndarray, layout: BitLayout) -> int:
-    """Elements that were finite before the fault and are NaN or +-Inf after it.
-
-    A float is non-finite exactly when its exponent field is all ones: read it off the words.
-    """
-    if not layout.is_float or not len(old):
-        return 0
-    shift, ones = layout.exponent[0], (1 << len(layout.exponent)) - 1
-    was_finite = (old >> shift) & ones != ones
-    is_finite = (new >> shift) & ones != ones
-    return int(np.count_nonzero(was_finite & ~is_finite))

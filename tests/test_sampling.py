@@ -12,15 +12,17 @@ import numpy as np
 import pytest
 import torch
 
-from lm_eval_faults.faults import draw_faults, popcount
+from lm_eval_faults.faults import draw_faults
 from lm_eval_faults.formats import LAYOUTS, resolve_bits, to_unsigned
 from lm_eval_faults.sampling import (
     DENSE_ABOVE,
-    SiteStream,
-    bernoulli_positions,
-    binomial_from_uniform,
+    SMALL_MEAN,
+    _binomial_inverse_cdf,
+    _extend_inverse_cdf,
+    bernoulli_hits,
     distinct_uniform,
     element_rate,
+    fault_counts,
     nonzero_masks,
     site_key,
     spec_key,
@@ -28,8 +30,21 @@ from lm_eval_faults.sampling import (
 from lm_eval_faults.spec import FaultSpec
 
 
-def stream(seed: int, name: str = "w", key: dict | None = None, index: int = 0) -> SiteStream:
-    return SiteStream(site_key(spec_key(seed, key or {}), name), index)
+def stream(seed: int, name: str = "w", key: dict | None = None, index: int = 0) -> int:
+    return site_key(spec_key(seed, key or {}), name, index)
+
+
+def keys_of(*keys: int) -> np.ndarray:
+    return np.array(keys, dtype=np.uint64)
+
+
+def bernoulli_positions(n: int, q: float, key: int) -> np.ndarray:
+    """The hit positions of one site."""
+    return bernoulli_hits(np.array([n]), q, keys_of(key)).position
+
+
+def one_site(n: int, read, spec: FaultSpec, layout, bits, key: int):
+    return draw_faults(np.array([n]), keys_of(key), lambda hits: read(hits.position), spec, layout, bits)
 
 
 def within_5_sigma(observed: float, n: float, p: float) -> bool:
@@ -56,14 +71,31 @@ def test_positions_are_uniform_over_the_tensor():
 
 
 def test_distinct_uniform_even_when_collisions_are_common():
-    subset = distinct_uniform(50, 45, stream(1).rng)
+    subset = distinct_uniform(np.array([50]), np.array([45]), keys_of(stream(1))).position
     assert len(set(subset.tolist())) == 45 and subset.max() < 50
-    # Every element of a small population is equally likely to be chosen.
-    hits = np.zeros(10)
-    for i in range(4000):
-        hits[distinct_uniform(10, 3, stream(7, index=i).rng)] += 1
-    for count in hits:
-        assert within_5_sigma(count, 4000, 0.3)
+    # Every element of a small population is equally likely to be chosen, also when thousands of
+    # sites are drawn in one batch (most of them collide and take the one-by-one path).
+    sites = 4000
+    drawn = distinct_uniform(np.full(sites, 10), np.full(sites, 3), keys_of(*(stream(7, index=i) for i in range(sites))))
+    assert np.array_equal(np.bincount(drawn.site), np.full(sites, 3))
+    pairs = drawn.site * 10 + drawn.position
+    assert len(np.unique(pairs)) == len(pairs)
+    for count in np.bincount(drawn.position, minlength=10):
+        assert within_5_sigma(count, sites, 0.3)
+
+
+def test_a_site_draws_the_same_faults_alone_or_among_others():
+    """Each site's draws come from its own stream: batching sites together changes nothing."""
+    numels = np.array([10**6, 37, 5 * 10**5, 10**7])
+    keys = keys_of(*(stream(3, f"w{i}") for i in range(4)))
+    for q in (3e-5, 0.02, 0.2):
+        together = bernoulli_hits(numels, q, keys)
+        for site in range(4):
+            alone = bernoulli_hits(numels[site : site + 1], q, keys[site : site + 1])
+            assert np.array_equal(together.position[together.site == site], alone.position)
+        masks = nonzero_masks(1e-3, tuple(range(32)), keys[together.site], together.rank)
+        alone = nonzero_masks(1e-3, tuple(range(32)), keys[together.site[-5:]], together.rank[-5:])
+        assert np.array_equal(masks[-5:], alone)
 
 
 @pytest.mark.parametrize("p, bits", [(1e-3, tuple(range(32))), (0.1, tuple(range(16))), (0.3, (0, 5, 9, 30)), (1e-2, tuple(range(23, 31)))])
@@ -71,8 +103,8 @@ def test_every_eligible_bit_is_hit_with_probability_p(p, bits):
     """Element rate x conditional mask = iid Bernoulli(p) per bit, checked per bit position."""
     n = 400_000
     site = stream(0, "bits", {"p": p})
-    positions = bernoulli_positions(n, element_rate(p, len(bits)), site)
-    masks = nonzero_masks(len(positions), p, bits, site.rng)
+    hits = bernoulli_hits(np.array([n]), element_rate(p, len(bits)), keys_of(site))
+    masks = nonzero_masks(p, bits, keys_of(site)[hits.site], hits.rank)
     assert np.all(masks != 0)
     for bit in range(32):
         hits = np.count_nonzero(masks >> bit & 1)
@@ -91,8 +123,8 @@ def test_element_faults_count_and_values():
     layout = LAYOUTS[torch.float32]
     spec = FaultSpec(p=0.01, fault="value", value_range="-2:3")
     n = 300_000
-    batch = draw_faults(n, lambda pos: np.zeros(len(pos), dtype=np.int64), spec, layout, tuple(range(32)), stream(3))
-    assert within_5_sigma(len(batch.positions), n, 0.01)
+    batch = one_site(n, lambda pos: np.zeros(len(pos), dtype=np.int64), spec, layout, tuple(range(32)), stream(3))
+    assert within_5_sigma(len(batch), n, 0.01)
     values = torch.from_numpy(batch.new).to(torch.int32).view(torch.float32).numpy()
     assert values.min() >= -2 and values.max() <= 3
     # Uniform on (-2, 3): each unit interval holds a fifth of the draws.
@@ -105,9 +137,9 @@ def test_asymmetric_flips_follow_p01_and_p10_separately():
     n = 200_000
     words = np.full(n, 0b00001111, dtype=np.int64)  # four zero bits, four one bits
     spec = FaultSpec(p01=0.02, p10=0.005)
-    batch = draw_faults(n, lambda pos: words[pos], spec, layout, tuple(range(8)), stream(5))
-    up = popcount(~batch.old & batch.new & 0xFF)
-    down = popcount(batch.old & ~batch.new & 0xFF)
+    batch = one_site(n, lambda pos: words[pos], spec, layout, tuple(range(8)), stream(5))
+    up = int(np.bitwise_count(~batch.old & batch.new & 0xFF).sum())
+    down = int(np.bitwise_count(batch.old & ~batch.new & 0xFF).sum())
     assert within_5_sigma(up, 4 * n, 0.02) and within_5_sigma(down, 4 * n, 0.005)
 
 
@@ -115,7 +147,7 @@ def test_stuck_at_only_changes_bits_that_differ():
     layout = LAYOUTS[torch.float16]
     words = to_unsigned(torch.tensor([1.0, -2.5, 0.0, 65504.0], dtype=torch.float16).view(torch.int16), layout).numpy()
     for fault, check in (("stuck0", lambda o, n: (n & ~o) == 0), ("stuck1", lambda o, n: (o & ~n) == 0)):
-        batch = draw_faults(4, lambda pos: words[pos], FaultSpec(p=0.5, fault=fault), layout, tuple(range(16)), stream(1))
+        batch = one_site(4, lambda pos: words[pos], FaultSpec(p=0.5, fault=fault), layout, tuple(range(16)), stream(1))
         assert np.all(check(batch.old, batch.new))
         assert np.all((batch.old ^ batch.new) & ~batch.fault_bits == 0)
 
@@ -142,9 +174,9 @@ def test_a_flip_of_the_top_exponent_bit_of_a_value_in_1_2_gives_inf_or_nan():
 
 def test_map_is_a_pure_function_of_seed_name_and_spec_across_processes():
     code = (
-        "from lm_eval_faults.sampling import *;"
-        "s = SiteStream(site_key(spec_key(4, {'p': 1e-3}), 'model.layers.0.mlp.up_proj.weight'));"
-        "print(bernoulli_positions(10**7, 1e-4, s).sum())"
+        "import numpy as np; from lm_eval_faults.sampling import *;"
+        "key = site_key(spec_key(4, {'p': 1e-3}), 'model.layers.0.mlp.up_proj.weight');"
+        "print(bernoulli_hits(np.array([10**7]), 1e-4, np.array([key], dtype=np.uint64)).position.sum())"
     )
     other = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
     here = bernoulli_positions(10**7, 1e-4, stream(4, "model.layers.0.mlp.up_proj.weight", {"p": 1e-3})).sum()
@@ -153,10 +185,22 @@ def test_map_is_a_pure_function_of_seed_name_and_spec_across_processes():
     assert different_name != here
 
 
-@pytest.mark.parametrize("n, q", [(10**9, 1e-9), (10**6, 2e-5), (500, 0.01), (40, 0.3)])
-def test_count_from_the_sites_uniform_is_binomial(n, q):
-    """The inverse-CDF count (used when few faults are expected) has the binomial's mean and P(0)."""
-    draws = np.array([binomial_from_uniform(n, q, (i + 0.5) / 20000) for i in range(20000)])
+@pytest.mark.parametrize("n, q", [(10**9, 1e-9), (10**6, 2e-5), (500, 0.01), (40, 0.3), (10**6, 3e-4)])
+def test_counts_are_binomial(n, q):
+    """Site counts (inverse CDF when few faults are expected, numpy's sampler above SMALL_MEAN)
+    have the binomial's mean and P(0), over 20000 sites drawn in one batch."""
+    sites = 20000
+    draws = fault_counts(np.full(sites, n), q, keys_of(*(stream(11, f"s{i}") for i in range(sites))))
     mean, var = n * q, n * q * (1 - q)
-    assert abs(draws.mean() - mean) <= 5 * math.sqrt(var / 20000) + 1e-3
-    assert abs(np.mean(draws == 0) - (1 - q) ** n) <= 1e-3
+    assert abs(draws.mean() - mean) <= 5 * math.sqrt(var / sites) + 1e-3
+    assert abs(np.mean(draws == 0) - (1 - q) ** n) <= 5 * math.sqrt(0.25 / sites)
+    assert (n * q > SMALL_MEAN) == (n == 10**6 and q == 3e-4)
+
+
+def test_inverse_cdf_matches_the_scalar_recurrence_far_into_the_tail():
+    n, q = np.array([1000, 30000, 7]), 3e-3  # means 3, 90 and 0.02: all within SMALL_MEAN
+    p_zero = np.exp(n * math.log1p(-q))
+    for u in (0.0, 0.3, 0.999, 1 - 1e-15, float(np.nextafter(1.0, 0.0))):  # the last one runs past the table
+        got = _binomial_inverse_cdf(n, q, np.full(3, u), p_zero)
+        want = [_extend_inverse_cdf(int(m), q, u, 0, float(p0), float(p0)) for m, p0 in zip(n, p_zero)]
+        assert got.tolist() == want
