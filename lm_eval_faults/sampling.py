@@ -215,6 +215,8 @@ def _ranks(sizes: np.ndarray) -> np.ndarray:
 
 def _dense_positions(n: int, q: float, key: np.uint64) -> np.ndarray:
     """Positions where element i's DENSE word falls below q * 2^64: chunked, so memory stays bounded."""
+    if q >= 1.0:
+        return np.arange(n, dtype=np.int64)
     threshold = np.uint64(min(int(q * 2.0**64), 2**64 - 1))
     chunks = []
     for start in range(0, n, DENSE_CHUNK):
@@ -278,15 +280,15 @@ def _first_distinct(numels: np.ndarray, counts: np.ndarray, keys: np.ndarray, si
         words = random_words(keys[site], Purpose.POSITION, draw.astype(np.uint64))
         n = numels[site].astype(np.uint64)
         accepted = ~_rejected(words, n)
-        site, draw, value = site[accepted], draw[accepted], _site_major(site[accepted], (words % n)[accepted])
-        order = np.lexsort((draw, value))  # by value (site-major), then by draw: first draws first
-        value, draw, site = value[order], draw[order], site[order]
-        first = np.concatenate([[True], value[1:] != value[:-1]])
-        value, draw, site = value[first], draw[first], site[first]
-        order = np.lexsort((draw, site))  # each site's distinct values in the order they were drawn
-        value, site = value[order], site[order]
+        site, value = site[accepted], _site_major(site[accepted], (words % n)[accepted])
+        # Draws are in (site, draw) order: a stable sort by value puts each value's first draw first.
+        order = np.argsort(value, kind="stable")
+        ordered = value[order]
+        first = np.ones(len(value), dtype=bool)
+        first[order[1:][ordered[1:] == ordered[:-1]]] = False
+        site, value = site[first], value[first]  # each site's distinct values, in the order drawn
         found = np.bincount(site, minlength=len(numels))
-        rank = _ranks(found[np.unique(site)])
+        rank = _ranks(found[found > 0])  # `site` is sorted
         done = found[sites] >= k
         keep = (rank < counts[site]) & np.isin(site, sites[done])
         result.append(value[keep])
