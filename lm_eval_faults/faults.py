@@ -186,14 +186,20 @@ _BITS_OF_BYTE = (np.arange(256)[:, None] >> np.arange(8)) & 1
 
 def _bit_histograms(site: np.ndarray, diff: np.ndarray, sites: int, width: int) -> np.ndarray:
     """Changed elements per (site, bit position): a bincount of (site, byte value) per byte lane,
-    then byte values to bits by one small matrix product (an order faster than unpacking bits)."""
+    then byte values to bits by one small matrix product (an order faster than unpacking bits).
+    Only sites that hold hits take part, so a model's clean tensors cost nothing here."""
+    histogram = np.zeros((sites, width), dtype=np.int64)
+    if not len(site):
+        return histogram
+    present, compact = np.unique(site, return_inverse=True)
     lanes = (width + 7) // 8
     as_bytes = diff.astype("<u8").view(np.uint8).reshape(-1, 8)
-    histogram = np.zeros((sites, lanes * 8), dtype=np.int64)
-    for lane in range(lanes):
-        per_value = np.bincount(site * 256 + as_bytes[:, lane], minlength=sites * 256).reshape(sites, 256)
-        histogram[:, lane * 8 : lane * 8 + 8] = per_value @ _BITS_OF_BYTE
-    return histogram[:, :width]
+    per_lane = [
+        np.bincount(compact * 256 + as_bytes[:, lane], minlength=len(present) * 256).reshape(-1, 256) @ _BITS_OF_BYTE
+        for lane in range(lanes)
+    ]
+    histogram[present] = np.concatenate(per_lane, axis=1)[:, :width]
+    return histogram
 
 
 def _becomes_nonfinite(old: np.ndarray, new: np.ndarray, layout: BitLayout) -> np.ndarray:
