@@ -5,7 +5,7 @@ loads offline, is a few MB, scores near 1.0 on `faults_demo` when healthy, and w
 visible at once. Nothing on the hub is that small and that good at one task, and CI must never
 download anything.
 
-The model is a 4-layer Llama (hidden 128, untied input/output embeddings, float32) with a
+The model is a 4-layer Llama (hidden 64, untied input/output embeddings, float32) with a
 word-level tokenizer built from the demo corpus. It learns the closed set of single-digit sums in
 `lm_eval_faults.demo_data`, formatted exactly as lm-eval's MMLU prompt, with the loss on the
 answer letter and end-of-sequence token only (the distractors are random, so there is nothing to
@@ -59,8 +59,8 @@ def build_model(tokenizer: PreTrainedTokenizerFast) -> LlamaForCausalLM:
     """A 4-layer Llama; RoPE lets lm-eval feed it long MMLU prompts without a size cost."""
     config = LlamaConfig(
         vocab_size=len(tokenizer),
-        hidden_size=128,
-        intermediate_size=256,
+        hidden_size=64,
+        intermediate_size=128,
         num_hidden_layers=4,
         num_attention_heads=4,
         num_key_value_heads=4,
@@ -131,7 +131,7 @@ def train(steps: int, batch_size: int, lr: float) -> tuple[LlamaForCausalLM, Pre
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--steps", type=int, default=6000)
+    parser.add_argument("--steps", type=int, default=2000)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--lr", type=float, default=3e-3)
     parser.add_argument("--out", type=Path, default=demo_model_dir())
