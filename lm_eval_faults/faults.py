@@ -180,8 +180,9 @@ def count_by_site(batch: FaultBatch, sites: int, layout: BitLayout) -> SiteCount
     )
 
 
-_BITS_OF_BYTE = (np.arange(256)[:, None] >> np.arange(8)) & 1
-"""Row v: the 8 bits of byte value v, least significant first."""
+_BITS_OF_BYTE = ((np.arange(256)[:, None] >> np.arange(8)) & 1).astype(np.float64)
+"""Row v: the 8 bits of byte value v, least significant first. Float, so the product below runs
+in BLAS (an integer matmul does not); counts stay exact far beyond any fault count (2^53)."""
 
 
 def _bit_histograms(site: np.ndarray, diff: np.ndarray, sites: int, width: int) -> np.ndarray:
@@ -198,7 +199,7 @@ def _bit_histograms(site: np.ndarray, diff: np.ndarray, sites: int, width: int) 
         np.bincount(compact * 256 + as_bytes[:, lane], minlength=len(present) * 256).reshape(-1, 256) @ _BITS_OF_BYTE
         for lane in range(lanes)
     ]
-    histogram[present] = np.concatenate(per_lane, axis=1)[:, :width]
+    histogram[present] = np.concatenate(per_lane, axis=1)[:, :width].round().astype(np.int64)
     return histogram
 
 
