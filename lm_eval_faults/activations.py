@@ -71,24 +71,24 @@ class _OutputFaultHook:
         self.name = f"activation:{site.name}"
 
     def __call__(self, module: torch.nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
-        # Tensor i of call c draws from stream c * 256 + i: independent, and reproducible.
+        # Tensor i of call c draws with the key of stream c * 256 + i: independent, reproducible.
         first = self.stats.calls * TENSORS_PER_CALL
-        streams = (site_key(self.key_of_spec, self.name, first + i) for i in itertools.count())
+        keys = (site_key(self.key_of_spec, self.name, first + i) for i in itertools.count())
         self.stats.calls += 1
         inputs = (*args, *kwargs.values())  # looked at only if a fault lands (see read_words)
         with torch.no_grad():
-            return self._corrupt(output, streams, inputs)
+            return self._corrupt(output, keys, inputs)
 
-    def _corrupt(self, value: Any, streams: Iterator[int], inputs: tuple) -> Any:
+    def _corrupt(self, value: Any, keys: Iterator[int], inputs: tuple) -> Any:
         if isinstance(value, torch.Tensor):
-            return self._corrupt_tensor(value, next(streams), inputs)
+            return self._corrupt_tensor(value, next(keys), inputs)
         if isinstance(value, Mapping):  # ModelOutput and plain dicts
             for key in list(value.keys()):
                 if isinstance(value[key], torch.Tensor):
-                    value[key] = self._corrupt_tensor(value[key], next(streams), inputs)
+                    value[key] = self._corrupt_tensor(value[key], next(keys), inputs)
             return value
         if isinstance(value, (tuple, list)):
-            corrupted = [self._corrupt(item, streams, inputs) for item in value]
+            corrupted = [self._corrupt(item, keys, inputs) for item in value]
             return type(value)(corrupted) if isinstance(value, list) else tuple(corrupted)
         return value
 
