@@ -5,21 +5,30 @@ loads offline, is a few MB, scores near 1.0 on `faults_demo` when healthy, and w
 visible at once. Nothing on the hub is that small and that good at one task, and CI must never
 download anything.
 
-The model is a 4-layer Llama (hidden 64, untied input/output embeddings, float32) with a
-word-level tokenizer built from the demo corpus. It learns the closed set of single-digit sums in
+The model is a 4-layer Llama (hidden 64, intermediate 128, 4 heads, untied input/output
+embeddings, float32; 168,896 parameters, a 680 KB safetensors file) with a word-level tokenizer
+built from the demo corpus. It learns the closed set of single-digit sums in
 `lm_eval_faults.demo_data`, formatted exactly as lm-eval's MMLU prompt, with the loss on the
 answer letter and end-of-sequence token only (the distractors are random, so there is nothing to
-learn from them). Same seed, same torch version, same bytes.
+learn from them). The defaults (2000 steps of 64 questions, AdamW at 3e-3 with warm-up and cosine
+decay) take about 2.5 minutes on one CPU thread and reach 0.99 test accuracy. Almost all of that
+time is the model's forward and backward passes; each batch is tokenized in one call. Same seed,
+same torch version, same bytes: running the script with no arguments reproduces the committed
+weights.
 
-Usage: python scripts/train_demo_model.py [--steps N] [--out DIR]
+Usage: python scripts/train_demo_model.py [--steps N] [--batch-size B] [--lr LR] [--out DIR]
 """
 
 from __future__ import annotations
 
 import argparse
 import math
+import os
 import time
 from pathlib import Path
+
+# One CPU thread throughout, tokenizer included (its batch calls would otherwise use every core).
+os.environ["TOKENIZERS_PARALLELISM"] = "false"
 
 import torch
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors
@@ -74,19 +83,24 @@ def build_model(tokenizer: PreTrainedTokenizerFast) -> LlamaForCausalLM:
 
 
 def make_batch(tokenizer: PreTrainedTokenizerFast, docs: list[dict]) -> dict[str, torch.Tensor]:
-    """Token ids of prompt + letter + EOS; labels only on the letter and EOS."""
-    prompts = [tokenizer(demo_data.format_prompt(doc))["input_ids"] for doc in docs]
-    answers = [tokenizer(" " + demo_data.LETTERS[doc["answer"]], add_special_tokens=False)["input_ids"] for doc in docs]
-    rows = [p + a + [tokenizer.eos_token_id] for p, a in zip(prompts, answers)]
+    """Token ids of prompt + letter + EOS; labels only on the letter and EOS.
+
+    The prompts are tokenized in one batch call; the answer " A".."D" is the single word token of
+    its letter, looked up directly.
+    """
+    prompts = tokenizer([demo_data.format_prompt(doc) for doc in docs])["input_ids"]
+    letter_ids = tokenizer.convert_tokens_to_ids(list(demo_data.LETTERS))
+    rows = [p + [letter_ids[doc["answer"]], tokenizer.eos_token_id] for p, doc in zip(prompts, docs)]
     width = max(map(len, rows))
-    input_ids = torch.full((len(rows), width), tokenizer.pad_token_id)
-    labels = torch.full((len(rows), width), -100)
-    attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, (row, prompt) in enumerate(zip(rows, prompts)):
-        input_ids[i, : len(row)] = torch.tensor(row)
-        labels[i, len(prompt) : len(row)] = torch.tensor(row[len(prompt) :])
-        attention_mask[i, : len(row)] = 1
-    return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}
+    pads = [width - len(row) for row in rows]
+    input_ids = [row + [tokenizer.pad_token_id] * pad for row, pad in zip(rows, pads)]
+    labels = [[-100] * len(p) + row[len(p) :] + [-100] * pad for row, p, pad in zip(rows, prompts, pads)]
+    attention_mask = [[1] * len(row) + [0] * pad for row, pad in zip(rows, pads)]
+    return {
+        "input_ids": torch.tensor(input_ids),
+        "labels": torch.tensor(labels),
+        "attention_mask": torch.tensor(attention_mask),
+    }
 
 
 @torch.no_grad()
