@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from lm_eval_faults.formats import BitLayout, to_unsigned
-from lm_eval_faults.report import SiteStats
+from lm_eval_faults.report import FAULT_COUNT_FIELDS, SiteStats, add_lists
 from lm_eval_faults.sampling import Hits, Purpose, bernoulli_hits, element_rate, nonzero_masks, random_words, to_uniform
 from lm_eval_faults.spec import FaultSpec
 
@@ -136,9 +136,6 @@ def uniform_words(values: np.ndarray, layout: BitLayout) -> np.ndarray:
     return to_unsigned(stored, layout).numpy()
 
 
-_COUNT_FIELDS = ("hit_elements", "fault_bits", "changed_elements", "flipped_bits", "nonfinite_created")
-
-
 @dataclass(frozen=True)
 class SiteCounts:
     """What a batch did to each of `sites` sites: one entry (or histogram row) per site."""
@@ -152,13 +149,12 @@ class SiteCounts:
 
     def add_to(self, stats: list[SiteStats]) -> None:
         """Add each site's counts to its running stats (activations add one batch per call)."""
-        columns = [getattr(self, name).tolist() for name in _COUNT_FIELDS]
+        columns = [getattr(self, name).tolist() for name in FAULT_COUNT_FIELDS]
         for site in np.flatnonzero(self.hit_elements).tolist():
             target = stats[site]
-            for name, column in zip(_COUNT_FIELDS, columns):
+            for name, column in zip(FAULT_COUNT_FIELDS, columns):
                 setattr(target, name, getattr(target, name) + column[site])
-            histogram = self.bit_histogram[site].tolist()
-            target.bit_histogram = [a + b for a, b in zip(target.bit_histogram or [0] * len(histogram), histogram)]
+            target.bit_histogram = add_lists(target.bit_histogram, self.bit_histogram[site].tolist())
 
 
 def count_by_site(batch: FaultBatch, sites: int, layout: BitLayout) -> SiteCounts:

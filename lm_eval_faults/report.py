@@ -20,7 +20,10 @@ SILENT_NO_OP_EXPECTATION = 10.0
 """Zero faults when at least this many were expected has probability < e^-10: that is a bug."""
 
 
-_TOTAL_FIELDS = ("elements", "eligible_bits", "expected_elements", "expected_bits", "hit_elements", "fault_bits", "changed_elements", "flipped_bits", "nonfinite_created")
+FAULT_COUNT_FIELDS = ("hit_elements", "fault_bits", "changed_elements", "flipped_bits", "nonfinite_created")
+"""What an injection did at a site (as opposed to the site's size and expectations)."""
+
+_TOTAL_FIELDS = ("elements", "eligible_bits", "expected_elements", "expected_bits", *FAULT_COUNT_FIELDS)
 """The counts that add up across sites and calls."""
 
 
@@ -46,13 +49,14 @@ class SiteStats:
     calls: int = 0
 
     def add(self, other: "SiteStats") -> None:
-        """Accumulate another batch at the same site (activations: one batch per forward call)."""
+        """Accumulate another record of the same site (e.g. its counts from another data-parallel rank)."""
         for name in (*_TOTAL_FIELDS, "calls"):
             setattr(self, name, getattr(self, name) + getattr(other, name))
-        self.bit_histogram = _add_lists(self.bit_histogram, other.bit_histogram)
+        self.bit_histogram = add_lists(self.bit_histogram, other.bit_histogram)
 
 
-def _add_lists(a: list[int], b: list[int]) -> list[int]:
+def add_lists(a: list[int], b: list[int]) -> list[int]:
+    """Element-wise sum of two histograms; the shorter one counts as zero-padded."""
     width = max(len(a), len(b))
     return [(a[i] if i < len(a) else 0) + (b[i] if i < len(b) else 0) for i in range(width)]
 
@@ -100,7 +104,7 @@ class FaultReport:
         """Changed elements per bit position, per dtype (positions differ between dtypes)."""
         histograms: dict[str, list[int]] = {}
         for site in self._sites(part):
-            histograms[site.dtype] = _add_lists(histograms.get(site.dtype, []), site.bit_histogram)
+            histograms[site.dtype] = add_lists(histograms.get(site.dtype, []), site.bit_histogram)
         return histograms
 
     def to_dict(self) -> dict[str, Any]:
