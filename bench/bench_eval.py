@@ -39,7 +39,7 @@ def prepare_model(model: str | None, workdir: Path) -> str:
         plain.save_pretrained(target)
         AutoTokenizer.from_pretrained(SMOLLM, gguf_file=GGUF).save_pretrained(target)
         return str(target)
-    from lm_eval_faults.paths import demo_model_dir
+    from lm_eval_faults.harness.package_data import demo_model_dir
 
     return str(demo_model_dir())
 

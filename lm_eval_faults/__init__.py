@@ -10,17 +10,19 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
+"""The one place the version is set (pyproject.toml reads it); fault maps record it."""
 
 _LAZY = {
-    "FaultSpec": "lm_eval_faults.spec",
-    "parse_fault_args": "lm_eval_faults.spec",
-    "inject": "lm_eval_faults.injection",
-    "Injection": "lm_eval_faults.injection",
-    "FaultReport": "lm_eval_faults.report",
-    "analyze": "lm_eval_faults.analysis",
-    "run_sweep": "lm_eval_faults.sweep",
-    "FaultyHFLM": "lm_eval_faults.model",
+    "FaultSpec": "lm_eval_faults.core",
+    "FaultSpecError": "lm_eval_faults.core",
+    "parse_fault_args": "lm_eval_faults.core",
+    "inject": "lm_eval_faults.core",
+    "Injection": "lm_eval_faults.core",
+    "FaultReport": "lm_eval_faults.core",
+    "analyze": "lm_eval_faults.core",
+    "run_sweep": "lm_eval_faults.study.runner",
+    "FaultyHFLM": "lm_eval_faults.harness.model",
 }
 
 __all__ = sorted(_LAZY)

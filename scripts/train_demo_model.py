@@ -8,7 +8,7 @@ download anything.
 The model is a 4-layer Llama (hidden 64, intermediate 128, 4 heads, untied input/output
 embeddings, float32; 168,896 parameters, a 680 KB safetensors file) with a word-level tokenizer
 built from the demo corpus. It learns the closed set of single-digit sums in
-`lm_eval_faults.demo_data`, formatted exactly as lm-eval's MMLU prompt, with the loss on the
+`lm_eval_faults.tasks.faults_demo.demo_data`, formatted exactly as lm-eval's MMLU prompt, with the loss on the
 answer letter and end-of-sequence token only (the distractors are random, so there is nothing to
 learn from them). The defaults (2000 steps of 64 questions, AdamW at 3e-3 with warm-up and cosine
 decay) take about 2.5 minutes on one CPU thread and reach 0.99 test accuracy. Almost all of that
@@ -34,8 +34,8 @@ import torch
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-from lm_eval_faults import demo_data
-from lm_eval_faults.paths import demo_model_dir
+from lm_eval_faults.harness.package_data import demo_model_dir
+from lm_eval_faults.tasks.faults_demo import demo_data
 
 SEED = 1234
 BOS, EOS, PAD, UNK = "<s>", "</s>", "<pad>", "<unk>"

@@ -10,13 +10,19 @@ import math
 import numpy as np
 import pytest
 import torch
-
-from lm_eval_faults.analysis import RiskModel, add_arguments, analyze, bit_rates, expected_counts_for_record, main
-from lm_eval_faults.formats import from_unsigned, layout_of, resolve_bits, to_unsigned
-from lm_eval_faults.injection import inject
-from lm_eval_faults.spec import FaultSpec
-from lm_eval_faults.targets import select_params
 from tiny import save_tiny_model, tiny_model
+
+from lm_eval_faults.cli.analyze import add_arguments, main
+from lm_eval_faults.core.analysis import RiskModel, analyze, bit_rates
+from lm_eval_faults.core.formats import (
+    from_unsigned,
+    layout_of,
+    resolve_bits,
+    to_unsigned,
+)
+from lm_eval_faults.core.injection import inject
+from lm_eval_faults.core.spec import FaultSpec
+from lm_eval_faults.core.targets import select_params
 
 
 def _words(values: list[float], dtype: torch.dtype) -> np.ndarray:
@@ -215,19 +221,18 @@ def test_symmetric_bitflip_counts_follow_the_closed_forms() -> None:
 
 def test_record_table_json_and_cli(tmp_path, capsys) -> None:
     model = tiny_model("llama", torch.float32)
-    record = expected_counts_for_record(model, "p=1e-3,target=mlp")
-    assert set(record) == {"elements", "bits"} and record["elements"] > 0
+    assert analyze(model, "p=1e-3,target=mlp").total().changed_elements > 0
     analysis = analyze(model, "p=1e-3,target=mlp+norm")
     json.dumps(analysis.to_dict())
     table = analysis.format_table()
     assert "mlp" in table and "norm" in table and "total" in table
-    assert expected_counts_for_record(model, "p=0.1,fault=value")["bits"] is None
+    assert analyze(model, "p=0.1,fault=value").total().flipped_bits is None
 
     directory = save_tiny_model(tmp_path / "tiny")
     parser = argparse.ArgumentParser()
     add_arguments(parser)
     out = tmp_path / "analysis.json"
-    args = parser.parse_args(["--model_args", f"pretrained={directory},dtype=float16,p=1e-4,target=attention", "--json", str(out)])
+    args = parser.parse_args([str(directory), "--model_args", "dtype=float16,p=1e-4,target=attention", "--json", str(out)])
     assert main(args) == 0
     assert "attention" in capsys.readouterr().out
     saved = json.loads(out.read_text())

@@ -11,10 +11,10 @@ from pathlib import Path
 
 import pytest
 
-from lm_eval_faults import demo_data
-from lm_eval_faults.answer_letter import extract_letter
-from lm_eval_faults.mmlu_data import ENV_VAR, load_mmlu, read_csv
-from lm_eval_faults.paths import demo_model_dir
+from lm_eval_faults.harness.package_data import demo_model_dir
+from lm_eval_faults.tasks.faults_demo import demo_data
+from lm_eval_faults.tasks.mmlu_faults.answer_letter import extract_letter
+from lm_eval_faults.tasks.mmlu_faults.mmlu_data import ENV_VAR, load_mmlu, read_csv
 
 MMLU_DIR = Path(__file__).resolve().parents[2] / "shared" / "data" / "mmlu"
 needs_mmlu = pytest.mark.skipif(

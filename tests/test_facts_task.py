@@ -5,15 +5,16 @@ from __future__ import annotations
 import lm_eval
 import pytest
 
-from lm_eval_faults.facts_data import CAPITALS, test_docs
-from lm_eval_faults.model import FaultyHFLM
+from lm_eval_faults import FaultSpec
+from lm_eval_faults.harness.model import FaultyHFLM
+from lm_eval_faults.tasks.faults_facts import facts_data
 
 
 def test_docs_are_deterministic_with_the_true_capital_at_the_gold_index():
-    docs = test_docs()
-    assert docs == test_docs() and len(docs) == len(CAPITALS) == 40
+    docs = facts_data.test_docs()
+    assert docs == facts_data.test_docs() and len(docs) == len(facts_data.CAPITALS) == 40
     for doc in docs:
-        assert len(set(doc["choices"])) == 4 and doc["choices"][doc["answer"]] == CAPITALS[doc["country"]]
+        assert len(set(doc["choices"])) == 4 and doc["choices"][doc["answer"]] == facts_data.CAPITALS[doc["country"]]
     positions = [doc["answer"] for doc in docs]
     assert all(positions.count(i) >= 4 for i in range(4))
 
@@ -27,7 +28,6 @@ def test_real_model_knows_the_facts_and_loses_them_under_bit_flips(smollm_dir):
         return results["results"]["faults_facts"]["acc,none"]
 
     assert accuracy() >= 0.9
-    from lm_eval_faults import FaultSpec
 
     lm.set_faults(FaultSpec(p=1e-4, target="attention", seed=0))
     assert lm.report.totals()["flipped_bits"] > 50_000

@@ -11,10 +11,10 @@ from pathlib import Path
 import lm_eval
 import pytest
 import torch
-
-from lm_eval_faults.model import FaultyHFLM
-from lm_eval_faults.spec import FaultSpecError
 from tiny import tiny_model, tiny_tokenizer
+
+from lm_eval_faults.core.spec import FaultSpecError
+from lm_eval_faults.harness.model import FaultyHFLM
 
 TASKS = ["tiny_colors", "tiny_colors_gen"]
 
@@ -30,7 +30,7 @@ def responses(results: dict) -> str:
 
 
 def test_registration_costs_unrelated_processes_nothing():
-    code = "import sys; print(sorted(m for m in ('torch', 'transformers', 'lm_eval') if m in sys.modules), 'lm_eval_faults._autoload' in sys.modules)"
+    code = "import sys; print(sorted(m for m in ('torch', 'transformers', 'lm_eval') if m in sys.modules), 'lm_eval_faults.harness.autoload' in sys.modules)"
     output = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
     assert output == "[] True"
 

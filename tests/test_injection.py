@@ -7,12 +7,12 @@ import sys
 
 import pytest
 import torch
+from tiny import FAMILIES, tiny_model
 from torch import nn
 
 from lm_eval_faults import FaultSpec, inject
-from lm_eval_faults.report import FaultReport
-from lm_eval_faults.targets import select_params
-from tiny import FAMILIES, tiny_model
+from lm_eval_faults.core.report import FaultReport
+from lm_eval_faults.core.targets import select_params
 
 
 def snapshot(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -143,7 +143,7 @@ def test_silent_no_op_is_loud():
     with pytest.warns(UserWarning, match="NO FAULTS"):
         inject(tiny_model("llama"), p=1e-12)
     report = FaultReport(spec={})
-    from lm_eval_faults.report import SiteStats
+    from lm_eval_faults.core.report import SiteStats
 
     report.weights = [SiteStats("w", "mlp", 0, "float32", 10**6, 32 * 10**6, expected_elements=50.0, expected_bits=50.0)]
     with pytest.raises(RuntimeError, match="this is a bug"):

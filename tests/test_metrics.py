@@ -8,7 +8,7 @@ import math
 import numpy as np
 import pytest
 
-from lm_eval_faults.metrics import (
+from lm_eval_faults.study.metrics import (
     MalformedRecordError,
     awrcl,
     baseline_score,

@@ -7,9 +7,13 @@ import re
 
 import pytest
 
-from lm_eval_faults import plots
-from lm_eval_faults.metrics import build_series
-from lm_eval_faults.sweep_report import REPORT_FILE, build_report, default_layer_bar_p
+from lm_eval_faults.study import plots
+from lm_eval_faults.study.metrics import build_series
+from lm_eval_faults.study.sweep_report import (
+    REPORT_FILE,
+    build_report,
+    default_layer_bar_p,
+)
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 P_GRID = [1e-7, 1e-5, 1e-3]

@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 import torch
 
-from lm_eval_faults.faults import draw_faults
-from lm_eval_faults.formats import LAYOUTS, resolve_bits, to_unsigned
-from lm_eval_faults.sampling import (
+from lm_eval_faults.core.faults import draw_faults
+from lm_eval_faults.core.formats import LAYOUTS, resolve_bits, to_unsigned
+from lm_eval_faults.core.sampling import (
     DENSE_ABOVE,
     SMALL_MEAN,
     _binomial_inverse_cdf,
@@ -24,14 +24,13 @@ from lm_eval_faults.sampling import (
     element_rate,
     fault_counts,
     nonzero_masks,
-    site_key,
-    spec_key,
 )
-from lm_eval_faults.spec import FaultSpec
+from lm_eval_faults.core.streams import StreamKind, site_key, spec_key
+from lm_eval_faults.core.spec import FaultSpec
 
 
 def stream(seed: int, name: str = "w", key: dict | None = None, index: int = 0) -> int:
-    return site_key(spec_key(seed, key or {}), name, index)
+    return site_key(spec_key(seed, key or {}), name, StreamKind.CALL, index, 0)
 
 
 def keys_of(*keys: int) -> np.ndarray:
@@ -174,8 +173,8 @@ def test_a_flip_of_the_top_exponent_bit_of_a_value_in_1_2_gives_inf_or_nan():
 
 def test_map_is_a_pure_function_of_seed_name_and_spec_across_processes():
     code = (
-        "import numpy as np; from lm_eval_faults.sampling import *;"
-        "key = site_key(spec_key(4, {'p': 1e-3}), 'model.layers.0.mlp.up_proj.weight');"
+        "import numpy as np; from lm_eval_faults.core.sampling import *; from lm_eval_faults.core.streams import *;"
+        "key = site_key(spec_key(4, {'p': 1e-3}), 'model.layers.0.mlp.up_proj.weight', StreamKind.CALL, 0, 0);"
         "print(bernoulli_hits(np.array([10**7]), 1e-4, np.array([key], dtype=np.uint64)).position.sum())"
     )
     other = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()

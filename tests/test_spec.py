@@ -2,7 +2,12 @@
 
 import pytest
 
-from lm_eval_faults.spec import FaultSpec, FaultSpecError, parse_fault_args, parse_layers
+from lm_eval_faults.core.spec import (
+    FaultSpec,
+    FaultSpecError,
+    parse_fault_args,
+    parse_layers,
+)
 
 
 def test_defaults_and_string_values_from_lm_eval():

@@ -17,25 +17,23 @@ import lm_eval
 import pytest
 import torch
 
-from lm_eval_faults import sweep
-from lm_eval_faults.metrics import load_records
-from lm_eval_faults.model import FaultyHFLM
-from lm_eval_faults.spec import FaultSpec
-from lm_eval_faults.sweep import (
-    RunDir,
+from lm_eval_faults.cli.sweep import add_arguments, main
+from lm_eval_faults.core.spec import FaultSpec
+from lm_eval_faults.harness.model import FaultyHFLM
+from lm_eval_faults.study import runner
+from lm_eval_faults.study.grid import (
     SweepConfig,
     SweepConfigError,
-    add_arguments,
-    append_line,
-    main,
     parse_layer_groups,
     parse_p_grid,
     parse_seeds,
     parse_target_series,
     plan_points,
     resolve_layer_groups,
-    run_sweep,
 )
+from lm_eval_faults.study.metrics import load_records
+from lm_eval_faults.study.run_dir import RunDir, append_line
+from lm_eval_faults.study.runner import run_sweep
 
 TASK = "tiny_colors_ppl"
 
@@ -290,7 +288,7 @@ def test_a_series_that_selects_nothing_fails_before_any_evaluation(setup, tmp_pa
 
 
 def test_command_line_runs_resumes_and_reports(setup, tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(sweep, "_task_manager", lambda config: setup["task_manager"])
+    monkeypatch.setattr(runner, "_task_manager", lambda config: setup["task_manager"])
     parser = argparse.ArgumentParser()
     add_arguments(parser)
 

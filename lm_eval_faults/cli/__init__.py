@@ -1,0 +1,41 @@
+"""The `lm-eval-faults` command: targets, analyze, sweep, report, tasks-path.
+
+Evaluation itself stays with lm-eval (`lm_eval --model faulty_hf ...`); these subcommands do
+what lm-eval has no verb for. Each subcommand lives in its own module, imported only when used.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+SUBCOMMANDS = {
+    "targets": ("lm_eval_faults.cli.targets", "show a model's components, layers, parameter and bit counts"),
+    "analyze": ("lm_eval_faults.cli.analyze", "exact expected damage (faults, NaN/Inf, huge values) without evaluating"),
+    "sweep": ("lm_eval_faults.cli.sweep", "run lm-eval tasks over a grid of fault settings on one loaded model"),
+    "report": ("lm_eval_faults.cli.report", "rebuild a sweep's figures and Markdown report from its results file"),
+    "tasks-path": ("lm_eval_faults.cli.tasks_path", "print the directory of this package's lm-eval task YAMLs"),
+}
+
+
+def build_parser(selected: str | None = None) -> argparse.ArgumentParser:
+    """The parser; only the `selected` subcommand's module is imported (the others may load torch)."""
+    parser = argparse.ArgumentParser(prog="lm-eval-faults", description=__doc__.splitlines()[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    for name, (module_name, help_text) in SUBCOMMANDS.items():
+        sub = commands.add_parser(name, help=help_text, description=help_text)
+        sub.set_defaults(module=module_name)
+        if name == selected:
+            importlib.import_module(module_name).add_arguments(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    args = build_parser(argv[0] if argv else None).parse_args(argv)
+    return int(importlib.import_module(args.module).main(args) or 0)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,116 @@
+"""`inject(model, spec)`: the one verb of the Python API, usable in any pipeline.
+
+    with inject(model, "p=1e-5,target=attention") as faults:
+        model.generate(...)
+        print(faults.report.format_table())
+    # leaving the block restores every weight bit-exactly and removes the hooks
+
+or keep the handle: `faults = inject(model, FaultSpec(p=1e-5)); ...; faults.restore()`.
+
+Injections stack: a second `inject` on a faulted model faults it further, and restoring undoes
+them in reverse order. Restoring out of order is refused (the earlier undo log would write back
+words that the later injection logged as its own originals).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import weakref
+from collections.abc import Iterator
+from typing import Any, Mapping
+
+from torch import nn
+
+from lm_eval_faults.core.activations import ActivationInjector, Rows
+from lm_eval_faults.core.report import FaultReport
+from lm_eval_faults.core.spec import FaultSpec, to_spec
+from lm_eval_faults.core.targets import select_modules, select_params
+from lm_eval_faults.core.weights import WeightInjector
+
+_active: "weakref.WeakKeyDictionary[nn.Module, list[Injection]]" = weakref.WeakKeyDictionary()
+"""Per model, its injections still applied, oldest first: restores must come newest first."""
+
+
+class Injection:
+    """Faults applied to one model under one spec: the report, and the way back.
+
+    Built by `inject` (or `Injection.apply`): weight faults are applied once; activation faults at
+    every forward call while the hooks are attached. `restore()` undoes both in O(faults).
+    """
+
+    def __init__(self, model: nn.Module, spec: FaultSpec) -> None:
+        """A handle that has not touched the model yet; `apply` injects."""
+        self.model = model
+        self.spec = spec
+        self.report = FaultReport(spec={**spec.to_dict(), "description": spec.describe()})
+        # Selecting validates the selectors even at p=0: `layers=40` on a 4-layer model is an
+        # error whatever p is, so a sweep's clean baseline catches it too.
+        weight_sites = select_params(model, spec) if spec.on_weights else []
+        module_sites = select_modules(model, spec) if spec.on_activations else []
+        self._weights = WeightInjector(spec, weight_sites)
+        self._activations = ActivationInjector(spec, module_sites)
+        self.applied = False
+
+    @classmethod
+    def apply(cls, model: nn.Module, spec: FaultSpec, progress: bool = False) -> Injection:
+        """Inject `spec` into `model`. If anything fails partway (a tensor that can't be written,
+        a hook that can't be registered), every word already written is restored, every hook is
+        removed, and the error propagates: the model is left exactly as it was."""
+        injection = cls(model, spec)
+        if not spec.active:
+            return injection
+        try:
+            injection.report.weights = injection._weights.apply(progress=progress)
+            injection._activations.attach()
+        except BaseException:
+            injection._weights.restore()
+            injection._activations.detach()
+            raise
+        injection.report.activations = injection._activations.stats
+        injection.applied = True
+        _active.setdefault(model, []).append(injection)
+        injection.report.check_not_silent("weights")
+        return injection
+
+    def restore(self) -> None:
+        """Return the model to its weights before this injection and remove its hooks."""
+        if not self.applied:
+            return
+        stack = _active.get(self.model, [])
+        if stack and stack[-1] is not self:
+            raise RuntimeError(
+                "lm_eval_faults: restore the later injection first (injections on one model undo in "
+                f"reverse order); still applied after this one: {stack[-1].spec.describe()}"
+            )
+        self._weights.restore()
+        self._activations.detach()
+        self.applied = False
+        if stack:
+            stack.pop()
+
+    @contextlib.contextmanager
+    def paused(self) -> Iterator[None]:
+        """Activation faults off and uncounted inside (probe passes); weight faults stay."""
+        with self._activations.pause():
+            yield
+
+    def next_forward(self, rows: Rows | None) -> None:
+        """Declare the request rows of the next forward pass (see `activations.py`)."""
+        self._activations.next_forward(rows)
+
+    def __enter__(self) -> Injection:
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        self.restore()
+
+
+def inject(
+    model: nn.Module,
+    spec: FaultSpec | str | Mapping[str, Any] | None = None,
+    *,
+    progress: bool = False,
+    **fields: Any,
+) -> Injection:
+    """Inject faults into `model` (in place) and return the handle with `.report` and `.restore()`."""
+    return Injection.apply(model, to_spec(spec, **fields), progress=progress)

@@ -1,0 +1,195 @@
+"""`FaultReport`: what was actually injected, so that a silent no-op can never pass unnoticed.
+
+Counts are kept per site (parameter or module) and rolled up per component, per layer and per
+bit position. "hit" counts fault events (a stuck-at bit that already had its value is hit but
+not changed); "changed"/"flipped" count what really differs from the clean model.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections import defaultdict
+from dataclasses import asdict, dataclass, field
+from typing import Any, Iterable
+
+from lm_eval_faults.core.text_table import Column, text_table
+
+SILENT_NO_OP_EXPECTATION = 10.0
+"""Zero faults when at least this many were expected has probability < e^-10: that is a bug."""
+
+
+FAULT_COUNT_FIELDS = ("hit_elements", "fault_bits", "changed_elements", "flipped_bits", "nonfinite_created")
+"""What an injection did at a site (as opposed to the site's size and expectations)."""
+
+_TOTAL_FIELDS = ("elements", "eligible_bits", "expected_elements", "expected_bits", *FAULT_COUNT_FIELDS)
+"""The counts that add up across sites and calls."""
+
+
+@dataclass
+class SiteStats:
+    """Counts for one faulted site (a parameter tensor, or a module's outputs over all calls)."""
+
+    name: str
+    component: str
+    layer: int | None
+    dtype: str
+    elements: int
+    eligible_bits: int
+    expected_elements: float
+    expected_bits: float
+    hit_elements: int = 0
+    fault_bits: int = 0
+    changed_elements: int = 0
+    flipped_bits: int = 0
+    nonfinite_created: int = 0
+    bit_histogram: list[int] = field(default_factory=list)
+    shared_with: list[str] = field(default_factory=list)
+    calls: int = 0
+
+    def add(self, other: "SiteStats") -> None:
+        """Accumulate another record of the same site (e.g. its counts from another data-parallel rank)."""
+        for name in (*_TOTAL_FIELDS, "calls"):
+            setattr(self, name, getattr(self, name) + getattr(other, name))
+        self.bit_histogram = add_lists(self.bit_histogram, other.bit_histogram)
+
+
+def add_lists(a: list[int], b: list[int]) -> list[int]:
+    """Element-wise sum of two histograms; the shorter one counts as zero-padded."""
+    width = max(len(a), len(b))
+    return [(a[i] if i < len(a) else 0) + (b[i] if i < len(b) else 0) for i in range(width)]
+
+
+def _totals(sites: Iterable[SiteStats]) -> dict[str, float]:
+    totals: dict[str, float] = dict.fromkeys(_TOTAL_FIELDS, 0)
+    for site in sites:
+        for name in _TOTAL_FIELDS:
+            totals[name] += getattr(site, name)
+    totals["expected_elements"] = round(totals["expected_elements"], 3)
+    totals["expected_bits"] = round(totals["expected_bits"], 3)
+    return totals
+
+
+def _rollup(sites: Iterable[SiteStats], key) -> dict[str, dict[str, float]]:
+    groups: dict[str, list[SiteStats]] = defaultdict(list)
+    for site in sites:
+        groups[key(site)].append(site)
+    return {name: _totals(members) for name, members in sorted(groups.items())}
+
+
+@dataclass
+class FaultReport:
+    """Everything injected under one spec: weights (once) and activations (accumulated per call)."""
+
+    spec: dict[str, Any]
+    weights: list[SiteStats] = field(default_factory=list)
+    activations: dict[str, SiteStats] = field(default_factory=dict)
+    requests: dict[str, int] = field(default_factory=dict)
+    nonfinite_requests: dict[str, int] = field(default_factory=dict)
+    degenerate_requests: dict[str, int] = field(default_factory=dict)
+    cached_requests: dict[str, int] = field(default_factory=dict)
+
+    def set_request_counts(
+        self, requests: dict[str, int], nonfinite: dict[str, int], degenerate: dict[str, int], cached: dict[str, int]
+    ) -> None:
+        """Per task: requests, those with NaN/Inf results, those with flat logits or tied choices
+        (a collapsed model), and those answered from lm-eval's request cache."""
+        self.requests, self.nonfinite_requests = dict(requests), dict(nonfinite)
+        self.degenerate_requests, self.cached_requests = dict(degenerate), dict(cached)
+
+    def totals(self, part: str = "weights") -> dict[str, float]:
+        return _totals(self._sites(part))
+
+    def _sites(self, part: str) -> list[SiteStats]:
+        return self.weights if part == "weights" else list(self.activations.values())
+
+    def by_component(self, part: str = "weights") -> dict[str, dict[str, float]]:
+        return _rollup(self._sites(part), lambda s: s.component)
+
+    def by_layer(self, part: str = "weights") -> dict[str, dict[str, float]]:
+        return _rollup(self._sites(part), lambda s: "-" if s.layer is None else f"{s.layer:03d}")
+
+    def bit_histogram(self, part: str = "weights") -> dict[str, list[int]]:
+        """Changed elements per bit position, per dtype (positions differ between dtypes)."""
+        histograms: dict[str, list[int]] = {}
+        for site in self._sites(part):
+            histograms[site.dtype] = add_lists(histograms.get(site.dtype, []), site.bit_histogram)
+        return histograms
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON form that goes into lm-eval's results under config.fault_injection."""
+        return {
+            "spec": self.spec,
+            "weights": {
+                "totals": self.totals("weights"),
+                "by_component": self.by_component("weights"),
+                "by_layer": self.by_layer("weights"),
+                "bit_histogram": self.bit_histogram("weights"),
+                "shared_tensors": {s.name: s.shared_with for s in self.weights if s.shared_with},
+                "sites": [asdict(s) for s in self.weights],
+            },
+            "activations": {
+                "totals": {**self.totals("activations"), "calls": sum(s.calls for s in self.activations.values())},
+                "by_component": self.by_component("activations"),
+                "by_layer": self.by_layer("activations"),
+                "bit_histogram": self.bit_histogram("activations"),
+            },
+            "requests": dict(self.requests),
+            "nonfinite_requests": dict(self.nonfinite_requests),
+            "degenerate_requests": dict(self.degenerate_requests),
+            "cached_requests": dict(self.cached_requests),
+        }
+
+    def format_table(self) -> str:
+        """A short human-readable summary, printed after an lm-eval run."""
+        lines = [f"Fault injection: {self.spec.get('description', self.spec)}"]
+        columns = [
+            Column("site", 12, align="<"),
+            Column("component", 22, align="<"),
+            Column("elements", 14, ","),
+            Column("expected", 12, ".1f"),
+            Column("hit", 10, ","),
+            Column("changed", 10, ","),
+            Column("bits", 10, ","),
+            Column("non-finite", 12, ","),
+        ]
+        for part in ("weights", "activations"):
+            if not self._sites(part):
+                continue
+            rows = [
+                (part, component, int(row["elements"]), row["expected_elements"], int(row["hit_elements"]),
+                 int(row["changed_elements"]), int(row["flipped_bits"]), int(row["nonfinite_created"]))
+                for component, row in self.by_component(part).items()
+            ]
+            lines.extend(text_table(columns, rows))
+        for task, total in sorted(self.requests.items()):
+            cached = self.cached_requests.get(task, 0)
+            lines.append(
+                f"requests of {task}: {total}, non-finite {self.nonfinite_requests.get(task, 0)}, "
+                f"degenerate (flat logits or tied choices) {self.degenerate_requests.get(task, 0)}"
+                + (f", {cached} answered from the request cache" if cached else "")
+            )
+        return "\n".join(lines)
+
+    def check_not_silent(self, part: str) -> None:
+        """Shout when faults were asked for on `part` and none landed (the RRAM study shipped such a no-op).
+
+        Zero faults despite >= 10 expected is a bug and raises; fewer expected is a loud warning.
+        """
+        sites = self._sites(part)
+        if sites and any(site.elements for site in sites):
+            totals = self.totals(part)
+            if totals["hit_elements"] > 0:
+                return
+            expected = totals["expected_elements"]
+            if expected >= SILENT_NO_OP_EXPECTATION:
+                raise RuntimeError(
+                    f"lm_eval_faults: {expected:.1f} faults expected on {part} but none injected; "
+                    f"this is a bug, please report it with the spec {self.spec}"
+                )
+            chance = math.exp(-expected)
+            message = (
+                f"lm_eval_faults: NO FAULTS were injected on {part} (expected {expected:.3g}; "
+                f"P(zero faults) = {chance:.2f}). This run measures the clean model. Raise p or widen the target."
+            )
+            warnings.warn(message, stacklevel=2)

@@ -1,0 +1,278 @@
+"""`FaultSpec`: the validated description of which faults to inject, parsed from `model_args`.
+
+lm-eval hands `model_args` over as a flat dict of strings, ints and floats; lists inside a value
+are joined with `+` because lm-eval splits on commas. Every error names the key, the value it
+got and what would have been valid, and is raised before any model is loaded.
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import json
+import math
+import re
+from dataclasses import asdict, dataclass, fields
+from typing import Any, Iterable, Mapping
+
+FAULT_KINDS = {
+    "bitflip": "each eligible bit flips with probability p (0->1 and 1->0; or p01/p10 separately)",
+    "stuck0": "each eligible bit is stuck at 0 with probability p",
+    "stuck1": "each eligible bit is stuck at 1 with probability p",
+    "value": "each element is replaced, with probability p, by a uniform draw from value_range",
+    "zero": "each element is set to 0 with probability p",
+}
+BIT_FAULTS = ("bitflip", "stuck0", "stuck1")
+SITES = ("weights", "activations", "weights+activations")
+COMPONENTS = ("embedding", "attention", "mlp", "norm", "lm_head", "lora", "other")
+TARGET_ALIASES = {
+    "feed_forward": "mlp",
+    "ffn": "mlp",
+    "normalization": "norm",
+    "embed": "embedding",
+    "head": "lm_head",
+}
+ACT_SCOPES = ("leaf", "all")
+
+
+class FaultSpecError(ValueError):
+    """A fault key of `model_args` has a bad value, or is a typo of one."""
+
+
+def _error(key: str, value: Any, valid: str) -> FaultSpecError:
+    return FaultSpecError(f"model_args {key}={value!r} is invalid: {valid}")
+
+
+def _probability(key: str, value: Any) -> float:
+    try:
+        prob = float(value)
+    except (TypeError, ValueError):
+        raise _error(key, value, "expected a probability, a number in [0, 1] such as 1e-5") from None
+    if not 0.0 <= prob <= 1.0 or math.isnan(prob):
+        raise _error(key, value, "a probability must lie in [0, 1]")
+    return prob
+
+
+def parse_layers(value: Any) -> tuple[int, ...] | None:
+    """`"0-3"`, `"28-31+0"`, `5` or `"all"` -> sorted layer indices (None means every layer)."""
+    if value is None or str(value).strip().lower() in ("", "all"):
+        return None
+    indices: set[int] = set()
+    for part in str(value).split("+"):
+        match = re.fullmatch(r"\s*(\d+)\s*(?:-\s*(\d+)\s*)?", part)
+        if not match:
+            raise _error("layers", value, "use layer indices and ranges joined by '+', e.g. 0-3 or 28-31+0")
+        first, last = int(match[1]), int(match[2] or match[1])
+        if last < first:
+            raise _error("layers", value, f"range {part!r} runs backwards; write {last}-{first}")
+        indices.update(range(first, last + 1))
+    return tuple(sorted(indices))
+
+
+def parse_targets(value: Any) -> tuple[str, ...]:
+    """`"attention+mlp"` -> ("attention", "mlp"); "all" stays ("all",)."""
+    names = [TARGET_ALIASES.get(n.strip().lower(), n.strip().lower()) for n in str(value).split("+")]
+    if "all" in names:
+        return ("all",)
+    for name in names:
+        if name not in COMPONENTS:
+            raise _error("target", value, f"components are all, {', '.join(COMPONENTS)} (join several with '+')")
+    return tuple(sorted(set(names)))
+
+
+def parse_value_range(value: Any) -> tuple[float, float]:
+    if isinstance(value, (tuple, list)) and len(value) == 2:
+        low, high = value
+    else:
+        low, sep, high = str(value).partition(":")
+        if not sep:
+            raise _error("value_range", value, "write low:high, e.g. 0:1 or -1:1")
+    try:
+        low, high = float(low), float(high)
+    except ValueError:
+        raise _error("value_range", value, "write low:high with two numbers, e.g. 0:1") from None
+    if not (math.isfinite(low) and math.isfinite(high) and low < high):
+        raise _error("value_range", value, "need finite low < high")
+    return (low, high)
+
+
+@dataclass(frozen=True)
+class FaultSpec:
+    """What to corrupt, where, and how often. See the README's vocabulary table.
+
+    `p` is per *bit* for bit faults (bitflip, stuck0, stuck1) and per *element* for element
+    faults (value, zero). The fault map drawn from a spec is a pure function of
+    (`seed`, parameter or module name, `sampling_key()`), so narrowing `target` or `layers`
+    never changes the faults that land on the parameters still selected.
+    """
+
+    p: float = 0.0
+    fault: str = "bitflip"
+    p01: float | None = None
+    p10: float | None = None
+    site: str = "weights"
+    target: tuple[str, ...] = ("all",)
+    layers: tuple[int, ...] | None = None
+    modules: str | None = None
+    bits: str = "all"
+    value_range: tuple[float, float] = (0.0, 1.0)
+    seed: int = 0
+    act_scope: str = "leaf"
+
+    def __post_init__(self) -> None:
+        set_ = lambda name, value: object.__setattr__(self, name, value)  # noqa: E731 (frozen)
+        set_("p", _probability("p", self.p))
+        if self.fault not in FAULT_KINDS:
+            raise _error("fault", self.fault, "choose one of " + ", ".join(FAULT_KINDS))
+        for key in ("p01", "p10"):
+            if getattr(self, key) is not None:
+                set_(key, _probability(key, getattr(self, key)))
+        if self.asymmetric:
+            if self.fault != "bitflip":
+                raise _error("fault", self.fault, "p01/p10 describe asymmetric bit flips; use fault=bitflip")
+            if self.p:
+                raise _error("p", self.p, "give either p (symmetric) or p01/p10 (asymmetric), not both")
+        if self.site not in SITES:
+            raise _error("site", self.site, "choose one of " + ", ".join(SITES))
+        set_("target", parse_targets("+".join(self.target) if isinstance(self.target, tuple) else self.target))
+        if not isinstance(self.layers, tuple):
+            set_("layers", parse_layers(self.layers))
+        if self.modules is not None:
+            try:
+                re.compile(self.modules)
+            except re.error as err:
+                raise _error("modules", self.modules, f"not a valid regular expression ({err})") from None
+        set_("bits", str(self.bits).strip().lower())
+        if self.fault not in BIT_FAULTS and self.bits != "all":
+            raise _error("bits", self.bits, f"fault={self.fault} replaces whole elements; bits applies to bitflip, stuck0, stuck1")
+        _validate_bits_syntax(self.bits)
+        set_("value_range", parse_value_range(self.value_range))
+        try:
+            set_("seed", int(self.seed))
+        except (TypeError, ValueError):
+            raise _error("seed", self.seed, "expected an integer") from None
+        if self.act_scope not in ACT_SCOPES:
+            raise _error("act_scope", self.act_scope, "choose leaf (module outputs of leaf modules) or all (every module, nested)")
+
+    @property
+    def asymmetric(self) -> bool:
+        return self.p01 is not None or self.p10 is not None
+
+    @property
+    def per_bit(self) -> bool:
+        """True when probabilities are per bit (bit faults), False when per element."""
+        return self.fault in BIT_FAULTS
+
+    @property
+    def active(self) -> bool:
+        """Whether this spec can inject anything at all (p=0 is the clean model)."""
+        return bool(self.p or self.p01 or self.p10)
+
+    @property
+    def on_weights(self) -> bool:
+        return "weights" in self.site
+
+    @property
+    def on_activations(self) -> bool:
+        return "activations" in self.site
+
+    def sampling_key(self) -> dict[str, Any]:
+        """The fields that shape a fault map at one site (target/layers/modules only choose sites)."""
+        return {
+            "fault": self.fault,
+            "p": self.p,
+            "p01": self.p01,
+            "p10": self.p10,
+            "bits": self.bits,
+            "value_range": list(self.value_range),
+        }
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["target"] = "+".join(self.target)
+        data["layers"] = None if self.layers is None else layers_label(self.layers)
+        data["value_range"] = list(self.value_range)
+        return data
+
+    def fingerprint(self) -> str:
+        """A short stable hash of the whole spec: cache keys and file names use it."""
+        text = json.dumps(self.to_dict(), sort_keys=True)
+        return hashlib.blake2b(text.encode(), digest_size=8).hexdigest()
+
+    def describe(self) -> str:
+        rate = f"p01={self.p01 or 0:g},p10={self.p10 or 0:g}" if self.asymmetric else f"p={self.p:g}"
+        unit = "bit" if self.per_bit else "element"
+        layers = "all layers" if self.layers is None else f"layers {layers_label(self.layers)}"
+        return f"{self.fault} {rate} per {unit} on {self.site} of {'+'.join(self.target)} ({layers}, bits={self.bits}, seed={self.seed})"
+
+
+def layers_label(layers: Iterable[int]) -> str:
+    """(0,1,2,3,7) -> "0-3+7": the same syntax `layers=` accepts."""
+    parts, run = [], []
+    for index in sorted(layers):
+        if run and index != run[-1] + 1:
+            parts.append(run)
+            run = []
+        run.append(index)
+    if run:
+        parts.append(run)
+    return "+".join(f"{r[0]}-{r[-1]}" if len(r) > 1 else str(r[0]) for r in parts)
+
+
+def _validate_bits_syntax(bits: str) -> None:
+    for part in bits.split("+"):
+        part = part.strip()
+        if not re.fullmatch(r"all|sign|exponent|mantissa|\d+(-\d+)?", part):
+            raise _error("bits", bits, "use all, sign, exponent, mantissa, or bit positions like 0-6+15 (bit 0 = least significant)")
+
+
+FAULT_KEYS: tuple[str, ...] = tuple(f.name for f in fields(FaultSpec))
+
+
+def parse_fault_args(
+    model_args: Mapping[str, Any], passthrough: Iterable[str] = ()
+) -> tuple[FaultSpec, dict[str, Any]]:
+    """Split `model_args` into a `FaultSpec` and the keys meant for the wrapped model.
+
+    A key that is not a fault key but is one typo away from one (`traget`) is an error with a
+    suggestion, unless it is a known argument of the wrapped model (`passthrough`): passing a
+    misspelt fault key on to `from_pretrained` would silently run the clean model.
+    """
+    ours = {key: value for key, value in model_args.items() if key in FAULT_KEYS}
+    rest = {key: value for key, value in model_args.items() if key not in FAULT_KEYS}
+    known = set(passthrough)
+    for key in rest:
+        if key in known:
+            continue
+        close = difflib.get_close_matches(key, [k for k in FAULT_KEYS if len(k) > 1], n=1, cutoff=0.75)
+        if close:
+            raise FaultSpecError(
+                f"model_args key {key!r} is not a fault key; did you mean {close[0]!r}? "
+                f"Fault keys: {', '.join(FAULT_KEYS)}"
+            )
+    return FaultSpec(**ours), rest
+
+
+def parse_arg_string(text: str) -> dict[str, Any]:
+    """`"p=1e-5,target=attention"` -> {"p": "1e-5", "target": "attention"} (values stay strings)."""
+    args: dict[str, Any] = {}
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise FaultSpecError(f"model_args item {item!r} is not of the form key=value")
+        args[key.strip()] = value.strip()
+    return args
+
+
+def to_spec(spec: FaultSpec | str | Mapping[str, Any] | None = None, **fields: Any) -> FaultSpec:
+    """A FaultSpec from a FaultSpec, a `model_args`-style string, a dict, or keyword fields."""
+    if isinstance(spec, FaultSpec):
+        if fields:
+            raise TypeError("give either a FaultSpec or keyword fields, not both")
+        return spec
+    args = parse_arg_string(spec) if isinstance(spec, str) else dict(spec or {})
+    args.update(fields)
+    parsed, unknown = parse_fault_args(args)
+    if unknown:
+        raise TypeError(f"not fault keys: {', '.join(unknown)}")
+    return parsed

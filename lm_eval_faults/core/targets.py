@@ -1,0 +1,202 @@
+"""Which parameters and modules a spec selects: a component taxonomy that works across architectures.
+
+Components follow the UCLA study: embedding, attention, mlp (feed-forward), norm, lm_head; plus
+`lora` (PEFT adapter weights) and `other` (whatever fits none of them). A module's decoder-layer
+index comes from the model's list of decoder blocks, found structurally (the longest ModuleList of
+identical blocks), so no per-architecture table is needed; names and types decide the component.
+Tied tensors (embedding = LM head) are one site with several names: faulted once, reported shared.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import weakref
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from lm_eval_faults.core.spec import FaultSpec
+
+logger = logging.getLogger(__name__)
+
+KNOWN_MODEL_TYPES = frozenset(
+    "llama mistral mixtral qwen2 qwen2_moe qwen3 gemma gemma2 gemma3_text gpt2 gpt_neox opt phi phi3 smollm3 olmo olmo2 granite".split()
+)
+_warned_models: "weakref.WeakSet[nn.Module]" = weakref.WeakSet()
+_ATTENTION = re.compile(r"attn|attention")
+_MLP = re.compile(r"mlp|ffn|feed_forward|^fc\d$|dense_h_to_4h|dense_4h_to_h|experts|^c_fc$")
+
+
+@dataclass(frozen=True)
+class ModuleSite:
+    """One module, its component and decoder-layer index (None outside the decoder stack)."""
+
+    name: str
+    module: nn.Module
+    component: str
+    layer: int | None
+
+
+@dataclass(frozen=True)
+class ParamSite:
+    """One stored tensor. `names` has several entries when weights are tied."""
+
+    names: tuple[str, ...]
+    param: torch.Tensor
+    component: str
+    layer: int | None
+
+    @property
+    def name(self) -> str:
+        """The canonical name: the one the fault map is keyed by."""
+        return self.names[0]
+
+    @property
+    def shared(self) -> bool:
+        return len(self.names) > 1
+
+
+def decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList] | None:
+    """The model's stack of decoder blocks: the longest ModuleList whose children share one class."""
+    best: tuple[str, nn.ModuleList] | None = None
+    for name, module in model.named_modules():
+        if isinstance(module, nn.ModuleList) and len(module) > 0:
+            if len({type(child) for child in module}) == 1 and (best is None or len(module) > len(best[1])):
+                best = (name, module)
+    return best
+
+
+_classified: "weakref.WeakKeyDictionary[nn.Module, tuple[int, dict[str, ModuleSite]]]" = weakref.WeakKeyDictionary()
+
+
+def classify_modules(model: nn.Module) -> dict[str, ModuleSite]:
+    """Every named module of `model` with its component and layer.
+
+    Cached per model (a sweep injects hundreds of times into one model); the cache is
+    invalidated when the number of modules changes, e.g. when an adapter is added.
+    """
+    n_modules = sum(1 for _ in model.modules())
+    cached = _classified.get(model)
+    if cached is not None and cached[0] == n_modules:
+        return cached[1]
+    sites = _classify(model)
+    _classified[model] = (n_modules, sites)
+    return sites
+
+
+def _classify(model: nn.Module) -> dict[str, ModuleSite]:
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    if model_type not in KNOWN_MODEL_TYPES and model not in _warned_models:
+        _warned_models.add(model)
+        logger.warning(
+            "lm_eval_faults: architecture %r is not in the tested list; components are inferred from "
+            "module types and names. Check them with `lm-eval-faults targets`.",
+            model_type,
+        )
+    stack = decoder_layers(model)
+    head = _output_embeddings(model)
+    sites: dict[str, ModuleSite] = {}
+    for name, module in model.named_modules():
+        layer, inner = _layer_of(name, stack)
+        parent = sites.get(name.rpartition(".")[0]) if name else None
+        component = _component(module, inner, head, parent)
+        sites[name] = ModuleSite(name, module, component, layer)
+    return sites
+
+
+def _output_embeddings(model: nn.Module) -> nn.Module | None:
+    getter = getattr(model, "get_output_embeddings", None)
+    try:
+        return getter() if callable(getter) else None
+    except (AttributeError, NotImplementedError):
+        return None
+
+
+def _layer_of(name: str, stack: tuple[str, nn.ModuleList] | None) -> tuple[int | None, str]:
+    """(layer index, the module's path inside its block) or (None, full name)."""
+    if stack is not None:
+        prefix = f"{stack[0]}." if stack[0] else ""
+        if name.startswith(prefix):
+            index, _, inner = name[len(prefix) :].partition(".")
+            if index.isdigit():
+                return int(index), inner
+    return None, name
+
+
+def _component(module: nn.Module, inner_path: str, head: nn.Module | None, parent: ModuleSite | None) -> str:
+    segments = inner_path.lower().split(".") if inner_path else []
+    if head is not None and module is head:
+        return "lm_head"
+    if any(segment.startswith("lora_") for segment in segments):
+        return "lora"
+    if isinstance(module, nn.Embedding):
+        return "embedding"
+    if isinstance(module, nn.LayerNorm) or "norm" in type(module).__name__.lower():
+        return "norm"
+    if any(_ATTENTION.search(segment) for segment in segments):
+        return "attention"
+    if any(_MLP.search(segment) for segment in segments):
+        return "mlp"
+    if parent is not None and parent.component not in ("other",) and parent.layer is not None:
+        return parent.component
+    return "other"
+
+
+def _selected(spec: FaultSpec, component: str, layer: int | None, names: tuple[str, ...]) -> bool:
+    if "all" not in spec.target and not set(component.split("+")) & set(spec.target):
+        return False
+    if spec.layers is not None and layer not in spec.layers:
+        return False
+    if spec.modules is not None and not any(re.search(spec.modules, name) for name in names):
+        return False
+    return True
+
+
+def all_param_sites(model: nn.Module, modules: dict[str, ModuleSite] | None = None) -> list[ParamSite]:
+    """Every stored tensor once, with all its names (tied weights share one site)."""
+    modules = modules if modules is not None else classify_modules(model)
+    by_tensor: dict[int, list[tuple[str, torch.Tensor]]] = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        by_tensor.setdefault(id(param), []).append((name, param))
+    sites = []
+    for entries in by_tensor.values():
+        names = tuple(name for name, _ in entries)
+        owners = [modules[name.rpartition(".")[0]] for name in names]
+        components = sorted({owner.component for owner in owners})
+        layer = next((owner.layer for owner in owners if owner.layer is not None), None)
+        sites.append(ParamSite(names, entries[0][1], "+".join(components), layer))
+    return sites
+
+
+def select_params(model: nn.Module, spec: FaultSpec) -> list[ParamSite]:
+    """The parameters `spec` targets; an empty selection is an error, never a silent no-op."""
+    sites = [site for site in all_param_sites(model) if _selected(spec, site.component, site.layer, site.names)]
+    if not sites:
+        raise ValueError(_nothing_matched(model, spec, "parameters"))
+    return sites
+
+
+def select_modules(model: nn.Module, spec: FaultSpec) -> list[ModuleSite]:
+    """The modules whose outputs `spec` corrupts (leaf modules, or every module with act_scope=all)."""
+    sites = [
+        site
+        for site in classify_modules(model).values()
+        if _selected(spec, site.component, site.layer, (site.name,))
+        and (spec.act_scope == "all" or not any(True for _ in site.module.children()))
+    ]
+    if not sites:
+        raise ValueError(_nothing_matched(model, spec, "modules"))
+    return sites
+
+
+def _nothing_matched(model: nn.Module, spec: FaultSpec, what: str) -> str:
+    stack = decoder_layers(model)
+    layers = f"layers 0-{len(stack[1]) - 1}" if stack else "no decoder layers found"
+    present = sorted({site.component for site in classify_modules(model).values()})
+    return (
+        f"target={'+'.join(spec.target)}, layers={spec.to_dict()['layers'] or 'all'}, modules={spec.modules!r} "
+        f"select no {what} in this model ({layers}; components present: {', '.join(present)}). "
+        f"Run `lm-eval-faults targets` to see what is there."
+    )

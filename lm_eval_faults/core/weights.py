@@ -1,0 +1,145 @@
+"""Persistent faults on parameters, with an undo log so that restoring is exact and O(k).
+
+The undo log holds only the touched words (positions and original bits), so a sweep can inject,
+evaluate and restore thousands of times on one loaded model without ever reloading weights and
+without keeping a copy of the model.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from lm_eval_faults.core.faults import count_by_site, draw_faults
+from lm_eval_faults.core.formats import BitLayout, layout_of, resolve_bits
+from lm_eval_faults.core.report import SiteStats
+from lm_eval_faults.core.sampling import Hits, element_rate
+from lm_eval_faults.core.spec import FaultSpec
+from lm_eval_faults.core.streams import site_key, spec_key
+from lm_eval_faults.core.targets import ParamSite
+from lm_eval_faults.core.words import WordAccess
+
+
+@dataclass(frozen=True)
+class UndoEntry:
+    """The original stored words at the positions one injection changed in one tensor."""
+
+    words: WordAccess
+    positions: np.ndarray
+    original: np.ndarray
+
+
+def expected_counts(spec: FaultSpec, numel: int, eligible_bits: int) -> tuple[float, float]:
+    """Expected (hit elements, fault bits) at one site: what `check_not_silent` compares against."""
+    if spec.per_bit:
+        rates = (spec.p01 or 0.0, spec.p10 or 0.0) if spec.asymmetric else (spec.p,)
+        rate = max(rates)
+        # For asymmetric flips the exact expectation depends on the data; this is an upper bound.
+        return numel * element_rate(rate, eligible_bits), numel * eligible_bits * rate
+    return numel * spec.p, 0.0
+
+
+MAX_BATCH_HITS = 1 << 20
+"""Expected hits per batch of sites drawn together: bounds temporary memory at large p, while at
+small p every site of the model goes into one vectorised draw."""
+
+
+class WeightInjector:
+    """Injects one spec's faults into a list of parameter sites, and undoes them."""
+
+    def __init__(self, spec: FaultSpec, sites: list[ParamSite]) -> None:
+        self.spec = spec
+        self.sites = sites
+        self._spec_key = spec_key(spec.seed, spec.sampling_key())
+        self._undo: list[UndoEntry] = []
+
+    def apply(self, progress: bool = False) -> list[SiteStats]:
+        """Fault every site once; returns per-site counts. Calling twice without restore is an error.
+
+        Exception-safe: if any tensor can't be read or written, every word already written is
+        restored before the error propagates, so a failed injection leaves the model clean.
+        """
+        if self._undo:
+            raise RuntimeError("faults are already applied; call restore() first")
+        stats = [self._site_stats(site) for site in self.sites]
+        try:
+            with torch.no_grad(), tqdm(total=len(self.sites), desc="injecting faults", unit="tensor", disable=not progress) as bar:
+                for batch in self._batches(stats):
+                    self._fault_batch(batch, stats)
+                    bar.update(len(batch))
+        except BaseException:
+            self.restore()
+            raise
+        return stats
+
+    def _site_stats(self, site: ParamSite) -> SiteStats:
+        layout = layout_of(site.param.dtype)
+        eligible = self._eligible(layout)
+        numel = site.param.numel()
+        expected_elements, expected_bits = expected_counts(self.spec, numel, len(eligible))
+        return SiteStats(
+            name=site.name,
+            component=site.component,
+            layer=site.layer,
+            dtype=layout.name,
+            elements=numel,
+            eligible_bits=numel * len(eligible),
+            expected_elements=expected_elements,
+            expected_bits=expected_bits,
+            bit_histogram=[0] * layout.width,
+            shared_with=list(site.names[1:]),
+        )
+
+    def _eligible(self, layout: BitLayout) -> tuple[int, ...]:
+        return resolve_bits(layout, self.spec.bits) if self.spec.per_bit else layout.all_bits
+
+    def _batches(self, stats: list[SiteStats]) -> list[list[int]]:
+        """Site indices in batches of one dtype and at most MAX_BATCH_HITS expected hits (or one site)."""
+        batches: list[list[int]] = []
+        for dtype in dict.fromkeys(s.dtype for s in stats):
+            current: list[int] = []
+            expected = 0.0
+            for index, site_stats in enumerate(stats):
+                if site_stats.dtype != dtype:
+                    continue
+                if current and expected + site_stats.expected_elements > MAX_BATCH_HITS:
+                    batches.append(current)
+                    current, expected = [], 0.0
+                current.append(index)
+                expected += site_stats.expected_elements
+            batches.append(current)
+        return batches
+
+    def _fault_batch(self, members: list[int], stats: list[SiteStats]) -> None:
+        """Draw and apply the faults of sites `members` (one dtype) in one vectorised pass."""
+        sites = [self.sites[i] for i in members]
+        layout = layout_of(sites[0].param.dtype)
+        keys = np.array([site_key(self._spec_key, site.name) for site in sites], dtype=np.uint64)
+        numels = np.array([stats[i].elements for i in members], dtype=np.int64)
+        access: dict[int, WordAccess] = {}
+
+        def read_words(hits: Hits) -> np.ndarray:
+            old = np.empty(len(hits), dtype=np.int64)
+            for site, where in hits.by_site():
+                access[site] = WordAccess(sites[site].param, layout)
+                old[where] = access[site].read(hits.position[where])
+            return old
+
+        batch = draw_faults(numels, keys, read_words, self.spec, layout, self._eligible(layout))
+        if not len(batch):
+            return
+        changed = batch.only_changed()
+        for site, where in changed.hits.by_site():
+            positions = changed.hits.position[where]
+            self._undo.append(UndoEntry(access[site], positions, changed.old[where]))  # logged before written
+            access[site].write(positions, changed.new[where])
+        count_by_site(batch, len(members), layout).add_to([stats[i] for i in members])
+
+    def restore(self) -> None:
+        """Write the original words back: the model is bit-identical to before `apply`."""
+        for entry in reversed(self._undo):
+            entry.words.write(entry.positions, entry.original)
+        self._undo.clear()

@@ -1,0 +1,321 @@
+"""`faulty_hf`: lm-eval's `hf` model with counted, reproducible faults, and nothing else changed.
+
+A thin subclass of `HFLM`: it takes its fault keys out of `model_args` (validated before the model
+loads), hands every other key to `HFLM` untouched, injects after loading, and reports through
+`get_model_info()`, which lm-eval writes into the results JSON under `config`. When no fault is
+active (p=0) it adds no hook and no code path: results are bit-identical to `--model hf`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import logging
+import math
+import os
+import sys
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+import torch
+from lm_eval.api.instance import Instance
+from lm_eval.api.registry import register_model
+from lm_eval.models.huggingface import HFLM
+from transformers import LogitsProcessor, LogitsProcessorList
+
+from lm_eval_faults.core.activations import Rows
+from lm_eval_faults.core.injection import Injection
+from lm_eval_faults.core.report import FaultReport, SiteStats
+from lm_eval_faults.core.spec import FaultSpec, parse_fault_args
+from lm_eval_faults.core.streams import request_key, row_keys
+from lm_eval_faults.harness.package_data import demo_model_dir
+from lm_eval_faults.harness.request_cache import CountedCache, cache_table
+from lm_eval_faults.harness.request_counts import RequestCounts, tied_choices
+
+logger = logging.getLogger(__name__)
+
+HFLM_ARGUMENTS = frozenset(inspect.signature(HFLM.__init__).parameters) - {"self", "kwargs"}
+
+
+class NonFiniteLogitsGuard(LogitsProcessor):
+    """Flags generation rows whose logits went non-finite or flat, and makes them safe to sample from.
+
+    NaN becomes 0, +Inf the largest finite value, and an all -Inf row uniform, so greedy and
+    sampled decoding never raise ("probability tensor contains inf/nan") on a damaged model.
+    """
+
+    def __init__(self) -> None:
+        self.flagged: torch.Tensor | None = None
+        self.flat: torch.Tensor | None = None
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        finite = torch.isfinite(scores)
+        bad_rows = ~finite.all(dim=-1)
+        flat_rows = scores.amax(dim=-1) == scores.amin(dim=-1)  # a constant next-token distribution
+        self.flagged = bad_rows if self.flagged is None else self.flagged | bad_rows
+        self.flat = flat_rows if self.flat is None else self.flat | flat_rows
+        scores = torch.nan_to_num(scores, nan=0.0, posinf=torch.finfo(scores.dtype).max, neginf=-math.inf)
+        hopeless = torch.isneginf(scores).all(dim=-1, keepdim=True)
+        return torch.where(hopeless, torch.zeros_like(scores), scores)
+
+
+@register_model("faulty_hf")
+class FaultyHFLM(HFLM):
+    """`HFLM` plus a fault injector configured by the fault keys of `model_args`."""
+
+    def __init__(self, pretrained: Any = None, **kwargs: Any) -> None:
+        spec, hf_kwargs = parse_fault_args(kwargs, passthrough=HFLM_ARGUMENTS)
+        if pretrained is None:
+            pretrained = str(demo_model_dir())
+            print(f"lm_eval_faults: no `pretrained` given; using the embedded demo model at {pretrained}", file=sys.stderr)
+        super().__init__(pretrained=pretrained, **hf_kwargs)
+        self._gguf_file = hf_kwargs.get("gguf_file")
+        self._cache: CountedCache | None = None
+        self._generation_flags: list[tuple[tuple[int, ...], bool, bool]] = []
+        self._last_flat: list[bool] = []
+        self.print_report = True
+        self._inject(spec)
+
+    # -- faults --------------------------------------------------------------------------
+
+    @property
+    def spec(self) -> FaultSpec:
+        return self.injection.spec
+
+    def set_faults(self, spec: FaultSpec) -> Injection:
+        """Restore the clean weights (O(k)) and inject `spec` instead: sweeps never reload."""
+        self.injection.restore()
+        return self._inject(spec)
+
+    def _inject(self, spec: FaultSpec) -> Injection:
+        """Inject `spec` into the (clean) model, with fresh request counters."""
+        self._counts = RequestCounts()
+        self._flat_inputs: set[tuple[int, ...]] = set()
+        self._rank_merged: tuple[dict[str, SiteStats], RequestCounts] | None = None
+        self.injection = Injection.apply(self.model, spec, progress=self.rank == 0)
+        return self.injection
+
+    @property
+    def _faults_activations(self) -> bool:
+        return self.spec.active and self.spec.on_activations
+
+    # -- batching: probes are clean, a request's faults do not depend on its batch ------------
+
+    def _detect_batch_size(self, requests=None, pos: int = 0):
+        """lm-eval's `--batch_size auto` probe forwards: fault-free and uncounted."""
+        with self.injection.paused():
+            return super()._detect_batch_size(requests, pos)
+
+    def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, override_bs: int | None = None):
+        """Remember each input's real length, so `_model_call` can tell padding from tokens; flag
+        requests whose scoring forward gave a flat (constant) next-token distribution."""
+        if not self.spec.active:
+            return super()._loglikelihood_tokens(requests, disable_tqdm=disable_tqdm, override_bs=override_bs)
+        self._input_lengths = {
+            tuple((context + continuation)[-(self.max_length + 1) :][:-1]): 0 for _, context, continuation in requests
+        }
+        self._flat_inputs = set()
+        try:
+            results = super()._loglikelihood_tokens(requests, disable_tqdm=disable_tqdm, override_bs=override_bs)
+        finally:
+            self._input_lengths = {}
+        self._last_flat = [
+            tuple((context + continuation)[-(self.max_length + 1) :][:-1]) in self._flat_inputs for _, context, continuation in requests
+        ]
+        return results
+
+    def _model_call(self, inps: torch.Tensor, attn_mask=None, labels=None) -> torch.Tensor:
+        """One scoring forward. With activation faults, each row draws its own faults, keyed by
+        its tokens, on its real positions only (lm-eval right-pads rows with token 0)."""
+        if not self.spec.active or attn_mask is not None:
+            return super()._model_call(inps, attn_mask=attn_mask, labels=labels)
+        rows = inps.tolist()
+        lengths = [self._real_length(row) for row in rows]
+        if self._faults_activations:
+            keys = np.array([request_key(row[:length]) for row, length in zip(rows, lengths)], dtype=np.uint64)
+            self.injection.next_forward(Rows(keys, np.zeros(len(rows), dtype=np.int64), np.array(lengths, dtype=np.int64), inps.shape[1]))
+        try:
+            logits = super()._model_call(inps)
+        finally:
+            self.injection.next_forward(None)
+        flat = (logits.amax(dim=-1) == logits.amin(dim=-1)).cpu()
+        for row, length, row_flat in zip(rows, lengths, flat):
+            if bool(row_flat[:length].any()):
+                self._flat_inputs.add(tuple(row[:length]))
+        return logits
+
+    def _real_length(self, row: list[int]) -> int:
+        """The row's length without lm-eval's right padding: the shortest known input it starts with
+        once trailing zeros are stripped (rows of unknown inputs count as unpadded)."""
+        known = getattr(self, "_input_lengths", {})
+        length = len(row)
+        while length and row[length - 1] == 0:
+            length -= 1
+        for candidate in range(length, len(row) + 1):
+            if tuple(row[:candidate]) in known:
+                return candidate
+        return len(row)
+
+    @property
+    def report(self) -> FaultReport:
+        """The fault report, with request counts (summed over data-parallel ranks)."""
+        report = self.injection.report
+        activations, counts = self._rank_merged or (report.activations, self._counts)
+        report.activations = activations
+        report.set_request_counts(**counts.as_dicts())
+        return report
+
+    # -- request types: count non-finite and degenerate results per task -----------------------
+
+    def loglikelihood(self, requests: list[Instance], disable_tqdm: bool = False) -> list[tuple[float, bool]]:
+        self._last_flat = []
+        results = super().loglikelihood(requests, disable_tqdm=disable_tqdm)
+        logprobs = [logprob for logprob, _ in results]
+        flat = self._last_flat or [False] * len(requests)
+        tied = tied_choices(logprobs, [(r.task_name or "", r.doc_id) for r in requests]) if self.spec.active else flat
+        degenerate = [a or b for a, b in zip(flat, tied)]
+        self._count("loglikelihood", requests, [not math.isfinite(x) for x in logprobs], degenerate)
+        return results
+
+    def loglikelihood_rolling(self, requests: list[Instance], disable_tqdm: bool = False) -> list[float]:
+        results = super().loglikelihood_rolling(requests, disable_tqdm=disable_tqdm)
+        self._count("loglikelihood_rolling", requests, [not math.isfinite(x) for x in results], [False] * len(requests))
+        return results
+
+    def generate_until(self, requests: list[Instance], disable_tqdm: bool = False) -> list[str]:
+        if not self.spec.active:
+            results = super().generate_until(requests, disable_tqdm=disable_tqdm)
+            self._count("generate_until", requests, [False] * len(requests), [False] * len(requests))
+            return results
+        # With faults, generate task by task: the guard's flagged rows are charged to their task
+        # (exact sums), and to their request by prompt tokens (for the request cache's memory).
+        results: list[str | None] = [None] * len(requests)
+        by_task: dict[str, list[int]] = {}
+        for index, request in enumerate(requests):
+            by_task.setdefault(request.task_name or "", []).append(index)
+        for task, indices in by_task.items():
+            self._generation_flags = []
+            outputs = super().generate_until([requests[i] for i in indices], disable_tqdm=disable_tqdm)
+            for index, output in zip(indices, outputs):
+                results[index] = output
+            flags_by_prompt = {prompt: (bad, flat) for prompt, bad, flat in self._generation_flags}
+            for index in indices if self._cache is not None else ():
+                prompt = tuple(self.tok_batch_encode([requests[index].args[0]])[0][0].tolist())
+                bad, flat = flags_by_prompt.get(prompt, (False, False))
+                self._cache.remember("generate_until", requests[index].args, (task, bad, flat))
+            self._counts.requests[task] += len(indices)
+            self._counts.nonfinite[task] += sum(bad for _, bad, _ in self._generation_flags)
+            self._counts.degenerate[task] += sum(flat and not bad for _, bad, flat in self._generation_flags)
+        self._merge_ranks()
+        return results  # type: ignore[return-value]
+
+    def _model_generate(self, context, max_length: int, stop: list[str], **generation_kwargs) -> torch.Tensor:
+        if not self.spec.active:
+            return super()._model_generate(context, max_length, stop, **generation_kwargs)
+        guard = NonFiniteLogitsGuard()
+        processors = LogitsProcessorList([*generation_kwargs.pop("logits_processor", []), guard])
+        mask = generation_kwargs.get("attention_mask")
+        mask = torch.ones_like(context) if mask is None else mask
+        prompts = [tuple(row[keep].tolist()) for row, keep in zip(context.cpu(), mask.cpu().bool())]
+        with self._generation_rows(prompts):
+            output = super()._model_generate(context, max_length, stop, logits_processor=processors, **generation_kwargs)
+        if guard.flagged is not None and guard.flat is not None:
+            self._generation_flags.extend(zip(prompts, guard.flagged.tolist(), guard.flat.tolist()))
+        return output
+
+    @contextlib.contextmanager
+    def _generation_rows(self, prompts: list[tuple[int, ...]]) -> Iterator[None]:
+        """Key each row's activation faults by its own prompt tokens and decoding step, on its
+        real (not left-padding) positions: generation faults do not depend on the batch either."""
+        if not self._faults_activations:
+            yield
+            return
+        base = np.array([request_key(prompt) for prompt in prompts], dtype=np.uint64)
+        step = 0
+
+        def before_forward(module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+            nonlocal step
+            ids = kwargs.get("input_ids", args[0] if args else None)
+            if ids is None:
+                return
+            length = ids.shape[1]
+            valid = kwargs.get("attention_mask")
+            valid = torch.ones_like(ids) if valid is None else valid[:, -length:]
+            starts = (length - valid.sum(dim=1)).cpu().numpy().astype(np.int64)
+            keys = row_keys(step, base)
+            self.injection.next_forward(Rows(keys, starts, np.full(len(base), length, dtype=np.int64), length))
+            step += 1
+
+        handle = self.model.register_forward_pre_hook(before_forward, with_kwargs=True)
+        try:
+            yield
+        finally:
+            handle.remove()
+            self.injection.next_forward(None)
+
+    def _count(self, attr: str, requests: list[Instance], nonfinite: list[bool], degenerate: list[bool]) -> None:
+        for request, bad, flat in zip(requests, nonfinite, degenerate):
+            task = request.task_name or ""
+            self._counts.count(task, bad, flat)
+            if self._cache is not None:
+                self._cache.remember(attr, request.args, (task, bad, flat))
+        self._merge_ranks()
+
+    def _count_served(self, flags: tuple[str, bool, bool]) -> None:
+        """An answer the request cache served: counted with the flags it had when computed."""
+        task, nonfinite, degenerate = flags
+        self._counts.count(task, bool(nonfinite), bool(degenerate), cached=True)
+
+    def _merge_ranks(self) -> None:
+        """Sum counters over data-parallel ranks (all ranks reach here together, once per request type)."""
+        if self.world_size <= 1 or not torch.distributed.is_initialized():
+            return
+        local = (self.injection.report.activations, self._counts)
+        gathered: list[Any] = [None] * self.world_size
+        torch.distributed.all_gather_object(gathered, local)
+        activations: dict[str, SiteStats] = {}
+        counts = RequestCounts()
+        for rank_activations, rank_counts in gathered:
+            for name, stats in rank_activations.items():
+                if name in activations:
+                    activations[name].add(stats)
+                else:
+                    activations[name] = SiteStats(**vars(stats))
+            counts.add(rank_counts)
+        self._rank_merged = (activations, counts)
+
+    # -- lm-eval integration -----------------------------------------------------------------
+
+    def set_cache_hook(self, cache_hook) -> None:
+        """`--use_cache`: a table per (model identity, fault spec), and served answers counted."""
+        super().set_cache_hook(cache_hook)
+        dbdict = getattr(cache_hook, "dbdict", None)
+        if dbdict is not None:
+            table = cache_table(self.model_identity(), self.spec.fingerprint())
+            self._cache = CountedCache(dbdict, table, self._count_served)
+
+    def model_identity(self) -> dict[str, Any]:
+        """What decides this model's answers besides the faults: where it came from and how it was loaded."""
+        pretrained = self.pretrained if isinstance(self.pretrained, str) else getattr(self.model.config, "_name_or_path", type(self.model).__name__)
+        if isinstance(pretrained, str) and os.path.exists(pretrained):
+            pretrained = os.path.realpath(pretrained)
+        return {
+            "pretrained": pretrained,
+            "revision": self.revision,
+            "dtype": str(self.model.dtype),
+            "peft": self.peft,
+            "gguf_file": self._gguf_file,
+            "class": type(self.model).__name__,
+        }
+
+    def get_model_info(self) -> dict:
+        """lm-eval's model info plus the fault report; also prints the report's summary table."""
+        info = super().get_model_info()
+        report = self.report
+        if self.spec.active:
+            report.check_not_silent("activations")
+        if self.print_report:
+            print(report.format_table(), file=sys.stderr)
+        info["fault_injection"] = report.to_dict()
+        return info

@@ -1,0 +1,1 @@
+"""Study tools on top of the harness: sweep grids, run directories, the runner, metrics, plots, reports."""

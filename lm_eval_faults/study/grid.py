@@ -1,0 +1,328 @@
+"""Sweep grids: parse the grid options, pin a sweep's configuration, and plan its points.
+
+The grid is the product faults x sites x targets x layer groups x p x seeds, plus one clean
+baseline (p=0). `SweepConfig` is everything that decides a sweep's results (stored as
+`sweep.json` in the run directory); `plan_points` turns it into the ordered list of points.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import asdict, dataclass
+from itertools import product
+from typing import TYPE_CHECKING, Any
+
+from lm_eval_faults.core.spec import (
+    FAULT_KEYS,
+    FAULT_KINDS,
+    SITES,
+    FaultSpec,
+    FaultSpecError,
+    parse_arg_string,
+    parse_fault_args,
+    parse_layers,
+    parse_targets,
+)
+
+if TYPE_CHECKING:
+    from lm_eval_faults.harness.model import FaultyHFLM
+
+BASELINE_ID = "baseline"
+GRID_KEYS = ("p", "p01", "p10", "fault", "site", "target", "layers", "seed")
+"""Fault keys the grid owns: they vary per point, so `fault_args` may not fix them."""
+
+
+class SweepConfigError(ValueError):
+    """A sweep option is invalid, or does not match the run directory it should resume."""
+
+
+# --------------------------------------------------------------------------- grid syntax
+
+
+def _items(text: str) -> list[str]:
+    """Split a list on commas and on `+` (lm-eval style), but not on the `+` of `1e+0`."""
+    return [item.strip() for item in re.split(r",|(?<![eE])\+", text) if item.strip()]
+
+
+def _round(x: float) -> float:
+    """Six significant digits: stable, readable p values (and so stable point ids)."""
+    return float(f"{x:.6g}")
+
+
+def parse_p_grid(value: str | tuple[float, ...] | list[float]) -> tuple[float, ...]:
+    """Fault rates, ascending and distinct, from `1e-9:1e-1`, `1e-9:1e-1:17`, `1e-5,1e-4` or numbers.
+
+    `lo:hi` is one point per decade, so hi/lo must be a power of ten; `lo:hi:N` is N
+    log-spaced points including both ends. List items (`,` or `+`) may themselves be ranges.
+    p=0 is refused: the clean baseline always runs, once.
+    """
+    items = [repr(float(x)) for x in value] if isinstance(value, (tuple, list)) else _items(str(value))
+    values: set[float] = set()
+    for item in items:
+        values.update(_p_item(item))
+    if not values:
+        raise SweepConfigError(f"--p {value!r} gives no fault rate; write e.g. 1e-9:1e-1 or 1e-5,1e-4")
+    return tuple(sorted(values))
+
+
+def _p_item(item: str) -> list[float]:
+    parts = item.split(":")
+    try:
+        numbers = [float(part) for part in parts[:2]]
+        count = int(parts[2]) if len(parts) == 3 else None
+    except ValueError:
+        raise SweepConfigError(f"--p item {item!r} is not a number, lo:hi or lo:hi:N") from None
+    if len(parts) > 3 or any(not (0 < x <= 1) for x in numbers):
+        raise SweepConfigError(
+            f"--p item {item!r}: use rates in (0, 1] as p, lo:hi or lo:hi:N (the p=0 baseline always runs once)"
+        )
+    if len(numbers) == 1:
+        return [_round(numbers[0])]
+    low, high = numbers
+    if high < low:
+        raise SweepConfigError(f"--p range {item!r} runs backwards; write {parts[1]}:{parts[0]}")
+    decades = math.log10(high / low)
+    if count is None:
+        if abs(decades - round(decades)) > 1e-9:
+            raise SweepConfigError(
+                f"--p range {item!r} is not a whole number of decades; give a point count, e.g. {item}:5"
+            )
+        count = round(decades) + 1
+    if count < 1 or (count == 1 and high != low):
+        raise SweepConfigError(f"--p range {item!r} needs at least 2 points to span {parts[0]}..{parts[1]}")
+    if count == 1:
+        return [_round(low)]
+    return [_round(low * 10 ** (decades * i / (count - 1))) for i in range(count)]
+
+
+def parse_seeds(value: int | str | tuple[int, ...] | list[int]) -> tuple[int, ...]:
+    """`3` -> (0, 1, 2) (that many repeats); `0,1,2`, `5-7` or `2+9` -> those seeds; `7-7` -> (7,)."""
+    if isinstance(value, (tuple, list)):
+        seeds = {int(seed) for seed in value}
+    elif re.fullmatch(r"\s*\d+\s*", str(value)):
+        count = int(value)
+        if count < 1:
+            raise SweepConfigError("--seeds 0 runs nothing; give a repeat count >= 1 or a list of seeds")
+        seeds = set(range(count))
+    else:
+        seeds = set()
+        for item in _items(str(value)):
+            match = re.fullmatch(r"(\d+)(?:-(\d+))?", item)
+            if not match or int(match[2] or match[1]) < int(match[1]):
+                raise SweepConfigError(f"--seeds {value!r}: write a repeat count (3) or seeds and ranges (0,1,2 or 5-7)")
+            seeds.update(range(int(match[1]), int(match[2] or match[1]) + 1))
+    return tuple(sorted(seeds))
+
+
+def _choices(option: str, value: str | tuple[str, ...] | list[str], valid: tuple[str, ...] | dict) -> tuple[str, ...]:
+    """A comma list of names from `valid`, in the given order, duplicates dropped."""
+    names = _split_commas(value)
+    for name in names:
+        if name not in valid:
+            raise SweepConfigError(f"{option} {name!r} is invalid: choose from {', '.join(valid)}")
+    return names
+
+
+def _split_commas(value: str | tuple[str, ...] | list[str]) -> tuple[str, ...]:
+    items = value if isinstance(value, (tuple, list)) else str(value).split(",")
+    return tuple(dict.fromkeys(str(item).strip() for item in items if str(item).strip()))
+
+
+def parse_target_series(value: str | tuple[str, ...] | list[str]) -> tuple[str, ...]:
+    """`embedding,attention+mlp` -> ("embedding", "attention+mlp"): one series per comma item."""
+    try:
+        return tuple(dict.fromkeys("+".join(parse_targets(item)) for item in _split_commas(value)))
+    except FaultSpecError as err:
+        raise SweepConfigError(f"--targets {value!r}: {err}") from None
+
+
+def parse_layer_groups(value: str | tuple[str, ...] | list[str]) -> tuple[str, ...]:
+    """Check the syntax of `--layers` items (`all`, `groups:N`, `0-3`, `28-31+0`), keep them as text.
+
+    `groups:N` can only be resolved against a model (`resolve_layer_groups`); the config
+    stores what the user wrote so that resuming compares like with like.
+    """
+    items = _split_commas(value) or ("all",)
+    for item in items:
+        if item.lower().startswith("groups:"):
+            size = item.partition(":")[2]
+            if not size.isdigit() or int(size) < 1:
+                raise SweepConfigError(f"--layers {item!r}: write groups:N with a group size N >= 1, e.g. groups:4")
+        else:
+            try:
+                parse_layers(item)
+            except FaultSpecError as err:
+                raise SweepConfigError(f"--layers {item!r}: {err}") from None
+    return items
+
+
+def resolve_layer_groups(items: tuple[str, ...], n_layers: int | None) -> tuple[tuple[int, ...] | None, ...]:
+    """Layer groups as index tuples (None = all layers); `groups:4` on 10 layers -> 0-3, 4-7, 8-9."""
+    groups: list[tuple[int, ...] | None] = []
+    for item in items:
+        if item.lower().startswith("groups:"):
+            if not n_layers:
+                raise SweepConfigError(f"--layers {item}: this model has no stack of decoder layers to group")
+            size = int(item.partition(":")[2])
+            groups += [tuple(range(start, min(start + size, n_layers))) for start in range(0, n_layers, size)]
+        else:
+            groups.append(parse_layers(item))
+    return tuple(dict.fromkeys(groups))
+
+
+# --------------------------------------------------------------------------- configuration
+
+
+@dataclass(frozen=True)
+class SweepConfig:
+    """Everything that decides a sweep's results; stored as `sweep.json` in the run directory.
+
+    Grid fields accept the command-line text (`p="1e-9:1e-1"`, `seeds=3`, `targets="attention,mlp"`)
+    or already-parsed tuples; `__post_init__` normalises both to the same tuples, so a
+    config compares equal to itself however it was written.
+    """
+
+    model_args: str
+    tasks: tuple[str, ...]
+    p: tuple[float, ...]
+    faults: tuple[str, ...] = ("bitflip",)
+    sites: tuple[str, ...] = ("weights",)
+    targets: tuple[str, ...] = ("all",)
+    layers: tuple[str, ...] = ("all",)
+    seeds: tuple[int, ...] = (0,)
+    fault_args: str = ""
+    num_fewshot: int | None = None
+    limit: float | None = None
+    batch_size: str = "1"
+    max_batch_size: int | None = None
+    device: str | None = None
+    include_path: tuple[str, ...] = ()
+    gen_kwargs: str | None = None
+    apply_chat_template: bool = False
+    fewshot_as_multiturn: bool = True
+    system_instruction: str | None = None
+    bootstrap_iters: int = 100000
+    random_seed: int = 0
+
+    def __post_init__(self) -> None:
+        set_ = lambda name, value: object.__setattr__(self, name, value)  # noqa: E731 (frozen)
+        set_("tasks", _split_commas(self.tasks))
+        if not self.tasks:
+            raise SweepConfigError("--tasks is empty; name at least one lm-eval task")
+        set_("p", parse_p_grid(self.p))
+        set_("faults", _choices("--faults", self.faults, FAULT_KINDS))
+        set_("sites", _choices("--sites", self.sites, SITES))
+        set_("targets", parse_target_series(self.targets))
+        set_("layers", parse_layer_groups(self.layers))
+        set_("seeds", parse_seeds(self.seeds))
+        set_("include_path", _split_commas(self.include_path))
+        set_("batch_size", str(self.batch_size))
+        if self.limit is not None:
+            set_("limit", float(self.limit))
+        self.hf_args()  # validate both argument strings before anything is loaded
+        self.fixed_fault_fields()
+
+    def hf_args(self) -> dict[str, Any]:
+        """`model_args` for the wrapped HF model; fault keys belong in the grid or `fault_args`."""
+        from lm_eval.utils import simple_parse_args_string
+
+        args = simple_parse_args_string(self.model_args)
+        faults = [key for key in args if key in FAULT_KEYS]
+        if faults:
+            raise SweepConfigError(
+                f"--model_args holds fault keys {', '.join(faults)}: use --p/--faults/--sites/--targets/"
+                "--layers/--seeds for the grid, and --fault_args for keys fixed across it (bits, value_range, ...)"
+            )
+        return args
+
+    def fixed_fault_fields(self) -> dict[str, Any]:
+        """Fault keys shared by every point (e.g. bits=exponent), validated on a clean spec."""
+        args = parse_arg_string(self.fault_args)
+        grid = [key for key in args if key in GRID_KEYS]
+        if grid:
+            raise SweepConfigError(f"--fault_args may not set {', '.join(grid)}: the grid options set them per point")
+        try:
+            _, unknown = parse_fault_args(args)
+        except FaultSpecError as err:
+            raise SweepConfigError(f"--fault_args: {err}") from None
+        if unknown:
+            raise SweepConfigError(f"--fault_args: not fault keys: {', '.join(unknown)}")
+        return args
+
+    def to_dict(self) -> dict[str, Any]:
+        return {name: list(value) if isinstance(value, tuple) else value for name, value in asdict(self).items()}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> SweepConfig:
+        return cls(**{name: tuple(value) if isinstance(value, list) else value for name, value in data.items()})
+
+
+# --------------------------------------------------------------------------- points
+
+
+@dataclass(frozen=True)
+class SweepPoint:
+    """One evaluation of the sweep: a spec and the id that marks it done in `results.jsonl`."""
+
+    point_id: str
+    spec: FaultSpec
+    baseline: bool = False
+
+    def labels(self) -> dict[str, Any]:
+        """The record fields that place this point in its series (see `metrics.series_key`)."""
+        if self.baseline:
+            return {"fault": "none", "site": "none", "target": "none", "layers": "all", "p": 0.0, "seed": 0}
+        data = self.spec.to_dict()
+        return {
+            "fault": self.spec.fault,
+            "site": self.spec.site,
+            "target": data["target"],
+            "layers": data["layers"] or "all",
+            "p": self.spec.p,
+            "seed": self.spec.seed,
+        }
+
+
+def plan_points(config: SweepConfig, n_layers: int | None) -> list[SweepPoint]:
+    """The baseline, then every grid point; seeds outermost so an interrupted sweep already
+    holds complete curves for its first seeds."""
+    fixed = config.fixed_fault_fields()
+    points = [SweepPoint(BASELINE_ID, FaultSpec(**fixed), baseline=True)]
+    layer_groups = resolve_layer_groups(config.layers, n_layers)
+    for seed, fault, site, target, layers, p in product(
+        config.seeds, config.faults, config.sites, config.targets, layer_groups, config.p
+    ):
+        try:
+            spec = FaultSpec(p=p, fault=fault, site=site, target=target, layers=layers, seed=seed, **fixed)
+        except FaultSpecError as err:
+            raise SweepConfigError(f"grid point fault={fault}, site={site}, target={target}: {err}") from None
+        labels = SweepPoint("", spec).labels()
+        point_id = "|".join([labels["fault"], labels["site"], labels["target"], labels["layers"], f"p={p!r}", f"seed={seed}"])
+        points.append(SweepPoint(point_id, spec))
+    return points
+
+
+def check_selections(points: list[SweepPoint], lm: FaultyHFLM) -> None:
+    """Fail before the first evaluation if a (site, target, layers) selects nothing in this model,
+    e.g. target=embedding with layers=0-3: better now than after hours of sweeping."""
+    from lm_eval_faults.core.targets import select_modules, select_params
+
+    checked: set[tuple[Any, ...]] = set()
+    messages: set[str] = set()
+    for spec in (point.spec for point in points):
+        key = (spec.site, spec.target, spec.layers, spec.modules)
+        if key in checked:
+            continue
+        checked.add(key)
+        try:
+            if spec.on_weights:
+                select_params(lm.model, spec)
+            if spec.on_activations:
+                select_modules(lm.model, spec)
+        except ValueError as err:
+            messages.add(str(err))
+    if messages:
+        raise SweepConfigError("some grid series select nothing in this model:\n  " + "\n  ".join(sorted(messages)))
+
+

@@ -1,0 +1,212 @@
+"""Figures of a fault sweep, drawn from the seed-aggregated series of `metrics.build_series`.
+
+Uses matplotlib's object API on an Agg canvas rather than pyplot, so importing this module
+never changes the process-wide backend and works without a display. Every function writes one
+PNG and returns its path.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+from matplotlib.axes import Axes
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+from lm_eval_faults.study.metrics import (
+    GridPoint,
+    SeedStats,
+    Series,
+    SeriesKey,
+    layer_sort_key,
+)
+
+_KEY_FIELDS = ("fault", "site", "target", "layers")
+
+
+
+SCORE_LIMITS = (0.0, 1.0)
+"""Scores are accuracies or exact-match rates."""
+RELCHANGE_LIMITS = (-math.inf, 1.0)
+"""A score cannot fall below 0, so the relative change cannot exceed 1."""
+
+def series_labels(keys: Sequence[SeriesKey]) -> list[str]:
+    """Legend labels naming only what differs between the plotted series, so a per-component
+    figure reads "attention", "mlp" rather than repeating the fault and site on every line."""
+    varying = [f for f in _KEY_FIELDS if len({getattr(k, f) for k in keys}) > 1] or ["target"]
+    return [
+        " ".join(
+            getattr(k, f) if f == "target" else f"{f}={getattr(k, f)}" for f in varying
+        )
+        for k in keys
+    ]
+
+
+def plot_accuracy_vs_p(
+    series: Sequence[Series],
+    baseline: float,
+    out_path: str | Path,
+    *,
+    chance: float | None = None,
+    title: str | None = None,
+) -> Path:
+    """Score (mean primary metric over tasks) against fault rate, one line per series, with the
+    clean score as a horizontal reference and, if given, the chance level below it."""
+    fig, ax = _new_axes()
+    for s, label in zip(series, series_labels([s.key for s in series])):
+        _mean_with_band(ax, s.p, [g.score for g in s.grid], label, limits=SCORE_LIMITS)
+    ax.axhline(baseline, color="black", linestyle="--", linewidth=1, label="baseline (p=0)")
+    if chance is not None:
+        ax.axhline(chance, color="grey", linestyle=":", linewidth=1, label="chance")
+    ax.set_xscale("log")
+    ax.set_xlabel("fault rate p")
+    ax.set_ylabel("score (mean primary metric)")
+    return _save(fig, ax, out_path, title)
+
+
+def plot_relchange_vs_p(
+    series: Sequence[Series],
+    out_path: str | Path,
+    *,
+    fraction: float = 0.5,
+    title: str | None = None,
+) -> Path:
+    """Relative accuracy change against fault rate, with the threshold level marked so the
+    crossings reported in the tables can be read off the figure."""
+    fig, ax = _new_axes()
+    for s, label in zip(series, series_labels([s.key for s in series])):
+        _mean_with_band(ax, s.p, [g.relchange for g in s.grid], label, limits=RELCHANGE_LIMITS)
+    _threshold_line(ax, fraction)
+    ax.set_xscale("log")
+    ax.set_xlabel("fault rate p")
+    ax.set_ylabel("relative change in accuracy")
+    return _save(fig, ax, out_path, title)
+
+
+def plot_relchange_vs_count(
+    series: Sequence[Series],
+    out_path: str | Path,
+    *,
+    fraction: float = 0.5,
+    count_label: str = "injected faults (seed mean)",
+    title: str | None = None,
+) -> Path:
+    """Relative accuracy change against the number of faults actually injected.
+
+    Parts differ in size, so at equal p a large part receives more faults; this view compares
+    parts per fault rather than per rate. Grid points with no injected fault have no place on
+    the log axis and are not drawn.
+    """
+    fig, ax = _new_axes()
+    for s, label in zip(series, series_labels([s.key for s in series])):
+        _mean_with_band(ax, s.mean_injected, [g.relchange for g in s.grid], label, limits=RELCHANGE_LIMITS)
+    _threshold_line(ax, fraction)
+    ax.set_xscale("log")
+    ax.set_xlabel(count_label)
+    ax.set_ylabel("relative change in accuracy")
+    return _save(fig, ax, out_path, title)
+
+
+def plot_layer_bars(
+    series: Sequence[Series],
+    p: float,
+    out_path: str | Path,
+    *,
+    title: str | None = None,
+) -> Path:
+    """Relative change of each layer group at one fault rate, as bars with 95% CI error bars.
+
+    Raises ValueError when no series was run at `p` (matched with a relative tolerance of
+    1e-6, since p values round-trip through JSON).
+    """
+    bars = [(s, g) for s in series if (g := grid_point_at(s, p)) is not None]
+    if not bars:
+        raise ValueError(f"no series has a grid point at p={p:g}")
+    bars.sort(key=lambda sg: (layer_sort_key(sg[0].key.layers), sg[0].key))
+    labels = series_labels([s.key for s, _ in bars])
+    stats = [g.relchange for _, g in bars]
+    fig, ax = _new_axes()
+    positions = np.arange(len(bars))
+    ax.bar(
+        positions,
+        [st.mean for st in stats],
+        yerr=_yerr(stats),
+        capsize=4,
+        color="tab:blue",
+    )
+    crowded = len(bars) > 6
+    ax.set_xticks(
+        positions, labels, rotation=30 if crowded else 0, ha="right" if crowded else "center"
+    )
+    ax.axhline(0, color="black", linewidth=0.8)
+    ax.set_axisbelow(True)
+    ax.set_xlabel("layer group")
+    ax.set_ylabel(f"relative change in accuracy at p={p:g}")
+    return _save(fig, ax, out_path, title, legend=False)
+
+
+def grid_point_at(series: Series, p: float) -> GridPoint | None:
+    """The grid point of `series` at fault rate `p`, or None if that rate was not run."""
+    for g in series.grid:
+        if math.isclose(g.p, p, rel_tol=1e-6):
+            return g
+    return None
+
+
+def _new_axes() -> tuple[Figure, Axes]:
+    fig = Figure(figsize=(7, 4.5), layout="constrained")
+    FigureCanvasAgg(fig)
+    return fig, fig.add_subplot()
+
+
+def _mean_with_band(
+    ax: Axes, x: np.ndarray, stats: Sequence[SeedStats], label: str, limits: tuple[float, float] = (-math.inf, math.inf)
+) -> None:
+    """Seed-mean line with markers and a shaded 95% CI band where the interval exists.
+
+    The band is clipped to `limits`, the values the metric can take: a t-interval over three
+    seeds of a step-like accuracy curve would otherwise reach far below 0 and above 1.
+    """
+    x = np.asarray(x, dtype=float)
+    mean = np.array([st.mean for st in stats])
+    finite = mean[np.isfinite(mean)]
+    if finite.size and (finite.min() < limits[0] or finite.max() > limits[1]):
+        limits = (-math.inf, math.inf)  # not the metric the limits describe (e.g. a perplexity)
+    low = np.clip(np.array([st.ci_low for st in stats]), *limits)
+    high = np.clip(np.array([st.ci_high for st in stats]), *limits)
+    shown = (x > 0) & np.isfinite(mean)
+    (line,) = ax.plot(x[shown], mean[shown], marker="o", markersize=3, label=label)
+    band = shown & np.isfinite(low) & np.isfinite(high)
+    if band.any():
+        ax.fill_between(x[band], low[band], high[band], color=line.get_color(), alpha=0.2)
+
+
+def _threshold_line(ax: Axes, fraction: float) -> None:
+    ax.axhline(fraction, color="red", linestyle=":", linewidth=1, label=f"{fraction:.0%} drop")
+
+
+def _yerr(stats: Sequence[SeedStats]) -> np.ndarray | None:
+    """Asymmetric error-bar lengths, zero where no interval exists (a single seed); None when
+    no bar has an interval, so that single-seed charts carry no meaningless zero-length caps."""
+    if not any(math.isfinite(st.ci_low) for st in stats):
+        return None
+    below = [st.mean - st.ci_low if math.isfinite(st.ci_low) else 0.0 for st in stats]
+    above = [st.ci_high - st.mean if math.isfinite(st.ci_high) else 0.0 for st in stats]
+    return np.array([below, above])
+
+
+def _save(
+    fig: Figure, ax: Axes, out_path: str | Path, title: str | None, *, legend: bool = True
+) -> Path:
+    if title:
+        ax.set_title(title)
+    if legend and ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize="small")
+    ax.grid(True, which="major", alpha=0.3)
+    out_path = Path(out_path)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out_path, format="png", dpi=120)
+    return out_path

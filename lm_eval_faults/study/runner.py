@@ -1,0 +1,187 @@
+"""Fault sweeps: a grid of fault specs evaluated on ONE loaded model, resumable point by point.
+
+    lm-eval-faults sweep --model_args pretrained=...,dtype=float16 --tasks mmlu_faults \\
+        --p 1e-9:1e-1 --targets embedding,attention,mlp,norm,lm_head --seeds 3 --run_dir runs/x
+
+Why one process: loading a 7B model takes longer than evaluating a point on a small task, and
+`FaultyHFLM.set_faults` restores the clean weights exactly in O(faults), so the grid is walked
+with one load and one `TaskManager`. The run directory
+(`run_dir.py`) makes it resumable; the grid (`grid.py`) says which points to run.
+
+The grid is the product faults x sites x targets x layer groups x p x seeds, plus one clean
+baseline (p=0). Each record follows the schema documented in `lm_eval_faults.study.metrics`.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from lm_eval_faults.core.spec import FaultSpec
+from lm_eval_faults.study.grid import (
+    SweepConfig,
+    SweepConfigError,
+    SweepPoint,
+    check_selections,
+    plan_points,
+)
+from lm_eval_faults.study.run_dir import RunDir
+
+if TYPE_CHECKING:
+    from lm_eval.tasks import TaskManager
+
+    from lm_eval_faults.harness.model import FaultyHFLM
+
+
+def load_clean_model(config: SweepConfig) -> FaultyHFLM:
+    """The clean model (p=0), loaded once for the whole sweep."""
+    from lm_eval_faults.harness.model import FaultyHFLM
+
+    extra = {"batch_size": config.batch_size, "max_batch_size": config.max_batch_size, "device": config.device}
+    lm = FaultyHFLM.create_from_arg_obj(config.hf_args(), extra)
+    lm.print_report = False  # one table per point would bury the progress bar; the report has them all
+    return lm
+
+
+def evaluate_point(lm: FaultyHFLM, point: SweepPoint, config: SweepConfig, task_manager: TaskManager) -> dict[str, Any]:
+    """Inject `point`'s faults (restoring the previous point's first) and evaluate: one record."""
+    import lm_eval
+
+    started = time.perf_counter()
+    lm.set_faults(point.spec)
+    results = lm_eval.simple_evaluate(
+        model=lm,
+        tasks=list(config.tasks),
+        num_fewshot=config.num_fewshot,
+        limit=config.limit,
+        task_manager=task_manager,
+        gen_kwargs=config.gen_kwargs,
+        apply_chat_template=config.apply_chat_template,
+        fewshot_as_multiturn=config.fewshot_as_multiturn,
+        system_instruction=config.system_instruction,
+        bootstrap_iters=config.bootstrap_iters,
+        random_seed=config.random_seed,
+        log_samples=False,
+    )
+    return {
+        "point_id": point.point_id,
+        "baseline": point.baseline,
+        **point.labels(),
+        **record_fault_counts(lm, point.spec),
+        "metrics": task_metrics(results["results"]),
+        "elapsed_s": round(time.perf_counter() - started, 3),
+    }
+
+
+def record_fault_counts(lm: FaultyHFLM, spec: FaultSpec) -> dict[str, Any]:
+    """Injected and expected faults (elements hit, bits faulted) over the spec's sites, and
+    non-finite weights and requests, from the model's `FaultReport`."""
+    report = lm.report
+    parts = [part for part, on in (("weights", spec.on_weights), ("activations", spec.on_activations)) if on]
+    totals = [report.totals(part) for part in parts]
+
+    def total(name: str) -> float:
+        return sum(t[name] for t in totals)
+
+    return {
+        "injected": {"elements": int(total("hit_elements")), "bits": int(total("fault_bits"))},
+        "expected": {"elements": round(total("expected_elements"), 3), "bits": round(total("expected_bits"), 3)},
+        "nonfinite": {
+            "weights": int(report.totals("weights")["nonfinite_created"]),
+            "activations": int(report.totals("activations")["nonfinite_created"]),
+            "requests": dict(report.nonfinite_requests),
+        },
+    }
+
+
+def task_metrics(results: dict[str, dict[str, Any]]) -> dict[str, dict[str, float]]:
+    """lm-eval's per-task metrics, with the default filter's `,none` suffix dropped.
+
+    lm-eval names every metric `metric,filter`; keys without a comma (`alias`, `sample_len`)
+    are bookkeeping and are left out, so they can never be mistaken for a score.
+    """
+    return {
+        task: {metric.removesuffix(",none"): value for metric, value in values.items() if "," in metric}
+        for task, values in results.items()
+    }
+
+
+@dataclass
+class SweepRun:
+    """What one call of `run_sweep` did."""
+
+    run_dir: Path
+    ran: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+    report: Path | None = None
+
+
+def run_sweep(
+    run_dir: str | Path,
+    config: SweepConfig,
+    *,
+    lm: FaultyHFLM | None = None,
+    task_manager: TaskManager | None = None,
+    on_point: Callable[[dict[str, Any]], None] | None = None,
+    report: bool = True,
+    progress: bool = True,
+) -> SweepRun:
+    """Run (or resume) the sweep `config` in `run_dir`; returns which points ran and which were done.
+
+    `lm` reuses an already loaded clean `FaultyHFLM` built from the same `model_args` (it is
+    left clean afterwards); `task_manager` reuses an lm-eval `TaskManager`. `on_point` is
+    called with each record once it is safely on disk.
+    """
+    from tqdm.auto import tqdm
+
+    directory = RunDir(run_dir)
+    outcome = SweepRun(directory.path)
+    with directory.claim(config):
+        done = directory.finished()
+        lm = lm if lm is not None else load_clean_model(config)
+        if lm.world_size > 1:
+            raise SweepConfigError("sweeps run in one process; data-parallel launches are not supported")
+        stack = _decoder_stack_size(lm)
+        points = plan_points(config, stack)
+        check_selections(points, lm)
+        directory.save_config(config)
+        task_manager = task_manager or _task_manager(config)
+        outcome.skipped = [point.point_id for point in points if point.point_id in done]
+        pending = [point for point in points if point.point_id not in done]
+        bar = tqdm(total=len(points), initial=len(outcome.skipped), desc="sweep points", unit="point", disable=not progress, file=sys.stderr)
+        try:
+            for point in pending:
+                bar.set_postfix_str(point.point_id)
+                record = evaluate_point(lm, point, config, task_manager)
+                directory.append(record)
+                outcome.ran.append(point.point_id)
+                bar.update()
+                if on_point is not None:
+                    on_point(record)
+        finally:
+            bar.close()
+            lm.set_faults(FaultSpec())
+    if report:
+        from lm_eval_faults.study.sweep_report import build_report
+
+        outcome.report = build_report(directory.path)
+    return outcome
+
+
+def _decoder_stack_size(lm: FaultyHFLM) -> int | None:
+    from lm_eval_faults.core.targets import decoder_layers
+
+    stack = decoder_layers(lm.model)
+    return len(stack[1]) if stack else None
+
+
+def _task_manager(config: SweepConfig) -> TaskManager:
+    from lm_eval.tasks import TaskManager
+
+    return TaskManager(include_path=list(config.include_path) or None)
+
+

@@ -1,0 +1,388 @@
+"""Turn a finished (or interrupted) sweep's `results.jsonl` into figures and a Markdown report.
+
+Works from the results file alone, so a report can be rebuilt anywhere, at any time, and again
+while a sweep is still running: it then covers the points finished so far.
+
+Series are grouped into the study's two kinds of experiment, each becoming a set of figures
+and a ranking: *components* (layers = "all", one line per target) within a fault model and
+site, and *layer groups* (layers other than "all", one line per group) within a fault model,
+site and target.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections import defaultdict
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from lm_eval_faults.study import plots
+from lm_eval_faults.study.metrics import (
+    ALL_LAYERS,
+    RANK_KEYS,
+    RESULTS_FILE,
+    WEIGHTINGS,
+    CountUnit,
+    Ranking,
+    SeedStats,
+    Series,
+    SeriesSummary,
+    Weighting,
+    baseline_records,
+    baseline_tasks,
+    build_series,
+    load_records,
+    rankings,
+    record_score,
+    relative_change,
+    series_key,
+    summarize_series,
+    task_scores,
+)
+
+REPORT_FILE = "report.md"
+FIGURES_DIR = "figures"
+
+_RANK_TITLES = {
+    "awrcl_p": "AWRCL vs p",
+    "awrcl_count": "AWRCL vs injected",
+    "threshold_p": "p at {drop} drop",
+    "threshold_count": "injected at {drop} drop",
+}
+
+
+def build_report(
+    run_dir: str | Path,
+    p_for_layer_bars: float | None = None,
+    weighting: Weighting = "uniform",
+    *,
+    fraction: float = 0.5,
+    count: CountUnit = "elements",
+    chance: float | None = None,
+) -> Path:
+    """Read `run_dir/results.jsonl`, write `run_dir/figures/*.png` and `run_dir/report.md`.
+
+    `p_for_layer_bars` picks the fault rate of the layer-group bar charts; by default it is
+    `default_layer_bar_p` of each layer family. `weighting` is the AWRCL weighting (see
+    `metrics.grid_weights`), `fraction` the relative drop that defines the threshold, `count`
+    whether injected faults are counted as values ("elements") or bits, and `chance` an
+    optional chance-level line on the accuracy plots. Returns the report's path.
+    """
+    if weighting not in WEIGHTINGS:
+        raise ValueError(f"unknown weighting {weighting!r}; choose one of {WEIGHTINGS}")
+    run_dir = Path(run_dir)
+    records = load_records(run_dir / RESULTS_FILE)
+    tasks = baseline_tasks(records)
+    baseline, series = build_series(records, tasks=tasks, count=count)
+    summaries = [summarize_series(s, weighting=weighting, fraction=fraction) for s in series]
+    figures = _draw_figures(
+        series, baseline, run_dir / FIGURES_DIR, p_for_layer_bars, fraction, count, chance
+    )
+    text = "\n".join(
+        [
+            _header(records, series, tasks, baseline, weighting, fraction, count),
+            _summary_section(series, summaries, fraction),
+            _ranking_section(summaries, fraction),
+            _figure_section(figures, run_dir),
+            _points_section(records, tasks, baseline, count),
+        ]
+    )
+    report = run_dir / REPORT_FILE
+    report.write_text(text, encoding="utf-8")
+    return report
+
+
+# --------------------------------------------------------------------------- figures
+
+
+def figure_families(series: Sequence[Series]) -> dict[str, list[Series]]:
+    """Series drawn together, keyed by a title: components of one fault/site (layers = all),
+    and layer groups of one fault/site/target."""
+    families: dict[str, list[Series]] = defaultdict(list)
+    for s in series:
+        k = s.key
+        if k.layers == ALL_LAYERS:
+            families[f"{k.fault}/{k.site} components"].append(s)
+        else:
+            families[f"{k.fault}/{k.site} target={k.target} layer groups"].append(s)
+    return dict(sorted(families.items()))
+
+
+def default_layer_bar_p(series: Sequence[Series], fraction: float = 0.5) -> float | None:
+    """The fault rate where layer groups are best told apart: the smallest rate run by every
+    group at which some group has lost `fraction` of its accuracy (damage has just become
+    visible), else the largest common rate. None when the groups share no rate."""
+    common = set.intersection(*({g.p for g in s.grid} for s in series)) if series else set()
+    for p in sorted(common):
+        if any(
+            g.p == p and g.relchange.mean >= fraction for s in series for g in s.grid
+        ):
+            return p
+    return max(common, default=None)
+
+
+def _draw_figures(
+    series: Sequence[Series],
+    baseline: float,
+    out_dir: Path,
+    p_for_layer_bars: float | None,
+    fraction: float,
+    count: CountUnit,
+    chance: float | None,
+) -> list[tuple[str, Path | str]]:
+    """All figures as (caption, path), or (caption, reason) where a figure could not be drawn."""
+    figures: list[tuple[str, Path | str]] = []
+    for title, members in figure_families(series).items():
+        slug = _slug(title)
+        accuracy = plots.plot_accuracy_vs_p(
+            members, baseline, out_dir / f"accuracy_vs_p__{slug}.png", chance=chance, title=title
+        )
+        by_p = plots.plot_relchange_vs_p(
+            members, out_dir / f"relchange_vs_p__{slug}.png", fraction=fraction, title=title
+        )
+        by_count = plots.plot_relchange_vs_count(
+            members,
+            out_dir / f"relchange_vs_count__{slug}.png",
+            fraction=fraction,
+            count_label=f"injected {count} (seed mean)",
+            title=title,
+        )
+        figures += [
+            (f"{title}: score vs p", accuracy),
+            (f"{title}: relative change vs p", by_p),
+            (f"{title}: relative change vs injected {count}", by_count),
+        ]
+        if members[0].key.layers != ALL_LAYERS:
+            figures.append(_layer_bars(members, title, slug, out_dir, p_for_layer_bars, fraction))
+    return figures
+
+
+def _layer_bars(
+    members: Sequence[Series],
+    title: str,
+    slug: str,
+    out_dir: Path,
+    p: float | None,
+    fraction: float,
+) -> tuple[str, Path | str]:
+    """The bar chart of one layer family at `p` (or its default rate), or why there is none."""
+    if p is None:
+        p = default_layer_bar_p(members, fraction)
+    if p is None:
+        return f"{title}: relative change per layer group", "the layer groups share no fault rate"
+    caption = f"{title}: relative change per layer group at p={p:g}"
+    if not any(plots.grid_point_at(s, p) for s in members):
+        return caption, f"no layer group was run at p={p:g}"
+    path = plots.plot_layer_bars(
+        members, p, out_dir / f"layer_bars__{slug}.png", title=f"{title}, p={p:g}"
+    )
+    return caption, path
+
+
+def _slug(text: str) -> str:
+    """A file-name-safe form of a figure title."""
+    return re.sub(r"[^A-Za-z0-9.-]+", "_", text).strip("_")
+
+
+# --------------------------------------------------------------------------- sections
+
+
+def _header(
+    records: Sequence[Mapping[str, Any]],
+    series: Sequence[Series],
+    tasks: Sequence[str],
+    baseline: float,
+    weighting: Weighting,
+    fraction: float,
+    count: CountUnit,
+) -> str:
+    base = baseline_records(records)[0]
+    scores = task_scores(base)
+    n_points = sum(len(s.points) for s in series)
+    lines = [
+        "# Fault-sweep report",
+        "",
+        f"From `{RESULTS_FILE}`: {len(records)} records — {len(records) - n_points} baseline, "
+        f"{n_points} faulty points in {len(series)} series.",
+        "",
+        f"- **Score** of a point: mean over the baseline's {len(tasks)} task(s) of each task's "
+        "primary metric (acc, else acc_norm, else exact_match, else the first numeric metric).",
+        f"- **Baseline score** (p = 0): {_num(baseline)}.",
+        "- **Relative change** = (baseline − faulty) / baseline; positive means accuracy lost.",
+        f"- **AWRCL** = Σ wᵢ·changeᵢ / Σ wᵢ over the p grid, weighting `{weighting}`; "
+        f"\"vs injected\" uses the seed-mean number of injected {count} as the grid instead of p "
+        "(only the weights depend on the grid, so under `uniform` the two are equal).",
+        f"- **Threshold**: smallest p (or injected count) where the seed-mean relative change "
+        f"first reaches {fraction:.0%}, interpolated in log scale; \"≤\" marks a drop already "
+        "reached at the first grid point (an upper bound).",
+        "- **Intervals**: 95% Student-t over seeds; n/a with a single seed.",
+        "",
+        "## Baseline",
+        "",
+        _table(["task", "metric", "value"], [[t, *_pair(scores[t])] for t in tasks]),
+    ]
+    return "\n".join(lines)
+
+
+def _summary_section(
+    series: Sequence[Series], summaries: Sequence[SeriesSummary], fraction: float
+) -> str:
+    drop = f"{fraction:.0%}"
+    rows = []
+    for s, summary in zip(series, summaries):
+        k = s.key
+        rows.append([
+            k.fault, k.site, k.target, k.layers, str(summary.n_seeds),
+            _threshold(summary.threshold_p, s.p, s.mean_relchange),
+            _threshold(summary.threshold_count, s.mean_injected, s.mean_relchange),
+            _stats(summary.awrcl_p),
+            _stats(summary.awrcl_count),
+        ])
+    headers = [
+        "fault", "site", "target", "layers", "seeds",
+        f"p at {drop} drop", f"injected at {drop} drop", "AWRCL vs p [95% CI]",
+        "AWRCL vs injected [95% CI]",
+    ]
+    return "\n".join(["", "## Thresholds and AWRCL per series", "", _table(headers, rows)])
+
+
+def _ranking_section(summaries: Sequence[SeriesSummary], fraction: float) -> str:
+    """One table per family, a column per criterion; rank 1 is the most fragile."""
+    by_family: dict[tuple[str, str], dict[str, Ranking]] = defaultdict(dict)
+    for by in RANK_KEYS:
+        for ranking in rankings(summaries, by):
+            by_family[(ranking.kind, ranking.title)][by] = ranking
+    lines = ["", "## Rankings (1 = most fragile)", ""]
+    if not by_family:
+        lines.append("No family has two or more members to rank.")
+    drop = f"{fraction:.0%}"
+    for (kind, title), per_by in by_family.items():
+        n = len(next(iter(per_by.values())).rows)
+        rows = [
+            [str(i + 1)] + [
+                _rank_cell(per_by[by].rows[i].label, per_by[by].rows[i].value)
+                for by in RANK_KEYS
+            ]
+            for i in range(n)
+        ]
+        headers = ["rank"] + [_RANK_TITLES[by].format(drop=drop) for by in RANK_KEYS]
+        lines += [f"### {kind.capitalize()}s — {title}", "", _table(headers, rows), ""]
+    return "\n".join(lines)
+
+
+def _figure_section(figures: Sequence[tuple[str, Path | str]], run_dir: Path) -> str:
+    lines = ["## Figures", ""]
+    for caption, target in figures:
+        if isinstance(target, Path):
+            link = target.relative_to(run_dir).as_posix()
+            lines += [f"### {caption}", "", f"![{caption}]({link})", ""]
+        else:
+            lines += [f"### {caption}", "", f"Not drawn: {target}.", ""]
+    return "\n".join(lines)
+
+
+def _points_section(
+    records: Sequence[Mapping[str, Any]],
+    tasks: Sequence[str],
+    baseline: float,
+    count: CountUnit,
+) -> str:
+    """Every record, baseline first, with expected-vs-injected counts where the sweep
+    recorded an expectation, and the non-finite tallies."""
+    units = ("elements", "bits")
+    has_expected = any(r.get("expected") for r in records)
+    headers = ["point_id", "p", "seed", "score", "rel. change"]
+    for unit in units:
+        headers.append(f"injected {unit}")
+        if has_expected:
+            headers.append(f"expected {unit}")
+    headers += ["non-finite weights", "non-finite requests", "elapsed s"]
+    ordered = sorted(
+        records,
+        key=lambda r: (
+            not r.get("baseline"), series_key(r), float(r.get("p", 0)), r.get("seed", 0)
+        ),
+    )
+    rows = []
+    for r in ordered:
+        score = record_score(r, tasks)
+        row = [
+            str(r["point_id"]), _value(r.get("p")), str(r.get("seed", "")), _num(score),
+            _num(relative_change(baseline, score)),
+        ]
+        for unit in units:
+            row.append(_value((r.get("injected") or {}).get(unit)))
+            if has_expected:
+                row.append(_value((r.get("expected") or {}).get(unit)))
+        nonfinite = r.get("nonfinite") or {}
+        row += [
+            _value(nonfinite.get("weights")),
+            _requests(nonfinite.get("requests")),
+            _value(r.get("elapsed_s")),
+        ]
+        rows.append(row)
+    note = (
+        f"Counts are as recorded; thresholds and AWRCL above use `{count}`. "
+        "Activation-site counts are totals over the run."
+    )
+    return "\n".join(["## Points", "", note, "", _table(headers, rows), ""])
+
+
+# --------------------------------------------------------------------------- formatting
+
+
+def _table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    def line(cells: Sequence[str]) -> str:
+        return "| " + " | ".join(str(c).replace("|", "\\|") for c in cells) + " |"
+
+    return "\n".join([line(headers), line(["---"] * len(headers)), *map(line, rows)])
+
+
+def _num(x: float) -> str:
+    return "n/a" if x is None or not math.isfinite(x) else f"{x:.4g}"
+
+
+def _value(x: Any) -> str:
+    """A recorded or computed value: numbers compactly, absent ones as a dash."""
+    if x is None:
+        return "—"
+    if isinstance(x, (int, float)) and not isinstance(x, bool):
+        return _num(float(x)) if isinstance(x, float) else str(x)
+    return str(x)
+
+
+def _pair(metric: tuple[str, float]) -> list[str]:
+    return [metric[0], _num(metric[1])]
+
+
+def _rank_cell(label: str, value: float | None) -> str:
+    return f"{label} ({'not reached' if value is None else _num(value)})"
+
+
+def _stats(s: SeedStats) -> str:
+    if not math.isfinite(s.mean):
+        return "n/a"
+    if not math.isfinite(s.ci_low):
+        return f"{s.mean:.4g}"
+    return f"{s.mean:.4g} [{s.ci_low:.4g}, {s.ci_high:.4g}]"
+
+
+def _threshold(value: float | None, x: np.ndarray, relchange: np.ndarray) -> str:
+    """A threshold, marked "≤" when the first usable grid point had already crossed."""
+    if value is None:
+        return "not reached"
+    usable = x[(x > 0) & np.isfinite(relchange)]
+    prefix = "≤ " if usable.size and value <= usable.min() else ""
+    return f"{prefix}{value:.3g}"
+
+
+def _requests(requests: Mapping[str, int] | None) -> str:
+    """Total non-finite requests with the per-task breakdown, e.g. ``3 (mmlu: 2, arc: 1)``."""
+    if not requests:
+        return "0" if requests is not None else "—"
+    detail = ", ".join(f"{task}: {n}" for task, n in sorted(requests.items()))
+    return f"{sum(requests.values())} ({detail})"
