@@ -2,13 +2,13 @@
 
 `from lm_eval_faults import inject, FaultSpec` gives the plain Python API; `--model faulty_hf`
 gives the lm-eval one. Attributes load lazily so that `import lm_eval_faults` (which the `.pth`
-hook triggers in every interpreter) never imports torch.
+hook triggers in every interpreter) never imports torch, nor anything else: no `__future__`,
+`typing` or `importlib` here, they cost every Python process milliseconds.
 """
 
-from __future__ import annotations
-
-import importlib
-from typing import Any
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any
 
 __version__ = "0.2.0"
 """The one place the version is set (pyproject.toml reads it); fault maps record it."""
@@ -28,7 +28,9 @@ _LAZY = {
 __all__ = sorted(_LAZY)
 
 
-def __getattr__(name: str) -> Any:
+def __getattr__(name: str) -> "Any":
     if name in _LAZY:
+        import importlib
+
         return getattr(importlib.import_module(_LAZY[name]), name)
     raise AttributeError(f"module 'lm_eval_faults' has no attribute {name!r}")

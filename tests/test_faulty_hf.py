@@ -70,7 +70,29 @@ def test_bad_model_args_fail_before_the_model_loads(task_manager):
 
 def test_selector_matching_nothing_is_an_error(tiny_llama_dir, task_manager):
     with pytest.raises(ValueError, match="select no parameters"):
-        evaluate("faulty_hf", f"pretrained={tiny_llama_dir},p=1e-3,layers=40", task_manager)
+        evaluate("faulty_hf", f"pretrained={tiny_llama_dir},p=1e-3,target=embedding,layers=0", task_manager)
+
+
+def test_layers_beyond_the_config_fail_before_the_weights_load(tiny_llama_dir, monkeypatch):
+    from lm_eval.models.huggingface import HFLM
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("the weights were loaded before the check")
+
+    monkeypatch.setattr(HFLM, "__init__", no_loading)
+    with pytest.raises(FaultSpecError, match="this model has 4 decoder layers"):
+        FaultyHFLM(pretrained=str(tiny_llama_dir), p=1e-3, layers="40")
+    with pytest.raises(FaultSpecError, match="outside 0-15 for float16"):
+        FaultyHFLM(pretrained=str(tiny_llama_dir), p=1e-3, bits="20", dtype="float16")
+    with pytest.raises(FaultSpecError, match="did you mean 'p'"):
+        FaultyHFLM(pretrained=str(tiny_llama_dir), P=1e-3)
+    for bad in ("prob", "rate", "fault_type"):
+        with pytest.raises(FaultSpecError, match="neither a fault key"):
+            FaultyHFLM(pretrained=str(tiny_llama_dir), **{bad: 1e-3})
+    with pytest.raises(FaultSpecError, match="given twice"):
+        FaultyHFLM.create_from_arg_string(f"pretrained={tiny_llama_dir},p=1e-3,p=1e-4")
+    with pytest.raises(FaultSpecError, match="underflows"):
+        FaultyHFLM.create_from_arg_string(f"pretrained={tiny_llama_dir},p=1e-400")
 
 
 def test_request_cache_never_serves_another_spec(tiny_llama_dir, task_manager, tmp_path):

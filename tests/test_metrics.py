@@ -22,9 +22,8 @@ from lm_eval_faults.study.metrics import (
     rankings,
     record_score,
     relative_change,
-    seed_stats,
     summarize_series,
-    t_critical_95,
+    task_sizes,
     threshold_crossing,
 )
 
@@ -187,32 +186,97 @@ def test_threshold_edge_cases():
     assert threshold_crossing([0, 10, 50, 100], [0.0, 0.0, math.nan, 1.0]) == pytest.approx(10**1.5)
 
 
-# --------------------------------------------------------------------------- seeds
+# --------------------------------------------------------------------------- intervals
 
 
-def test_seed_stats_two_seeds():
-    # mean 0.6; sample sd = sqrt((0.1^2 + 0.1^2) / 1) = 0.141421; half = t(1) * sd / sqrt(2)
-    # = 12.706205 * 0.1 = 1.2706205.
-    s = seed_stats([0.5, 0.7])
-    assert (s.mean, s.n) == (pytest.approx(0.6), 2)
-    assert s.ci_low == pytest.approx(0.6 - 1.2706205)
-    assert s.ci_high == pytest.approx(0.6 + 1.2706205)
+def bounded_records(n=40):
+    """Baseline 1.0 (nothing to lose but everything), two seeds at 0.9 and 0.0 at one rate."""
+    samples = {"samples": {"task_a": n}}
+    return [
+        {**record("base", baseline=True, acc=1.0), **samples},
+        {**record("a1", p=1e-5, seed=0, acc=0.9), **samples},
+        {**record("a2", p=1e-5, seed=1, acc=0.0), **samples},
+    ]
 
 
-def test_seed_stats_three_seeds_and_degenerate_cases():
-    # mean 0.5, sd 0.1, half = t(2) * 0.1 / sqrt(3) = 4.302653 * 0.057735 = 0.248414.
-    s = seed_stats([0.4, 0.5, 0.6, math.nan])
-    assert s.n == 3
-    assert s.half_width == pytest.approx(4.302653 * 0.1 / math.sqrt(3))
-    one = seed_stats([0.3])
-    assert one.mean == 0.3 and one.n == 1 and math.isnan(one.ci_low) and math.isnan(one.ci_high)
-    assert seed_stats([]).n == 0 and math.isnan(seed_stats([]).mean)
+def test_intervals_respect_the_bounds_of_accuracy_and_relative_change():
+    # The old t-interval over these two seeds was 0.45 +- 12.7 * 0.45: [-5.3, 6.2].
+    _base, (s,) = build_series(bounded_records())
+    (g,) = s.grid
+    assert 0.0 <= g.score.ci_low <= g.score.mean <= g.score.ci_high <= 1.0
+    # Baseline 1.0: relative change lies in [1 - 1/1, 1] = [0, 1].
+    assert 0.0 <= g.relchange.ci_low <= g.relchange.ci_high <= 1.0
+    summary = summarize_series(s)
+    assert 0.0 <= summary.awrcl_p.ci_low <= summary.awrcl_p.mean <= summary.awrcl_p.ci_high <= 1.0
 
 
-def test_t_critical_matches_scipy():
-    stats = pytest.importorskip("scipy.stats")
-    for df in [1, 2, 5, 29, 30, 31, 45, 100, 1000]:
-        assert t_critical_95(df) == pytest.approx(stats.t.ppf(0.975, df), abs=1e-6)
+def test_relative_change_interval_allows_a_gain_down_to_one_minus_one_over_baseline():
+    records = [
+        {**record("base", baseline=True, acc=0.5), "samples": {"task_a": 20}},
+        {**record("a1", p=1e-5, seed=0, acc=1.0), "samples": {"task_a": 20}},
+        {**record("a2", p=1e-5, seed=1, acc=0.95), "samples": {"task_a": 20}},
+    ]
+    _, (s,) = build_series(records)
+    change = s.grid[0].relchange
+    assert change.mean == pytest.approx(1 - 0.975 / 0.5)
+    assert 1 - 1 / 0.5 <= change.ci_low < change.mean < change.ci_high <= 1.0
+
+
+def test_intervals_are_reproducible():
+    first = summarize_series(build_series(bounded_records())[1][0])
+    again = summarize_series(build_series(bounded_records())[1][0])
+    assert first == again
+
+
+def test_one_seed_gets_a_document_only_interval_or_none_without_a_count():
+    # n known: Binomial(40, 0.9)/40 still varies; n unknown (no stderr, no samples): no interval.
+    _, (s,) = build_series(bounded_records()[:2])
+    assert s.grid[0].score.n == 1 and s.grid[0].score.ci_low < 0.9 < s.grid[0].score.ci_high
+    bare = [dict(r, metrics={"task_a": {"acc": r["metrics"]["task_a"]["acc"]}}) for r in bounded_records()[:2]]
+    for r in bare:
+        r.pop("samples")
+    _, (s,) = build_series(bare)
+    assert math.isnan(s.grid[0].score.ci_low)
+
+
+def test_task_sizes_from_samples_or_from_stderr():
+    # lm-eval's stderr of a 0/1 mean is sqrt(v (1 - v) / (n - 1)): 0.9875 over 160 documents.
+    inferred = {"metrics": {"t": {"acc": 0.9875, "acc_stderr": 0.008810995846029103}}}
+    assert task_sizes([inferred], ["t"]) == {"t": 160}
+    assert task_sizes([inferred, {"samples": {"t": 80}}], ["t"]) == {"t": 80}
+    assert task_sizes([{"metrics": {"t": {"acc": 1.0, "acc_stderr": 0.0}}}], ["t"]) == {"t": 0}
+
+
+def simulated_sweep(rng, *, seeds=3, seed_sd=0.03, n=160, base=0.9, means=(0.6, 0.3)):
+    """One sweep with known truth: per-seed true accuracies scatter around `means` by
+    `seed_sd` (the fault maps differ), then each is observed over `n` documents."""
+    def rec(point_id, acc, **fields):
+        return {"point_id": point_id, "fault": "bitflip", "site": "weights", "target": "mlp",
+                "layers": "all", "metrics": {"t": {"acc": rng.binomial(n, acc) / n}},
+                "samples": {"t": n}, **fields}
+
+    records = [rec("base", base, baseline=True, p=0, seed=0)]
+    for g, mean in enumerate(means):
+        for seed in range(seeds):
+            true = float(np.clip(mean + seed_sd * rng.standard_normal(), 0, 1))
+            records.append(rec(f"{g}-{seed}", true, p=10.0 ** (g - 6), seed=seed))
+    return records
+
+
+def test_nominal_95_percent_intervals_cover_the_truth_in_simulated_sweeps():
+    base, means = 0.9, (0.6, 0.3)
+    rng = np.random.default_rng(7)
+    truths = {"score": means[0], "relchange": (base - means[0]) / base,
+              "awrcl": float(np.mean([(base - m) / base for m in means]))}
+    hits = dict.fromkeys(truths, 0)
+    sims = 200
+    for _ in range(sims):
+        _, (s,) = build_series(simulated_sweep(rng, base=base, means=means))
+        found = {"score": s.grid[0].score, "relchange": s.grid[0].relchange, "awrcl": summarize_series(s).awrcl_p}
+        for name, stats in found.items():
+            hits[name] += stats.ci_low <= truths[name] <= stats.ci_high
+    for name, hit in hits.items():
+        assert hit / sims >= 0.90, (name, hit / sims)
 
 
 # --------------------------------------------------------------------------- series, rankings
@@ -247,8 +311,8 @@ def test_summarize_series_matches_hand_values():
     # mean 0.4375 = uniform AWRCL of the mean curve (0.125 + 0.75) / 2.
     assert summary.awrcl_p.mean == pytest.approx(0.4375)
     assert summary.awrcl_p.n == 2
-    # Their sample sd is 0.375 / sqrt(2); half width = t(1) * sd / sqrt(2) = 12.706205 * 0.1875.
-    assert summary.awrcl_p.half_width == pytest.approx(12.706205 * 0.1875)
+    # The bootstrap interval holds the estimate and stays inside [1 - 1/0.8, 1] = [-0.25, 1].
+    assert -0.25 <= summary.awrcl_p.ci_low < 0.4375 < summary.awrcl_p.ci_high <= 1.0
     # Mean curve crosses 0.5 between 0.125 and 0.75: t = 0.375 / 0.625 = 0.6.
     assert summary.threshold_p == pytest.approx(10 ** (-6 + 0.6))
     # Against mean counts 20 and 200: log10 = 1.30103 + 0.6 * 1.

@@ -153,3 +153,38 @@ def test_report_command_rebuilds_from_the_results_file_alone(run_dir, capsys):
     assert capsys.readouterr().out.strip() == str(run_dir / REPORT_FILE)
     assert "weighting `p`" in (run_dir / REPORT_FILE).read_text(encoding="utf-8")
     assert any((run_dir / "figures").glob("*.png"))
+
+
+def test_axes_say_which_direction_means_accuracy_lost(tmp_path, monkeypatch):
+    labels = []
+    original = plots._save
+
+    def spy(fig, ax, out_path, title, **kwargs):
+        labels.append(ax.get_ylabel())
+        return original(fig, ax, out_path, title, **kwargs)
+
+    monkeypatch.setattr(plots, "_save", spy)
+    baseline, series = build_series(synthetic_records())
+    plots.plot_accuracy_vs_p(series, baseline, tmp_path / "a.png")
+    plots.plot_relchange_vs_p(series, tmp_path / "r.png")
+    assert labels == ["accuracy (higher is better)", "relative accuracy loss (1 = all lost, 0 = none, < 0 = gain)"]
+
+
+def test_report_marks_collapsed_points_and_old_records_as_unknown(tmp_path):
+    records = synthetic_records()
+    for r in records:
+        if r["point_id"] == "mlp|0.001|0":
+            r["degenerate"] = {"requests": {"task_a": 30, "task_b": 5}}
+            r["requests"] = {"task_a": 40, "task_b": 10}
+        elif r["point_id"] == "mlp|1e-05|0":
+            r["degenerate"] = {"requests": {"task_a": 1, "task_b": 0}}
+            r["requests"] = {"task_a": 40, "task_b": 10}
+    (tmp_path / "results.jsonl").write_text("\n".join(json.dumps(r) for r in records) + "\n", encoding="utf-8")
+    text = build_report(tmp_path).read_text(encoding="utf-8")
+    assert "| degenerate requests |" in text and "| collapsed points |" in text
+    assert "**collapsed** (35 of 50 degenerate)" in text
+    assert "1 (task_a: 1, task_b: 0)" in text
+    mlp_row = next(line for line in text.splitlines() if line.startswith("| bitflip | weights | mlp |"))
+    assert mlp_row.endswith("| 1 of 2 |")
+    norm_row = next(line for line in text.splitlines() if line.startswith("| bitflip | weights | norm |"))
+    assert norm_row.endswith("| — |")

@@ -74,3 +74,28 @@ def test_fingerprint_and_round_trip():
     assert again == spec and again.fingerprint() == spec.fingerprint()
     assert FaultSpec(p=1e-5, seed=3).fingerprint() != FaultSpec(p=1e-5, seed=2).fingerprint()
     assert "per bit" in spec.describe() and "per element" in FaultSpec(p=1e-3, fault="zero").describe()
+
+
+@pytest.mark.parametrize(
+    "key, value, message",
+    [
+        ("p", True, "expected a probability"),
+        ("p", "true", "expected a probability"),
+        ("p", "1e-400", "underflows"),
+        ("seed", 1.5, "expected an integer"),
+        ("seed", True, "expected an integer"),
+        ("layers", "0-100000000", "not a model's layers"),
+        ("bits", "40", "0-31 at most"),
+    ],
+)
+def test_strict_values_name_the_key(key, value, message):
+    with pytest.raises(FaultSpecError, match=message) as error:
+        FaultSpec(**{key: value})
+    assert f"{key}=" in str(error.value)
+
+
+def test_a_key_given_twice_is_an_error():
+    from lm_eval_faults.core.spec import parse_arg_string
+
+    with pytest.raises(FaultSpecError, match="given twice"):
+        parse_arg_string("p=1e-3,target=mlp,p=1e-4")

@@ -22,6 +22,9 @@ from lm_eval_faults.core.spec import FaultSpec
 from lm_eval_faults.harness.model import FaultyHFLM
 from lm_eval_faults.study import runner
 from lm_eval_faults.study.grid import (
+    MAX_POINTS,
+    MAX_RATES,
+    MAX_SEEDS,
     SweepConfig,
     SweepConfigError,
     parse_layer_groups,
@@ -152,6 +155,60 @@ def test_finished_cuts_an_incomplete_last_record_and_keeps_a_complete_one(tmp_pa
     assert run.results.read_bytes() == b'{"point_id": "a"}\n'
 
 
+def test_finished_cuts_an_incomplete_last_record_even_when_a_newline_follows(tmp_path):
+    run = RunDir(tmp_path)
+    run.results.write_bytes(b'{"point_id": "a"}\n{"point_id": "b", "met\n')
+    with pytest.warns(UserWarning, match="incomplete last record"):
+        assert run.finished() == {"a"}
+    assert run.results.read_bytes() == b'{"point_id": "a"}\n'
+    run.append({"point_id": "b"})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert run.finished() == {"a", "b"}
+        assert [r["point_id"] for r in load_records(run.results)] == ["a", "b"]
+
+
+def test_grid_dimensions_are_capped_before_they_are_built():
+    with pytest.raises(SweepConfigError, match=rf"--seeds '0-100000000' gives 100000001 seeds; at most {MAX_SEEDS}"):
+        parse_seeds("0-100000000")
+    with pytest.raises(SweepConfigError, match=rf"--seeds .* at most {MAX_SEEDS}"):
+        parse_seeds("5000")
+    with pytest.raises(SweepConfigError, match=rf"--p range '1e-9:1e-1:10000000' asks for 10000000 rates; at most {MAX_RATES}"):
+        parse_p_grid("1e-9:1e-1:10000000")
+    with pytest.raises(SweepConfigError, match=rf"= 20000 points; at most {MAX_POINTS}"):
+        SweepConfig(model_args="pretrained=x", tasks="t", p="1e-9:1e-1:1000", seeds=20)
+    config = SweepConfig(model_args="pretrained=x", tasks="t", p="1e-9:1e-1:1000", seeds=5, layers="groups:1")
+    with pytest.raises(SweepConfigError, match="--layers"):
+        plan_points(config, n_layers=4)  # 1000 rates x 5 seeds x 4 groups
+
+
+def test_a_planted_lock_symlink_is_refused_and_its_target_left_alone(tmp_path, capsys):
+    precious = tmp_path / "precious.txt"
+    precious.write_text("keep me\n")
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / ".sweep.lock").symlink_to(precious)
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    args = parser.parse_args(["--model_args", "pretrained=x", "--tasks", "t", "--p", "1e-3", "--run_dir", str(run_dir)])
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert "symbolic link" in err and len(err.splitlines()) == 1
+    assert precious.read_text() == "keep me\n"
+    assert not (run_dir / "sweep.json").exists()
+
+
+def test_report_without_results_ends_with_one_line(tmp_path, capsys):
+    from lm_eval_faults.cli import main as cli_main
+
+    assert cli_main(["report", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("lm-eval-faults report:") and "results.jsonl" in err and len(err.splitlines()) == 1
+    (tmp_path / "results.jsonl").write_text("")
+    assert cli_main(["report", str(tmp_path)]) == 2
+    assert "no baseline record" in capsys.readouterr().err
+
+
 def test_a_run_dir_with_a_different_config_is_refused_and_left_untouched(tmp_path):
     original = SweepConfig(model_args="pretrained=x", tasks="t", p="1e-5,1e-4", limit=4)
     RunDir(tmp_path).save_config(original)
@@ -247,7 +304,8 @@ def test_records_follow_the_metrics_schema(setup, tmp_path):
     _sweep(setup, tmp_path, config, report=False)
     baseline, point = load_records(tmp_path / "results.jsonl")
     assert set(point) == {"point_id", "baseline", "fault", "site", "target", "layers", "p", "seed", "injected",
-                          "expected", "nonfinite", "metrics", "elapsed_s"}
+                          "expected", "nonfinite", "degenerate", "requests", "metrics", "samples", "elapsed_s"}
+    assert point["samples"] == {TASK: 4} and set(point["degenerate"]["requests"]) <= {TASK}
     assert baseline["baseline"] and baseline["p"] == 0 and baseline["injected"] == {"elements": 0, "bits": 0}
     assert (point["site"], point["target"], point["layers"], point["p"]) == ("weights+activations", "mlp", "all", 0.01)
     assert set(point["metrics"][TASK]) == {"word_perplexity", "word_perplexity_stderr", "bits_per_byte", "bits_per_byte_stderr"}
@@ -285,6 +343,39 @@ def test_a_series_that_selects_nothing_fails_before_any_evaluation(setup, tmp_pa
     with pytest.raises(SweepConfigError, match="target=embedding, layers=0-1"):
         _sweep(setup, tmp_path, config, report=False)
     assert not (tmp_path / "results.jsonl").exists() and not (tmp_path / "sweep.json").exists()
+
+
+def test_bits_the_model_lacks_fail_before_anything_is_written(setup, tmp_path):
+    # bits=20 is a valid position for float32 but not for this float16 model.
+    base = {**setup["base"], "model_args": f"pretrained={setup['model_dir']},dtype=float16"}
+    config = SweepConfig(**base, p="1e-3", fault_args="bits=20")
+    lm = FaultyHFLM(pretrained=str(setup["model_dir"]), device="cpu", dtype="float16")
+    with pytest.raises(SweepConfigError, match="bits='20'.*outside 0-15 for float16"):
+        run_sweep(tmp_path, config, lm=lm, task_manager=setup["task_manager"], progress=False, report=False)
+    assert not (tmp_path / "results.jsonl").exists() and not (tmp_path / "sweep.json").exists()
+
+
+def test_device_defaults_to_what_this_machine_has(setup):
+    config = SweepConfig(model_args=f"pretrained={setup['model_dir']}", tasks=TASK, p="1e-3")
+    assert config.device is None
+    expected = "cuda" if torch.cuda.is_available() else "cpu"
+    assert runner.sweep_device(config) == expected
+    lm = runner.load_clean_model(config)
+    assert torch.device(lm.device).type == expected
+
+
+def test_sweep_output_holds_no_lm_eval_noise(setup, tmp_path, monkeypatch, capfd, caplog):
+    """faults_demo builds its dataset with a function, which makes lm-eval warn on every point;
+    outside a git repository lm-eval's `git describe` prints "fatal: ..." on every point."""
+    monkeypatch.undo()  # the module fixture skips lm-eval's environment survey; the sweep must do it alone
+    monkeypatch.chdir(tmp_path)
+    config = SweepConfig(model_args=f"pretrained={setup['model_dir']}", tasks="faults_demo", device="cpu", limit=2, p="1e-3")
+    _sweep(setup, tmp_path / "run", config, report=False)
+    err = capfd.readouterr().err
+    assert "Custom kwargs" not in err + caplog.text and "fatal:" not in err + caplog.text
+    _, point = load_records(tmp_path / "run" / "results.jsonl")
+    assert point["samples"] == {"faults_demo": 2}
+    assert point["requests"] == {"faults_demo": 8} and set(point["degenerate"]["requests"]) == {"faults_demo"}
 
 
 def test_command_line_runs_resumes_and_reports(setup, tmp_path, monkeypatch, capsys):

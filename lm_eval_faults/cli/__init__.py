@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 SUBCOMMANDS = {
@@ -31,10 +32,22 @@ def build_parser(selected: str | None = None) -> argparse.ArgumentParser:
     return parser
 
 
+USER_ERRORS = (ValueError, TypeError, OSError)
+"""What bad input raises here (FaultSpecError and SweepConfigError are ValueErrors; a missing
+model path is an OSError): reported in one line. Set LM_EVAL_FAULTS_TRACEBACK=1 for the traceback."""
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = build_parser(argv[0] if argv else None).parse_args(argv)
-    return int(importlib.import_module(args.module).main(args) or 0)
+    try:
+        return int(importlib.import_module(args.module).main(args) or 0)
+    except USER_ERRORS as error:
+        if os.environ.get("LM_EVAL_FAULTS_TRACEBACK"):
+            raise
+        message = str(error).strip().splitlines() or [type(error).__name__]
+        print(f"lm-eval-faults {args.command}: error: {message[0]}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

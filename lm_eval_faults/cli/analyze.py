@@ -24,7 +24,7 @@ def main(args: argparse.Namespace) -> int:
     if args.pretrained:
         model_args["pretrained"] = args.pretrained
     spec, load_args = parse_fault_args(model_args, passthrough=LOAD_KEYS)
-    analysis = analyze(load_model(load_args), spec, threshold=args.threshold)
+    analysis = analyze(load_model(load_args, spec), spec, threshold=args.threshold)
     print(analysis.format_table())
     if args.json:
         os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import sys
+from pathlib import Path
 
-from lm_eval_faults.study.metrics import WEIGHTINGS
+from lm_eval_faults.study.metrics import RESULTS_FILE, WEIGHTINGS
 from lm_eval_faults.study.sweep_report import build_report
 
 
@@ -16,5 +18,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    print(build_report(args.run_dir, args.layer_bars_p, args.weighting, fraction=args.fraction))
+    """0 with the report's path on stdout; 2 with one line on stderr when the directory holds
+    nothing to report (no results file, no baseline yet, a malformed record), since that is a
+    state of the run directory for the user to fix, not a bug to show a traceback for."""
+    results = Path(args.run_dir) / RESULTS_FILE
+    try:
+        if not results.is_file():
+            raise FileNotFoundError(f"{results} does not exist: no sweep point has finished in {args.run_dir}")
+        report = build_report(args.run_dir, args.layer_bars_p, args.weighting, fraction=args.fraction)
+    except (OSError, ValueError) as err:
+        print(f"lm-eval-faults report: {err}", file=sys.stderr)
+        return 2
+    print(report)
     return 0

@@ -74,7 +74,7 @@ def main(args: argparse.Namespace) -> int:
     if args.pretrained:
         model_args["pretrained"] = args.pretrained
     spec, load_args = parse_fault_args(model_args, passthrough=LOAD_KEYS)
-    model = load_model(load_args)
+    model = load_model(load_args, spec)
     stack = decoder_layers(model)
     print(f"{type(model).__name__}: {len(stack[1]) if stack else 0} decoder layers at '{stack[0] if stack else '-'}'")
     print(format_rows(taxonomy_rows(all_param_sites(model))))

@@ -153,9 +153,12 @@ class _OutputFaultHook:
         return value
 
     def _corrupt_tensor(self, tensor: torch.Tensor, key: int, rows: Rows | None, inputs: tuple) -> torch.Tensor:
-        layout = LAYOUTS.get(tensor.dtype)
-        if layout is None or not layout.is_float or tensor.numel() == 0:
+        if not tensor.is_floating_point() or tensor.numel() == 0:
             return tensor
+        layout = LAYOUTS.get(tensor.dtype)
+        if layout is None:  # float64, float8...: fail, never skip what was selected in silence
+            supported = ", ".join(lay.name for lay in LAYOUTS.values() if lay.is_float)
+            raise TypeError(f"module {self.name!r} outputs {tensor.dtype} activations, which cannot be faulted; supported: {supported}")
         per_row = rows is not None and tensor.dim() >= 2 and tensor.shape[1] == rows.length and tensor.shape[0] in (1, len(rows))
         broadcast = per_row and rows is not None and tensor.shape[0] != len(rows)  # a table shared by all rows
         if per_row:

@@ -13,6 +13,7 @@ from collections import defaultdict
 from dataclasses import asdict, dataclass, field
 from typing import Any, Iterable
 
+from lm_eval_faults import __version__ as PACKAGE_VERSION
 from lm_eval_faults.core.text_table import Column, text_table
 
 SILENT_NO_OP_EXPECTATION = 10.0
@@ -77,11 +78,27 @@ def _rollup(sites: Iterable[SiteStats], key) -> dict[str, dict[str, float]]:
     return {name: _totals(members) for name, members in sorted(groups.items())}
 
 
+ELEMENT_FAULTS = ("value", "zero")
+
+
+def _drop_key(data: Any, key: str) -> None:
+    """Remove `key` from every dict nested in `data`."""
+    if isinstance(data, dict):
+        data.pop(key, None)
+        for value in data.values():
+            _drop_key(value, key)
+    elif isinstance(data, list):
+        for value in data:
+            _drop_key(value, key)
+
+
 @dataclass
 class FaultReport:
     """Everything injected under one spec: weights (once) and activations (accumulated per call)."""
 
     spec: dict[str, Any]
+    version: str = field(default_factory=lambda: PACKAGE_VERSION)
+    """The package version whose sampler drew the map: a map is a function of (seed, name, spec, version)."""
     weights: list[SiteStats] = field(default_factory=list)
     activations: dict[str, SiteStats] = field(default_factory=dict)
     requests: dict[str, int] = field(default_factory=dict)
@@ -117,9 +134,14 @@ class FaultReport:
         return histograms
 
     def to_dict(self) -> dict[str, Any]:
-        """The JSON form that goes into lm-eval's results under config.fault_injection."""
-        return {
+        """The JSON form that goes into lm-eval's results under config.fault_injection.
+
+        Element faults (value, zero) have no expected bit count (it depends on each drawn value
+        and the stored word), so `expected_bits` is left out for them rather than shown as 0.
+        """
+        data = {
             "spec": self.spec,
+            "version": self.version,
             "weights": {
                 "totals": self.totals("weights"),
                 "by_component": self.by_component("weights"),
@@ -139,6 +161,9 @@ class FaultReport:
             "degenerate_requests": dict(self.degenerate_requests),
             "cached_requests": dict(self.cached_requests),
         }
+        if self.spec.get("fault") in ELEMENT_FAULTS:
+            _drop_key(data, "expected_bits")
+        return data
 
     def format_table(self) -> str:
         """A short human-readable summary, printed after an lm-eval run."""

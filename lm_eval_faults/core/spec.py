@@ -43,14 +43,37 @@ def _error(key: str, value: Any, valid: str) -> FaultSpecError:
     return FaultSpecError(f"model_args {key}={value!r} is invalid: {valid}")
 
 
+MAX_LAYER_INDEX = 100_000
+"""No model has this many decoder layers; a larger index is a typo, not a request for a huge set."""
+
+MAX_BIT_POSITION = 31
+"""The widest supported word is 32 bits (float32)."""
+
+
 def _probability(key: str, value: Any) -> float:
+    if isinstance(value, bool):  # lm-eval turns "true" into True, and float(True) is 1.0
+        raise _error(key, value, "expected a probability, a number in [0, 1] such as 1e-5")
     try:
         prob = float(value)
     except (TypeError, ValueError):
         raise _error(key, value, "expected a probability, a number in [0, 1] such as 1e-5") from None
     if not 0.0 <= prob <= 1.0 or math.isnan(prob):
         raise _error(key, value, "a probability must lie in [0, 1]")
+    if prob == 0.0 and re.search(r"[1-9]", str(value).lower().partition("e")[0]):
+        raise _error(key, value, "underflows to 0 in float64 (smallest positive: 5e-324); write 0 for a clean run")
     return prob
+
+
+def _integer(key: str, value: Any) -> int:
+    """An integer, given as one: `1.5`, `true` and `1e3` are refused, not rounded."""
+    if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+        raise _error(key, value, "expected an integer")
+    if isinstance(value, float):
+        return int(value)
+    try:
+        return int(str(value).strip())
+    except ValueError:
+        raise _error(key, value, "expected an integer") from None
 
 
 def parse_layers(value: Any) -> tuple[int, ...] | None:
@@ -63,6 +86,8 @@ def parse_layers(value: Any) -> tuple[int, ...] | None:
         if not match:
             raise _error("layers", value, "use layer indices and ranges joined by '+', e.g. 0-3 or 28-31+0")
         first, last = int(match[1]), int(match[2] or match[1])
+        if last > MAX_LAYER_INDEX:
+            raise _error("layers", value, f"layer indices above {MAX_LAYER_INDEX} are not a model's layers")
         if last < first:
             raise _error("layers", value, f"range {part!r} runs backwards; write {last}-{first}")
         indices.update(range(first, last + 1))
@@ -147,10 +172,7 @@ class FaultSpec:
             raise _error("bits", self.bits, f"fault={self.fault} replaces whole elements; bits applies to bitflip, stuck0, stuck1")
         _validate_bits_syntax(self.bits)
         set_("value_range", parse_value_range(self.value_range))
-        try:
-            set_("seed", int(self.seed))
-        except (TypeError, ValueError):
-            raise _error("seed", self.seed, "expected an integer") from None
+        set_("seed", _integer("seed", self.seed))
         if self.act_scope not in ACT_SCOPES:
             raise _error("act_scope", self.act_scope, "choose leaf (module outputs of leaf modules) or all (every module, nested)")
 
@@ -224,6 +246,8 @@ def _validate_bits_syntax(bits: str) -> None:
         part = part.strip()
         if not re.fullmatch(r"all|sign|exponent|mantissa|\d+(-\d+)?", part):
             raise _error("bits", bits, "use all, sign, exponent, mantissa, or bit positions like 0-6+15 (bit 0 = least significant)")
+        if any(int(n) > MAX_BIT_POSITION for n in re.findall(r"\d+", part)):
+            raise _error("bits", bits, f"bit positions run 0-{MAX_BIT_POSITION} at most (float32; 0-15 for 16-bit dtypes)")
 
 
 FAULT_KEYS: tuple[str, ...] = tuple(f.name for f in fields(FaultSpec))
@@ -254,13 +278,19 @@ def parse_fault_args(
 
 
 def parse_arg_string(text: str) -> dict[str, Any]:
-    """`"p=1e-5,target=attention"` -> {"p": "1e-5", "target": "attention"} (values stay strings)."""
+    """`"p=1e-5,target=attention"` -> {"p": "1e-5", "target": "attention"} (values stay strings).
+
+    A key given twice is an error: silently keeping the last value hides a typo.
+    """
     args: dict[str, Any] = {}
     for item in filter(None, (part.strip() for part in text.split(","))):
         key, sep, value = item.partition("=")
         if not sep:
             raise FaultSpecError(f"model_args item {item!r} is not of the form key=value")
-        args[key.strip()] = value.strip()
+        key = key.strip()
+        if key in args:
+            raise FaultSpecError(f"model_args key {key!r} is given twice ({args[key]!r} and {value.strip()!r}); give it once")
+        args[key] = value.strip()
     return args
 
 

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from lm_eval_faults.core.formats import LAYOUTS
 from lm_eval_faults.core.spec import FaultSpec
 
 logger = logging.getLogger(__name__)
@@ -171,10 +172,29 @@ def all_param_sites(model: nn.Module, modules: dict[str, ModuleSite] | None = No
 
 
 def select_params(model: nn.Module, spec: FaultSpec) -> list[ParamSite]:
-    """The parameters `spec` targets; an empty selection is an error, never a silent no-op."""
+    """The parameters `spec` targets; an empty selection is an error, never a silent no-op.
+
+    Selected weights that can't be faulted in place are an error too, never skipped in silence:
+    packed quantized weights (dynamic int8 Linear keeps them outside `parameters()`) and tensors
+    of dtypes without a bit layout.
+    """
+    packed = [
+        site.name
+        for site in classify_modules(model).values()
+        if hasattr(site.module, "_packed_params") and _selected(spec, site.component, site.layer, (site.name,))
+    ]
+    if packed:
+        raise TypeError(
+            f"{len(packed)} selected modules hold packed quantized weights, which cannot be faulted in place "
+            f"(e.g. {', '.join(packed[:3])}); fault the float model, or narrow target/modules to exclude them"
+        )
     sites = [site for site in all_param_sites(model) if _selected(spec, site.component, site.layer, site.names)]
     if not sites:
         raise ValueError(_nothing_matched(model, spec, "parameters"))
+    unsupported = sorted({str(site.param.dtype) for site in sites if site.param.dtype not in LAYOUTS})
+    if unsupported:
+        supported = ", ".join(layout.name for layout in LAYOUTS.values())
+        raise TypeError(f"selected weights have dtypes {', '.join(unsupported)}, which cannot be faulted; supported: {supported}")
     return sites
 
 

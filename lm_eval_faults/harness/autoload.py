@@ -9,23 +9,28 @@ is imported. Only then does it add, lazily:
   (torch and transformers load only when someone asks for that model);
 - this package's task directory to every `TaskManager`, so `--tasks faults_demo` just works.
 
-It imports nothing but the standard library, so unrelated Python processes pay nothing.
-Set `LM_EVAL_FAULTS_NO_AUTOLOAD=1` to switch it off.
+It imports nothing at all at start-up (`os` and `sys` are already loaded by then; no
+`__future__`, `typing`, `types` or `importlib`), so that unrelated Python processes pay nothing:
+the `.pth` line plus the three tiny modules `lm_eval_faults`, `lm_eval_faults.harness` and this
+one. Set `LM_EVAL_FAULTS_NO_AUTOLOAD=1` to switch it off: the `.pth` line checks it before
+importing anything of ours, so then not even those load. `tests/test_import_hook.py` keeps it so.
 """
 
-from __future__ import annotations
-
-import importlib.abc
-import importlib.machinery
 import os
 import sys
-from types import ModuleType
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from types import ModuleType
 
 MODEL_NAME = "faulty_hf"
 MODEL_TARGET = "lm_eval_faults.harness.model:FaultyHFLM"
+OPT_OUT = "LM_EVAL_FAULTS_NO_AUTOLOAD"
+
+# Annotations are strings (no `from __future__ import annotations`: that imports `__future__`).
 
 
-def register_model_placeholder(models_module: ModuleType | None = None) -> None:
+def register_model_placeholder(models_module: "ModuleType | None" = None) -> None:
     """Register `faulty_hf` in lm-eval's model registry without importing our model code."""
     from lm_eval.api.registry import model_registry
 
@@ -33,7 +38,7 @@ def register_model_placeholder(models_module: ModuleType | None = None) -> None:
         model_registry.register(MODEL_NAME, target=MODEL_TARGET)
 
 
-def add_task_dir_to_task_manager(tasks_module: ModuleType) -> None:
+def add_task_dir_to_task_manager(tasks_module: "ModuleType") -> None:
     """Wrap `TaskManager.__init__` so our task YAMLs are always on its include path."""
     from lm_eval_faults.harness.package_data import tasks_dir
 
@@ -63,17 +68,21 @@ _AFTER_IMPORT = {
 }
 
 
-class _RunAfterExec(importlib.abc.Loader):
-    """Delegate to the real loader, then run our callback on the fresh module."""
+class _RunAfterExec:
+    """Delegate to the real loader, then run our callback on the fresh module.
 
-    def __init__(self, loader: importlib.abc.Loader, callback) -> None:
+    A plain class: the import system needs only `create_module` and `exec_module`, and
+    subclassing `importlib.abc.Loader` would import `importlib.abc` (about 50 modules) at start-up.
+    """
+
+    def __init__(self, loader, callback) -> None:
         self._loader = loader
         self._callback = callback
 
     def create_module(self, spec):
         return self._loader.create_module(spec)
 
-    def exec_module(self, module: ModuleType) -> None:
+    def exec_module(self, module: "ModuleType") -> None:
         self._loader.exec_module(module)
         try:
             self._callback(module)
@@ -84,22 +93,34 @@ class _RunAfterExec(importlib.abc.Loader):
         return getattr(self._loader, name)
 
 
-class _LmEvalWatcher(importlib.abc.MetaPathFinder):
-    """Finds nothing itself; wraps the loader of the two lm-eval modules we extend."""
+class _LmEvalWatcher:
+    """Finds nothing itself; wraps the loader of the two lm-eval modules we extend.
+
+    A plain meta-path finder (only `find_spec` is required). For the two names it watches it
+    asks the finders after it, so lm-eval is found however it is installed.
+    """
 
     def find_spec(self, fullname, path=None, target=None):
         if fullname not in _AFTER_IMPORT:
             return None
-        spec = importlib.machinery.PathFinder.find_spec(fullname, path)
-        if spec is None or spec.loader is None:
+        for finder in sys.meta_path:
+            if finder is self or isinstance(finder, _LmEvalWatcher):
+                continue
+            find_spec = getattr(finder, "find_spec", None)
+            spec = find_spec(fullname, path, target) if find_spec is not None else None
+            if spec is not None:
+                break
+        else:
             return None
+        if spec.loader is None or isinstance(spec.loader, _RunAfterExec):
+            return spec
         spec.loader = _RunAfterExec(spec.loader, _AFTER_IMPORT[fullname])
         return spec
 
 
 def install() -> None:
     """Install the watcher once; handle modules that were imported before us."""
-    if os.environ.get("LM_EVAL_FAULTS_NO_AUTOLOAD"):
+    if os.environ.get(OPT_OUT):
         return
     if any(isinstance(finder, _LmEvalWatcher) for finder in sys.meta_path):
         return

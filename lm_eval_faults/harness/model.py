@@ -27,9 +27,14 @@ from transformers import LogitsProcessor, LogitsProcessorList
 from lm_eval_faults.core.activations import Rows
 from lm_eval_faults.core.injection import Injection
 from lm_eval_faults.core.report import FaultReport, SiteStats
-from lm_eval_faults.core.spec import FaultSpec, parse_fault_args
+from lm_eval_faults.core.spec import FaultSpec, parse_arg_string, parse_fault_args
 from lm_eval_faults.core.streams import request_key, row_keys
 from lm_eval_faults.harness.package_data import demo_model_dir
+from lm_eval_faults.harness.preflight import (
+    check_against_config,
+    check_keys,
+    read_config,
+)
 from lm_eval_faults.harness.request_cache import CountedCache, cache_table
 from lm_eval_faults.harness.request_counts import RequestCounts, tied_choices
 
@@ -69,6 +74,9 @@ class FaultyHFLM(HFLM):
         if pretrained is None:
             pretrained = str(demo_model_dir())
             print(f"lm_eval_faults: no `pretrained` given; using the embedded demo model at {pretrained}", file=sys.stderr)
+        config = read_config({**hf_kwargs, "pretrained": pretrained})
+        check_keys(hf_kwargs, HFLM_ARGUMENTS, config)
+        check_against_config(spec, hf_kwargs, config)
         super().__init__(pretrained=pretrained, **hf_kwargs)
         self._gguf_file = hf_kwargs.get("gguf_file")
         self._cache: CountedCache | None = None
@@ -76,6 +84,13 @@ class FaultyHFLM(HFLM):
         self._last_flat: list[bool] = []
         self.print_report = True
         self._inject(spec)
+
+    @classmethod
+    def create_from_arg_string(cls, arg_string: str, additional_config: dict | None = None) -> FaultyHFLM:
+        """A `model_args` string: refuse a key given twice, and check fault values as written
+        (lm-eval's parser would keep the last duplicate and turn p=1e-400 into 0 silently)."""
+        parse_fault_args(parse_arg_string(arg_string), passthrough=parse_arg_string(arg_string))
+        return super().create_from_arg_string(arg_string, additional_config)
 
     # -- faults --------------------------------------------------------------------------
 

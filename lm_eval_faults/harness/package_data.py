@@ -1,6 +1,7 @@
 """Where this package's data lives, installed from a wheel or from a source checkout.
 
-Imports only the standard library: `_autoload` uses it at interpreter start.
+Imports only the standard library. The import hook (`autoload`) uses it only once lm-eval's
+`lm_eval.tasks` is imported, never at interpreter start.
 """
 
 from __future__ import annotations

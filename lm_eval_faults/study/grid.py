@@ -29,6 +29,12 @@ if TYPE_CHECKING:
     from lm_eval_faults.harness.model import FaultyHFLM
 
 BASELINE_ID = "baseline"
+MAX_RATES = 1_000
+"""Most fault rates one sweep may hold: a typo such as 1e-9:1e-1:10000000 must fail, not run for years."""
+MAX_SEEDS = 1_000
+"""Most seeds one sweep may hold."""
+MAX_POINTS = 10_000
+"""Most grid points one sweep may hold (the baseline not counted)."""
 GRID_KEYS = ("p", "p01", "p10", "fault", "site", "target", "layers", "seed")
 """Fault keys the grid owns: they vary per point, so `fault_args` may not fix them."""
 
@@ -61,9 +67,16 @@ def parse_p_grid(value: str | tuple[float, ...] | list[float]) -> tuple[float, .
     values: set[float] = set()
     for item in items:
         values.update(_p_item(item))
+        _check_limit("--p", value, len(values), MAX_RATES, "rates")
     if not values:
         raise SweepConfigError(f"--p {value!r} gives no fault rate; write e.g. 1e-9:1e-1 or 1e-5,1e-4")
     return tuple(sorted(values))
+
+
+def _check_limit(option: str, value: Any, count: int, limit: int, what: str) -> None:
+    """Refuse a grid dimension over `limit` before it is built, naming the option and value."""
+    if count > limit:
+        raise SweepConfigError(f"{option} {value!r} gives {count} {what}; at most {limit} are allowed")
 
 
 def _p_item(item: str) -> list[float]:
@@ -91,6 +104,8 @@ def _p_item(item: str) -> list[float]:
         count = round(decades) + 1
     if count < 1 or (count == 1 and high != low):
         raise SweepConfigError(f"--p range {item!r} needs at least 2 points to span {parts[0]}..{parts[1]}")
+    if count > MAX_RATES:
+        raise SweepConfigError(f"--p range {item!r} asks for {count} rates; at most {MAX_RATES} are allowed")
     if count == 1:
         return [_round(low)]
     return [_round(low * 10 ** (decades * i / (count - 1))) for i in range(count)]
@@ -104,6 +119,7 @@ def parse_seeds(value: int | str | tuple[int, ...] | list[int]) -> tuple[int, ..
         count = int(value)
         if count < 1:
             raise SweepConfigError("--seeds 0 runs nothing; give a repeat count >= 1 or a list of seeds")
+        _check_limit("--seeds", value, count, MAX_SEEDS, "seeds")
         seeds = set(range(count))
     else:
         seeds = set()
@@ -111,7 +127,10 @@ def parse_seeds(value: int | str | tuple[int, ...] | list[int]) -> tuple[int, ..
             match = re.fullmatch(r"(\d+)(?:-(\d+))?", item)
             if not match or int(match[2] or match[1]) < int(match[1]):
                 raise SweepConfigError(f"--seeds {value!r}: write a repeat count (3) or seeds and ranges (0,1,2 or 5-7)")
-            seeds.update(range(int(match[1]), int(match[2] or match[1]) + 1))
+            first, last = int(match[1]), int(match[2] or match[1])
+            _check_limit("--seeds", value, len(seeds) + last - first + 1, MAX_SEEDS, "seeds")
+            seeds.update(range(first, last + 1))
+    _check_limit("--seeds", value, len(seeds), MAX_SEEDS, "seeds")
     return tuple(sorted(seeds))
 
 
@@ -206,7 +225,7 @@ class SweepConfig:
     random_seed: int = 0
 
     def __post_init__(self) -> None:
-        set_ = lambda name, value: object.__setattr__(self, name, value)  # noqa: E731 (frozen)
+        set_ = lambda name, value: object.__setattr__(self, name, value)
         set_("tasks", _split_commas(self.tasks))
         if not self.tasks:
             raise SweepConfigError("--tasks is empty; name at least one lm-eval task")
@@ -222,6 +241,18 @@ class SweepConfig:
             set_("limit", float(self.limit))
         self.hf_args()  # validate both argument strings before anything is loaded
         self.fixed_fault_fields()
+        self.check_size(len(self.layers))
+
+    def check_size(self, layer_groups: int) -> None:
+        """Refuse a grid of more than `MAX_POINTS` points; `layer_groups` is the number of
+        layer groups (known exactly only once `groups:N` meets a model)."""
+        dims = [len(self.faults), len(self.sites), len(self.targets), layer_groups, len(self.p), len(self.seeds)]
+        total = math.prod(dims)
+        if total > MAX_POINTS:
+            raise SweepConfigError(
+                f"the grid --faults x --sites x --targets x --layers x --p x --seeds = {' x '.join(map(str, dims))} "
+                f"= {total} points; at most {MAX_POINTS} are allowed"
+            )
 
     def hf_args(self) -> dict[str, Any]:
         """`model_args` for the wrapped HF model; fault keys belong in the grid or `fault_args`."""
@@ -290,6 +321,7 @@ def plan_points(config: SweepConfig, n_layers: int | None) -> list[SweepPoint]:
     fixed = config.fixed_fault_fields()
     points = [SweepPoint(BASELINE_ID, FaultSpec(**fixed), baseline=True)]
     layer_groups = resolve_layer_groups(config.layers, n_layers)
+    config.check_size(len(layer_groups))
     for seed, fault, site, target, layers, p in product(
         config.seeds, config.faults, config.sites, config.targets, layer_groups, config.p
     ):
@@ -304,25 +336,36 @@ def plan_points(config: SweepConfig, n_layers: int | None) -> list[SweepPoint]:
 
 
 def check_selections(points: list[SweepPoint], lm: FaultyHFLM) -> None:
-    """Fail before the first evaluation if a (site, target, layers) selects nothing in this model,
-    e.g. target=embedding with layers=0-3: better now than after hours of sweeping."""
-    from lm_eval_faults.core.targets import select_modules, select_params
-
+    """Fail before anything is written or evaluated if a grid point cannot run on this model:
+    a (site, target, layers) that selects nothing (e.g. target=embedding with layers=0-3), or
+    bit positions the selected tensors do not have (bits=40 on float16). Caught after the
+    baseline, such a point would leave a pinned sweep.json that blocks the corrected rerun."""
     checked: set[tuple[Any, ...]] = set()
     messages: set[str] = set()
     for spec in (point.spec for point in points):
-        key = (spec.site, spec.target, spec.layers, spec.modules)
+        key = (spec.site, spec.target, spec.layers, spec.modules, spec.fault, spec.bits, spec.active)
         if key in checked:
             continue
         checked.add(key)
         try:
-            if spec.on_weights:
-                select_params(lm.model, spec)
-            if spec.on_activations:
-                select_modules(lm.model, spec)
-        except ValueError as err:
+            _check_spec(spec, lm)
+        except (ValueError, TypeError) as err:
             messages.add(str(err))
     if messages:
-        raise SweepConfigError("some grid series select nothing in this model:\n  " + "\n  ".join(sorted(messages)))
+        raise SweepConfigError("some grid points cannot run on this model:\n  " + "\n  ".join(sorted(messages)))
 
 
+def _check_spec(spec: FaultSpec, lm: FaultyHFLM) -> None:
+    """Raise ValueError/TypeError if `spec` selects nothing or names bits its tensors lack."""
+    from lm_eval_faults.core.formats import layout_of, resolve_bits
+    from lm_eval_faults.core.targets import select_modules, select_params
+
+    dtypes = set()
+    if spec.on_weights:
+        dtypes |= {site.param.dtype for site in select_params(lm.model, spec)}
+    if spec.on_activations:
+        select_modules(lm.model, spec)
+        dtypes.add(lm.model.dtype)
+    if spec.per_bit and spec.active:
+        for dtype in dtypes:
+            resolve_bits(layout_of(dtype), spec.bits)

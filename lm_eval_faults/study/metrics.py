@@ -15,10 +15,19 @@ Conventions, stated once here because every function below relies on them:
   accuracy was lost.
 * A *series* is every record sharing (fault, site, target, layers); its *grid* is the distinct
   p values, each aggregated over seeds.
-* Headline values (AWRCL, thresholds, rankings) use the seed-mean curve. The AWRCL interval comes
-  from per-seed AWRCLs computed on the same x grid, so its mean equals the headline value when
-  every seed covers the whole grid. Thresholds get no interval: a seed that never crosses has no
-  threshold, so a per-seed average is ill-defined.
+* Headline values (AWRCL, thresholds, rankings) use the seed-mean curve. Thresholds get no
+  interval: a seed that never crosses has no threshold, so a per-seed average is ill-defined.
+* Intervals (scores, relative changes, AWRCL) are 95% percentile intervals of a parametric
+  two-level bootstrap, because a score varies for two reasons: which fault map a seed drew,
+  and which documents the task happened to ask. Each replicate resamples the seeds with
+  replacement, redraws each resampled seed's per-task accuracy as Binomial(n, acc)/n, redraws
+  the baseline the same way, and recomputes the statistic. Every replicate is a possible
+  value, so intervals stay inside the bounds (accuracy in [0, 1], relative change in
+  [1 - 1/baseline, 1]) where a Student-t interval over 2-3 seeds did not. The document count n
+  is the record's ``samples`` entry, or is inferred from a proportion and its stderr. The
+  generator seed is fixed, so a report is reproducible. Coverage, measured by simulation, is in
+  docs/sweep_intervals.md: about 95% when document sampling dominates, but below 90% with 2-3
+  seeds whose fault maps differ much more than the documents do.
 """
 
 from __future__ import annotations
@@ -188,42 +197,26 @@ def relative_change(baseline: float, faulty: float | np.ndarray) -> float | np.n
     return float(change) if change.ndim == 0 else change
 
 
-# --------------------------------------------------------------------------- seed statistics
+# --------------------------------------------------------------------------- intervals
 
-# Two-sided 95% Student-t critical values t_{0.975, df} for df = 1..30.
-_T975 = (
-    12.706205, 4.302653, 3.182446, 2.776445, 2.570582, 2.446912, 2.364624, 2.306004,
-    2.262157, 2.228139, 2.200985, 2.178813, 2.160369, 2.144787, 2.131450, 2.119905,
-    2.109816, 2.100922, 2.093024, 2.085963, 2.079614, 2.073873, 2.068658, 2.063899,
-    2.059539, 2.055529, 2.051831, 2.048407, 2.045230, 2.042272,
-)
-_Z975 = 1.959963984540054
-
-
-def t_critical_95(df: int) -> float:
-    """Two-sided 95% Student-t critical value, without scipy.
-
-    Tabulated up to 30 degrees of freedom; beyond that the Cornish-Fisher expansion around
-    the normal quantile, which agrees with the exact value to better than 1e-7 there.
-    """
-    if df < 1:
-        raise ValueError(f"degrees of freedom must be >= 1, got {df}")
-    if df <= len(_T975):
-        return _T975[df - 1]
-    z = _Z975
-    g1 = (z**3 + z) / 4
-    g2 = (5 * z**5 + 16 * z**3 + 3 * z) / 96
-    g3 = (3 * z**7 + 19 * z**5 + 17 * z**3 - 15 * z) / 384
-    g4 = (79 * z**9 + 776 * z**7 + 1482 * z**5 - 1920 * z**3 - 945 * z) / 92160
-    return z + g1 / df + g2 / df**2 + g3 / df**3 + g4 / df**4
+BOOTSTRAP_REPLICATES = 2000
+"""Replicates of the two-level bootstrap; enough that the 2.5/97.5 percentiles move by well
+under the interval width between generator seeds."""
+BOOTSTRAP_SEED = 20240521
+"""Fixed generator seed: the same results file always gives the same report."""
+PROPORTION_METRICS = frozenset(PRIMARY_METRICS)
+"""Metrics that are a fraction of documents answered correctly, so Binomial(n, value)/n is
+their sampling distribution; other metrics (perplexities) are not redrawn."""
 
 
 @dataclass(frozen=True)
 class SeedStats:
-    """Mean of a quantity over seeds with its 95% t-interval.
+    """An estimate over seeds with its 95% interval from the two-level bootstrap.
 
-    `n` counts the finite values used. With n = 1 the interval is NaN (one seed says nothing
-    about seed-to-seed spread); with n = 0 everything is NaN.
+    `mean` is the plain estimate (seed mean, or the statistic of the seed-mean curve), `n` the
+    number of seeds that entered it. The interval is NaN when nothing varies: one seed of a
+    metric whose document count is unknown. With one seed but a known document count, the
+    interval covers only which documents were asked, not which fault map was drawn.
     """
 
     mean: float
@@ -233,23 +226,140 @@ class SeedStats:
 
     @property
     def half_width(self) -> float:
-        """Distance from the mean to either interval end (NaN without an interval)."""
-        return self.ci_high - self.mean
+        """Half the interval's width (NaN without an interval); the interval need not be
+        symmetric about the mean, since it respects the metric's bounds."""
+        return (self.ci_high - self.ci_low) / 2
 
 
-def seed_stats(values: Iterable[float]) -> SeedStats:
-    """Mean and 95% confidence interval (Student t, sample std with ddof=1); NaNs are ignored
-    because a NaN marks a seed that could not be scored, not a value."""
+def mean_only(values: Iterable[float]) -> SeedStats:
+    """The finite values' mean with no interval: for quantities such as injected counts, whose
+    spread over seeds is reported as data, not as uncertainty of a score."""
     arr = np.asarray([v for v in values if v is not None], dtype=float)
     arr = arr[np.isfinite(arr)]
-    n = int(arr.size)
-    if n == 0:
-        return SeedStats(math.nan, math.nan, math.nan, 0)
-    mean = float(arr.mean())
-    if n == 1:
-        return SeedStats(mean, math.nan, math.nan, 1)
-    half = t_critical_95(n - 1) * float(arr.std(ddof=1)) / math.sqrt(n)
-    return SeedStats(mean, mean - half, mean + half, n)
+    mean = float(arr.mean()) if arr.size else math.nan
+    return SeedStats(mean, math.nan, math.nan, int(arr.size))
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """What the bootstrap needs to redraw scores: the scored tasks, each task's number of
+    documents (0 where the metric is not a proportion or the count is unknown, so that task is
+    held at its observed value), and the baseline's per-task values."""
+
+    tasks: tuple[str, ...]
+    sizes: np.ndarray
+    base_values: np.ndarray
+
+    @property
+    def bounded(self) -> bool:
+        """Whether every task is a redrawn proportion, so scores lie in [0, 1]."""
+        return bool(self.sizes.size) and bool((self.sizes > 0).all())
+
+
+def task_sizes(records: Sequence[Mapping[str, Any]], tasks: Sequence[str]) -> dict[str, int]:
+    """Documents per task: the recorded ``samples`` count, else inferred from a proportion and
+    its standard error (lm-eval's stderr of a mean of 0/1 values is sqrt(v(1-v)/(n-1))), taking
+    the most frequent inference over records, since n is fixed within a sweep. 0 = unknown."""
+    sizes: dict[str, int] = {}
+    for task in tasks:
+        recorded = [int(n) for r in records if (n := (r.get("samples") or {}).get(task))]
+        if recorded:
+            sizes[task] = max(set(recorded), key=recorded.count)
+            continue
+        inferred = [n for r in records if (n := _inferred_size(r, task))]
+        sizes[task] = max(set(inferred), key=inferred.count) if inferred else 0
+    return sizes
+
+
+def _inferred_size(record: Mapping[str, Any], task: str) -> int | None:
+    """n from a proportion's value and stderr; None when either is missing or degenerate."""
+    task_metrics = (record.get("metrics") or {}).get(task) or {}
+    chosen = primary_metric(task_metrics)
+    if chosen is None or chosen[0] not in PROPORTION_METRICS:
+        return None
+    value, stderr = chosen[1], task_metrics.get(f"{chosen[0]}_stderr")
+    if not isinstance(stderr, (int, float)) or not stderr > 0 or not 0 < value < 1:
+        return None
+    return round(value * (1 - value) / stderr**2 + 1)
+
+
+def sampling_of(records: Sequence[Mapping[str, Any]], tasks: Sequence[str]) -> Sampling:
+    """The `Sampling` of a sweep: a task is redrawn only if its primary metric is a proportion
+    in every baseline record and its document count is known."""
+    sizes = task_sizes(records, tasks)
+    baselines = baseline_records(records)
+    redrawn = []
+    for task in tasks:
+        names = {task_scores(b)[task][0] for b in baselines}
+        redrawn.append(sizes[task] if names <= PROPORTION_METRICS else 0)
+    base_values = np.array(
+        [np.mean([task_scores(b)[task][1] for b in baselines]) for task in tasks], dtype=float
+    )
+    return Sampling(tuple(tasks), np.array(redrawn, dtype=int), base_values)
+
+
+def _redraw(values: np.ndarray, sizes: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Binomial(n, v)/n for each per-task proportion v (last axis = tasks); tasks with n = 0
+    keep their value and NaN stays NaN."""
+    n = np.broadcast_to(sizes, values.shape)
+    finite = np.isfinite(values)
+    probability = np.where(finite & (n > 0), np.clip(np.nan_to_num(values), 0.0, 1.0), 0.0)
+    drawn = rng.binomial(np.maximum(n, 1), probability) / np.maximum(n, 1)
+    return np.where(finite & (n > 0), drawn, values)
+
+
+def bootstrap_scores(
+    values: np.ndarray, sampling: Sampling, rng: np.random.Generator, reps: int = BOOTSTRAP_REPLICATES
+) -> np.ndarray:
+    """Replicates of the seed-mean score curve, shape (reps, grid).
+
+    `values` is (seeds, grid, tasks), NaN where a seed lacks a point. Level one resamples the
+    seeds with replacement (which fault maps were drawn); level two redraws every resampled
+    seed's per-task accuracy from Binomial(n, acc)/n (which documents were asked). A seed is
+    resampled as a whole across the grid, keeping the pairing of its points.
+    """
+    n_seeds = values.shape[0]
+    picked = values[rng.integers(0, n_seeds, size=(reps, n_seeds))]
+    per_seed = _redraw(picked, sampling.sizes, rng).mean(axis=-1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # a grid point no resampled seed reached
+        return np.nanmean(per_seed, axis=1)
+
+
+def bootstrap_baseline(
+    sampling: Sampling, rng: np.random.Generator, reps: int = BOOTSTRAP_REPLICATES
+) -> np.ndarray:
+    """Replicates of the baseline score: the clean run has no fault map, only documents."""
+    return _redraw(np.broadcast_to(sampling.base_values, (reps, len(sampling.tasks))), sampling.sizes, rng).mean(axis=-1)
+
+
+def relchange_bounds(baseline: float, sampling: Sampling) -> tuple[float, float]:
+    """What (baseline - faulty) / baseline can be when scores lie in [0, 1]: from
+    1 - 1/baseline (faulty = 1) to 1 (faulty = 0); unbounded for unbounded metrics."""
+    if not sampling.bounded or not baseline > 0:
+        return -math.inf, math.inf
+    return 1 - 1 / baseline, 1.0
+
+
+def percentile_interval(
+    replicates: np.ndarray,
+    estimate: float,
+    n: int,
+    bounds: tuple[float, float] = (-math.inf, math.inf),
+    *,
+    varies: bool = True,
+) -> SeedStats:
+    """The 2.5/97.5 percentiles of the finite replicates, clipped to `bounds`, the values the
+    statistic can take. NaN when nothing was resampled (`varies` false) or nothing is finite."""
+    finite = replicates[np.isfinite(replicates)]
+    if not varies or finite.size < 2 or not math.isfinite(estimate):
+        return SeedStats(estimate, math.nan, math.nan, n)
+    low, high = np.clip(np.percentile(finite, [2.5, 97.5]), *bounds)
+    return SeedStats(estimate, float(low), float(high), n)
+
+
+def _rng() -> np.random.Generator:
+    return np.random.default_rng(BOOTSTRAP_SEED)
 
 
 # --------------------------------------------------------------------------- AWRCL and thresholds
@@ -373,6 +483,8 @@ class Point:
     score: float
     relchange: float
     injected: float
+    values: tuple[float, ...] = ()
+    """Per-task primary metric, in the order of `Sampling.tasks`: what the bootstrap redraws."""
 
 
 @dataclass(frozen=True)
@@ -392,6 +504,8 @@ class Series:
     key: SeriesKey
     points: tuple[Point, ...]
     grid: tuple[GridPoint, ...]
+    baseline: float = math.nan
+    sampling: Sampling | None = None
 
     @property
     def p(self) -> np.ndarray:
@@ -412,6 +526,10 @@ class Series:
     def seeds(self) -> list[int]:
         """Seeds present in the series, sorted."""
         return sorted({pt.seed for pt in self.points})
+
+    def value_cube(self) -> np.ndarray:
+        """Per-task values as (seeds, grid, tasks), NaN where a seed has no scored point."""
+        return _value_cube(self.points, [g.p for g in self.grid], self.sampling)
 
 
 def series_key(record: Mapping[str, Any]) -> SeriesKey:
@@ -445,6 +563,7 @@ def build_series(
     """
     tasks = list(tasks) if tasks is not None else baseline_tasks(records)
     base = baseline_score(records, tasks)
+    sampling = sampling_of(records, tasks)
     grouped: dict[SeriesKey, list[Point]] = defaultdict(list)
     for record in records:
         if record.get("baseline"):
@@ -458,32 +577,68 @@ def build_series(
                 score=score,
                 relchange=float(relative_change(base, score)),
                 injected=injected_count(record, count),
+                values=_task_values(record, tasks),
             )
         )
     series = []
     for key in sorted(grouped, key=lambda k: (k.fault, k.site, k.target, layer_sort_key(k.layers))):
         points = tuple(sorted(grouped[key], key=lambda pt: (pt.p, pt.seed)))
-        series.append(Series(key=key, points=points, grid=_aggregate_grid(points)))
+        grid = _aggregate_grid(points, base, sampling)
+        series.append(Series(key=key, points=points, grid=grid, baseline=base, sampling=sampling))
     return base, series
 
 
-def _aggregate_grid(points: Sequence[Point]) -> tuple[GridPoint, ...]:
-    """Seed statistics at each distinct p (points must be sorted by p)."""
+def _task_values(record: Mapping[str, Any], tasks: Sequence[str]) -> tuple[float, ...]:
+    """A record's primary metric per task (NaN where missing), for the bootstrap."""
+    scores = task_scores(record)
+    return tuple(scores[task][1] if task in scores else math.nan for task in tasks)
+
+
+def _value_cube(points: Sequence[Point], grid_p: Sequence[float], sampling: Sampling | None) -> np.ndarray:
+    """(seeds, grid, tasks) per-task values of scored points; NaN elsewhere."""
+    seeds = sorted({pt.seed for pt in points})
+    n_tasks = len(sampling.tasks) if sampling else 0
+    cube = np.full((len(seeds), len(grid_p), n_tasks), math.nan)
+    column = {p: j for j, p in enumerate(grid_p)}
+    for pt in points:
+        if math.isfinite(pt.score) and pt.p in column and len(pt.values) == n_tasks:
+            cube[seeds.index(pt.seed), column[pt.p]] = pt.values
+    return cube
+
+
+def _aggregate_grid(points: Sequence[Point], baseline: float, sampling: Sampling) -> tuple[GridPoint, ...]:
+    """Seed means and two-level bootstrap intervals at each distinct p (points sorted by p)."""
     by_p: dict[float, list[Point]] = defaultdict(list)
     for pt in points:
         by_p[pt.p].append(pt)
     grid = []
     for p, group in by_p.items():
         scored = [pt for pt in group if math.isfinite(pt.score)]
-        grid.append(
-            GridPoint(
-                p=p,
-                score=seed_stats(pt.score for pt in scored),
-                relchange=seed_stats(pt.relchange for pt in scored),
-                injected=seed_stats(pt.injected for pt in group),
-            )
-        )
+        score, relchange = _point_intervals(scored, p, baseline, sampling)
+        grid.append(GridPoint(p=p, score=score, relchange=relchange, injected=mean_only(pt.injected for pt in group)))
     return tuple(grid)
+
+
+def _point_intervals(
+    scored: Sequence[Point], p: float, baseline: float, sampling: Sampling
+) -> tuple[SeedStats, SeedStats]:
+    """Score and relative-change intervals of one grid point from the same replicates."""
+    n = len(scored)
+    score_mean = float(np.mean([pt.score for pt in scored])) if n else math.nan
+    change_mean = float(relative_change(baseline, score_mean))
+    if not n:
+        return SeedStats(math.nan, math.nan, math.nan, 0), SeedStats(math.nan, math.nan, math.nan, 0)
+    rng = _rng()
+    scores = bootstrap_scores(_value_cube(scored, [p], sampling), sampling, rng)[:, 0]
+    base = bootstrap_baseline(sampling, rng)
+    varies = n >= 2 or bool(sampling.sizes.any())
+    score_bounds = (0.0, 1.0) if sampling.bounded else (-math.inf, math.inf)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        changes = np.where(base != 0, (base - scores) / base, math.nan)
+    return (
+        percentile_interval(scores, score_mean, n, score_bounds, varies=varies),
+        percentile_interval(changes, change_mean, n, relchange_bounds(baseline, sampling), varies=varies),
+    )
 
 
 # --------------------------------------------------------------------------- summaries and rankings
@@ -504,28 +659,65 @@ class SeriesSummary:
 def summarize_series(
     series: Series, *, weighting: Weighting = "uniform", fraction: float = 0.5
 ) -> SeriesSummary:
-    """AWRCL against p and against the seed-mean injected count, and the `fraction`-drop
-    thresholds on the seed-mean curve."""
+    """AWRCL against p and against the seed-mean injected count, each with a two-level
+    bootstrap interval, and the `fraction`-drop thresholds on the seed-mean curve.
+
+    The headline AWRCL is that of the seed-mean relative-change curve; each bootstrap replicate
+    recomputes it from a replicate curve (seeds resampled, documents redrawn, baseline redrawn),
+    so one interval carries both sources of variance and the AWRCL's bounds.
+    """
     p, counts = series.p, series.mean_injected
-    per_seed_p, per_seed_count = [], []
-    for seed in series.seeds:
-        r = _seed_relchange(series, seed)
-        per_seed_p.append(awrcl(p, r, weighting))
-        per_seed_count.append(awrcl(counts, r, weighting))
+    n_seeds = len(series.seeds)
+    changes = _replicate_relchanges(series)
+    bounds = relchange_bounds(series.baseline, series.sampling) if series.sampling else (-math.inf, math.inf)
+    varies = n_seeds >= 2 or (series.sampling is not None and bool(series.sampling.sizes.any()))
+
+    def interval(x: np.ndarray) -> SeedStats:
+        estimate = awrcl(x, series.mean_relchange, weighting)
+        replicates = awrcl_rows(x, changes, weighting) if changes is not None else np.array([])
+        return percentile_interval(replicates, estimate, n_seeds, bounds, varies=varies and changes is not None)
+
     return SeriesSummary(
         key=series.key,
-        awrcl_p=seed_stats(per_seed_p),
-        awrcl_count=seed_stats(per_seed_count),
+        awrcl_p=interval(p),
+        awrcl_count=interval(counts),
         threshold_p=threshold_crossing(p, series.mean_relchange, fraction),
         threshold_count=threshold_crossing(counts, series.mean_relchange, fraction),
-        n_seeds=len(series.seeds),
+        n_seeds=n_seeds,
     )
 
 
-def _seed_relchange(series: Series, seed: int) -> np.ndarray:
-    """One seed's relative change on the series grid; NaN where that seed has no point."""
-    by_p = {pt.p: pt.relchange for pt in series.points if pt.seed == seed}
-    return np.array([by_p.get(g.p, math.nan) for g in series.grid])
+def _replicate_relchanges(series: Series) -> np.ndarray | None:
+    """Bootstrap replicates of the seed-mean relative-change curve, (replicates, grid); None
+    for a series built without sampling information."""
+    if series.sampling is None or not series.points:
+        return None
+    rng = _rng()
+    scores = bootstrap_scores(series.value_cube(), series.sampling, rng)
+    base = bootstrap_baseline(series.sampling, rng)[:, None]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.where(base != 0, (base - scores) / base, math.nan)
+
+
+def awrcl_rows(x: Sequence[float] | np.ndarray, relchange: np.ndarray, weighting: Weighting = "uniform") -> np.ndarray:
+    """`awrcl` of every row of a (rows, grid) array over the same grid `x`.
+
+    Rows without NaN share one weight vector, so they are one matrix product; the few rows
+    with a missing grid point (a resample without any seed there) fall back to `awrcl`.
+    """
+    x = np.asarray(x, dtype=float)
+    out = np.full(relchange.shape[0], math.nan)
+    complete = np.isfinite(relchange).all(axis=1)
+    keep = ~np.isnan(x)
+    order = np.argsort(x[keep], kind="stable")
+    xs, rows = x[keep][order], relchange[complete][:, keep][:, order]
+    if xs.size == 1:
+        out[complete] = rows[:, 0]
+    elif xs.size > 1 and (total := grid_weights(xs, weighting).sum()) > 0:
+        out[complete] = rows @ grid_weights(xs, weighting) / total
+    for i in np.flatnonzero(~complete):
+        out[i] = awrcl(x, relchange[i], weighting)
+    return out
 
 
 @dataclass(frozen=True)

@@ -26,12 +26,16 @@ from lm_eval_faults.study.metrics import (
 
 _KEY_FIELDS = ("fault", "site", "target", "layers")
 
-
+ACCURACY_LABEL = "accuracy (higher is better)"
+"""Y label of score plots: says which way is good, since the relative-change plots run the other way."""
+RELCHANGE_LABEL = "relative accuracy loss (1 = all lost, 0 = none, < 0 = gain)"
+"""Y label of relative-change plots: (baseline - faulty) / baseline, so up means accuracy lost."""
 
 SCORE_LIMITS = (0.0, 1.0)
 """Scores are accuracies or exact-match rates."""
 RELCHANGE_LIMITS = (-math.inf, 1.0)
 """A score cannot fall below 0, so the relative change cannot exceed 1."""
+
 
 def series_labels(keys: Sequence[SeriesKey]) -> list[str]:
     """Legend labels naming only what differs between the plotted series, so a per-component
@@ -63,7 +67,7 @@ def plot_accuracy_vs_p(
         ax.axhline(chance, color="grey", linestyle=":", linewidth=1, label="chance")
     ax.set_xscale("log")
     ax.set_xlabel("fault rate p")
-    ax.set_ylabel("score (mean primary metric)")
+    ax.set_ylabel(ACCURACY_LABEL)
     return _save(fig, ax, out_path, title)
 
 
@@ -82,7 +86,7 @@ def plot_relchange_vs_p(
     _threshold_line(ax, fraction)
     ax.set_xscale("log")
     ax.set_xlabel("fault rate p")
-    ax.set_ylabel("relative change in accuracy")
+    ax.set_ylabel(RELCHANGE_LABEL)
     return _save(fig, ax, out_path, title)
 
 
@@ -106,7 +110,7 @@ def plot_relchange_vs_count(
     _threshold_line(ax, fraction)
     ax.set_xscale("log")
     ax.set_xlabel(count_label)
-    ax.set_ylabel("relative change in accuracy")
+    ax.set_ylabel(RELCHANGE_LABEL)
     return _save(fig, ax, out_path, title)
 
 
@@ -117,7 +121,7 @@ def plot_layer_bars(
     *,
     title: str | None = None,
 ) -> Path:
-    """Relative change of each layer group at one fault rate, as bars with 95% CI error bars.
+    """Relative change of each layer group at one fault rate, as bars with 95% interval error bars.
 
     Raises ValueError when no series was run at `p` (matched with a relative tolerance of
     1e-6, since p values round-trip through JSON).
@@ -144,7 +148,7 @@ def plot_layer_bars(
     ax.axhline(0, color="black", linewidth=0.8)
     ax.set_axisbelow(True)
     ax.set_xlabel("layer group")
-    ax.set_ylabel(f"relative change in accuracy at p={p:g}")
+    ax.set_ylabel(f"{RELCHANGE_LABEL}, p={p:g}")
     return _save(fig, ax, out_path, title, legend=False)
 
 
@@ -165,10 +169,10 @@ def _new_axes() -> tuple[Figure, Axes]:
 def _mean_with_band(
     ax: Axes, x: np.ndarray, stats: Sequence[SeedStats], label: str, limits: tuple[float, float] = (-math.inf, math.inf)
 ) -> None:
-    """Seed-mean line with markers and a shaded 95% CI band where the interval exists.
+    """Seed-mean line with markers and a shaded 95% band where the interval exists.
 
-    The band is clipped to `limits`, the values the metric can take: a t-interval over three
-    seeds of a step-like accuracy curve would otherwise reach far below 0 and above 1.
+    The bootstrap intervals already respect the metric's bounds (see `metrics`); clipping to
+    `limits` is kept as a guard for results analysed with other intervals.
     """
     x = np.asarray(x, dtype=float)
     mean = np.array([st.mean for st in stats])
@@ -193,8 +197,8 @@ def _yerr(stats: Sequence[SeedStats]) -> np.ndarray | None:
     no bar has an interval, so that single-seed charts carry no meaningless zero-length caps."""
     if not any(math.isfinite(st.ci_low) for st in stats):
         return None
-    below = [st.mean - st.ci_low if math.isfinite(st.ci_low) else 0.0 for st in stats]
-    above = [st.ci_high - st.mean if math.isfinite(st.ci_high) else 0.0 for st in stats]
+    below = [max(st.mean - st.ci_low, 0.0) if math.isfinite(st.ci_low) else 0.0 for st in stats]
+    above = [max(st.ci_high - st.mean, 0.0) if math.isfinite(st.ci_high) else 0.0 for st in stats]
     return np.array([below, above])
 
 

@@ -36,13 +36,16 @@ class RunDir:
     def claim(self, config: SweepConfig) -> Iterator[None]:
         """Hold the run directory for this process, after checking it can belong to `config`."""
         self.path.mkdir(parents=True, exist_ok=True)
-        with open(self.path / LOCK_FILE, "w") as lock:
+        lock = _open_lock(self.path / LOCK_FILE)
+        try:
             try:
                 fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
                 raise SweepConfigError(f"{self.path} is in use by another running sweep") from None
             self._check_config(config)
             yield
+        finally:
+            os.close(lock)
 
     def save_config(self, config: SweepConfig) -> None:
         """Pin `config` to the directory (atomically); called once the grid has been validated,
@@ -81,16 +84,18 @@ class RunDir:
         return {str(record["point_id"]) for record in load_records(self.results)}
 
     def _repair_tail(self) -> None:
-        """Make the file end with a newline: end a complete last record, cut an incomplete one."""
+        """Make the file end with a complete record and a newline: end a complete last record,
+        cut an incomplete one whether or not a newline follows it. Left in place, an incomplete
+        line would sit in the middle once the next record is appended, and every later resume
+        and report would refuse the file."""
         data = self.results.read_bytes()
-        if not data or data.endswith(b"\n"):
+        body = data.rstrip(b"\r\n\t ")
+        if not body:
             return
-        start = data.rfind(b"\n") + 1
-        try:
-            json.loads(data[start:])["point_id"]
-        except (ValueError, TypeError, KeyError):
+        start = body.rfind(b"\n") + 1
+        if not _is_record(body[start:]):
             warnings.warn(
-                f"{self.results}: dropping an incomplete last record ({len(data) - start} bytes) "
+                f"{self.results}: dropping an incomplete last record ({len(body) - start} bytes) "
                 "left by an interrupted sweep; that point runs again",
                 stacklevel=3,
             )
@@ -98,11 +103,32 @@ class RunDir:
                 handle.truncate(start)
                 os.fsync(handle.fileno())
             return
-        with open(self.results, "ab") as handle:
-            _write_durably(handle, b"\n")
+        if not data.endswith(b"\n"):
+            with open(self.results, "ab") as handle:
+                _write_durably(handle, b"\n")
 
     def append(self, record: dict[str, Any]) -> None:
         append_line(self.results, json.dumps(record).encode("utf-8"))
+
+
+def _is_record(line: bytes) -> bool:
+    """Whether `line` is a complete JSON record with a `point_id`."""
+    try:
+        record = json.loads(line)
+    except ValueError:
+        return False
+    return isinstance(record, dict) and "point_id" in record
+
+
+def _open_lock(path: Path) -> int:
+    """Open (never truncate) the lock file, refusing a symbolic link: following one planted in
+    the run directory would let the sweep create or lock a file elsewhere."""
+    try:
+        return os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+    except OSError as err:
+        if path.is_symlink():
+            raise SweepConfigError(f"{path} is a symbolic link; refusing to use it as the sweep lock (remove it)") from None
+        raise SweepConfigError(f"cannot open the sweep lock {path}: {err.strerror}") from None
 
 
 def append_line(path: Path, line: bytes) -> None:

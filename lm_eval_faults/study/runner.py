@@ -14,9 +14,11 @@ baseline (p=0). Each record follows the schema documented in `lm_eval_faults.stu
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -41,10 +43,50 @@ def load_clean_model(config: SweepConfig) -> FaultyHFLM:
     """The clean model (p=0), loaded once for the whole sweep."""
     from lm_eval_faults.harness.model import FaultyHFLM
 
-    extra = {"batch_size": config.batch_size, "max_batch_size": config.max_batch_size, "device": config.device}
+    extra = {"batch_size": config.batch_size, "max_batch_size": config.max_batch_size, "device": sweep_device(config)}
     lm = FaultyHFLM.create_from_arg_obj(config.hf_args(), extra)
     lm.print_report = False  # one table per point would bury the progress bar; the report has them all
     return lm
+
+
+def sweep_device(config: SweepConfig) -> str:
+    """The configured device, else what `lm_eval` picks: cuda when available, else cpu. The
+    HF model's own default is cuda, which crashes a CPU-only machine; the default is resolved
+    here rather than stored, so sweep.json still says what the user wrote."""
+    if config.device:
+        return config.device
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@contextlib.contextmanager
+def quiet_lm_eval() -> Iterator[None]:
+    """Keep the sweep's output to its progress: while points run, lm-eval logs errors only
+    (its per-point warnings, e.g. "Custom kwargs can be passed...", repeat identically for every
+    point) and skips its environment survey, whose `git describe` prints "fatal: not a git
+    repository" outside a repository and whose results a sweep record does not keep. Both are
+    restored afterwards, so lm-eval behaves as before for the rest of the process."""
+    from lm_eval import evaluator
+
+    loggers = [logging.getLogger("lm_eval")] + [
+        logger
+        for name, logger in logging.root.manager.loggerDict.items()
+        if name.startswith("lm_eval.") and isinstance(logger, logging.Logger) and logger.level != logging.NOTSET
+    ]
+    levels = [logger.level for logger in loggers]
+    saved = {name: getattr(evaluator, name) for name in ("get_git_commit_hash", "add_env_info")}
+    try:
+        for logger in loggers:
+            logger.setLevel(logging.ERROR)
+        evaluator.get_git_commit_hash = lambda: None
+        evaluator.add_env_info = lambda storage: None
+        yield
+    finally:
+        for logger, level in zip(loggers, levels):
+            logger.setLevel(level)
+        for name, function in saved.items():
+            setattr(evaluator, name, function)
 
 
 def evaluate_point(lm: FaultyHFLM, point: SweepPoint, config: SweepConfig, task_manager: TaskManager) -> dict[str, Any]:
@@ -73,13 +115,16 @@ def evaluate_point(lm: FaultyHFLM, point: SweepPoint, config: SweepConfig, task_
         **point.labels(),
         **record_fault_counts(lm, point.spec),
         "metrics": task_metrics(results["results"]),
+        "samples": task_samples(results),
         "elapsed_s": round(time.perf_counter() - started, 3),
     }
 
 
 def record_fault_counts(lm: FaultyHFLM, spec: FaultSpec) -> dict[str, Any]:
     """Injected and expected faults (elements hit, bits faulted) over the spec's sites, and
-    non-finite weights and requests, from the model's `FaultReport`."""
+    non-finite weights and requests, degenerate requests (flat logits or tied choices: a
+    collapsed model whose answer is the tie-break) and all requests per task, from the model's
+    `FaultReport`."""
     report = lm.report
     parts = [part for part, on in (("weights", spec.on_weights), ("activations", spec.on_activations)) if on]
     totals = [report.totals(part) for part in parts]
@@ -95,6 +140,18 @@ def record_fault_counts(lm: FaultyHFLM, spec: FaultSpec) -> dict[str, Any]:
             "activations": int(report.totals("activations")["nonfinite_created"]),
             "requests": dict(report.nonfinite_requests),
         },
+        "degenerate": {"requests": dict(report.degenerate_requests)},
+        "requests": dict(report.requests),
+    }
+
+
+def task_samples(results: dict[str, Any]) -> dict[str, int]:
+    """Documents evaluated per task (lm-eval's effective `n-samples`): the n of the bootstrap's
+    Binomial(n, acc)/n, which cannot be inferred from a stderr when acc is 0 or 1."""
+    return {
+        task: int(counts["effective"])
+        for task, counts in (results.get("n-samples") or {}).items()
+        if isinstance(counts, dict) and counts.get("effective") is not None
     }
 
 
@@ -156,7 +213,8 @@ def run_sweep(
         try:
             for point in pending:
                 bar.set_postfix_str(point.point_id)
-                record = evaluate_point(lm, point, config, task_manager)
+                with quiet_lm_eval():
+                    record = evaluate_point(lm, point, config, task_manager)
                 directory.append(record)
                 outcome.ran.append(point.point_id)
                 bar.update()

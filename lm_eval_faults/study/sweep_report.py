@@ -23,11 +23,13 @@ import numpy as np
 from lm_eval_faults.study import plots
 from lm_eval_faults.study.metrics import (
     ALL_LAYERS,
+    BOOTSTRAP_REPLICATES,
     RANK_KEYS,
     RESULTS_FILE,
     WEIGHTINGS,
     CountUnit,
     Ranking,
+    Sampling,
     SeedStats,
     Series,
     SeriesSummary,
@@ -39,6 +41,7 @@ from lm_eval_faults.study.metrics import (
     rankings,
     record_score,
     relative_change,
+    sampling_of,
     series_key,
     summarize_series,
     task_scores,
@@ -84,8 +87,8 @@ def build_report(
     )
     text = "\n".join(
         [
-            _header(records, series, tasks, baseline, weighting, fraction, count),
-            _summary_section(series, summaries, fraction),
+            _header(records, series, tasks, baseline, weighting, fraction, count, sampling_of(records, tasks)),
+            _summary_section(series, summaries, fraction, records),
             _ranking_section(summaries, fraction),
             _figure_section(figures, run_dir),
             _points_section(records, tasks, baseline, count),
@@ -199,6 +202,7 @@ def _header(
     weighting: Weighting,
     fraction: float,
     count: CountUnit,
+    sampling: Sampling,
 ) -> str:
     base = baseline_records(records)[0]
     scores = task_scores(base)
@@ -206,20 +210,26 @@ def _header(
     lines = [
         "# Fault-sweep report",
         "",
-        f"From `{RESULTS_FILE}`: {len(records)} records — {len(records) - n_points} baseline, "
-        f"{n_points} faulty points in {len(series)} series.",
+        (f"From `{RESULTS_FILE}`: {len(records)} records — {len(records) - n_points} baseline, "
+        f"{n_points} faulty points in {len(series)} series."),
         "",
-        f"- **Score** of a point: mean over the baseline's {len(tasks)} task(s) of each task's "
-        "primary metric (acc, else acc_norm, else exact_match, else the first numeric metric).",
+        (f"- **Score** of a point: mean over the baseline's {len(tasks)} task(s) of each task's "
+        "primary metric (acc, else acc_norm, else exact_match, else the first numeric metric)."),
         f"- **Baseline score** (p = 0): {_num(baseline)}.",
         "- **Relative change** = (baseline − faulty) / baseline; positive means accuracy lost.",
-        f"- **AWRCL** = Σ wᵢ·changeᵢ / Σ wᵢ over the p grid, weighting `{weighting}`; "
+        (f"- **AWRCL** = Σ wᵢ·changeᵢ / Σ wᵢ over the p grid, weighting `{weighting}`; "
         f"\"vs injected\" uses the seed-mean number of injected {count} as the grid instead of p "
-        "(only the weights depend on the grid, so under `uniform` the two are equal).",
-        f"- **Threshold**: smallest p (or injected count) where the seed-mean relative change "
+        "(only the weights depend on the grid, so under `uniform` the two are equal)."),
+        (f"- **Threshold**: smallest p (or injected count) where the seed-mean relative change "
         f"first reaches {fraction:.0%}, interpolated in log scale; \"≤\" marks a drop already "
-        "reached at the first grid point (an upper bound).",
-        "- **Intervals**: 95% Student-t over seeds; n/a with a single seed.",
+        "reached at the first grid point (an upper bound)."),
+        ("- **Intervals**: 95% percentile intervals of a two-level bootstrap "
+        f"({BOOTSTRAP_REPLICATES} replicates, fixed seed): seeds resampled with replacement "
+        "(which fault maps were drawn), then each task's accuracy redrawn as Binomial(n, acc)/n "
+        f"(which documents were asked; n per task: {_sizes(sampling)}), the baseline likewise. "
+        "They respect the bounds: accuracy in [0, 1], relative change in [1 − 1/baseline, 1]. "
+        "With one seed they cover document sampling only; n/a where nothing can be redrawn. "
+        "See docs/sweep_intervals.md."),
         "",
         "## Baseline",
         "",
@@ -229,9 +239,13 @@ def _header(
 
 
 def _summary_section(
-    series: Sequence[Series], summaries: Sequence[SeriesSummary], fraction: float
+    series: Sequence[Series],
+    summaries: Sequence[SeriesSummary],
+    fraction: float,
+    records: Sequence[Mapping[str, Any]],
 ) -> str:
     drop = f"{fraction:.0%}"
+    by_id = {str(r["point_id"]): r for r in records}
     rows = []
     for s, summary in zip(series, summaries):
         k = s.key
@@ -241,11 +255,12 @@ def _summary_section(
             _threshold(summary.threshold_count, s.mean_injected, s.mean_relchange),
             _stats(summary.awrcl_p),
             _stats(summary.awrcl_count),
+            _collapsed_points(s, by_id),
         ])
     headers = [
         "fault", "site", "target", "layers", "seeds",
         f"p at {drop} drop", f"injected at {drop} drop", "AWRCL vs p [95% CI]",
-        "AWRCL vs injected [95% CI]",
+        "AWRCL vs injected [95% CI]", "collapsed points",
     ]
     return "\n".join(["", "## Thresholds and AWRCL per series", "", _table(headers, rows)])
 
@@ -300,7 +315,7 @@ def _points_section(
         headers.append(f"injected {unit}")
         if has_expected:
             headers.append(f"expected {unit}")
-    headers += ["non-finite weights", "non-finite requests", "elapsed s"]
+    headers += ["non-finite weights", "non-finite requests", "degenerate requests", "elapsed s"]
     ordered = sorted(
         records,
         key=lambda r: (
@@ -322,12 +337,15 @@ def _points_section(
         row += [
             _value(nonfinite.get("weights")),
             _requests(nonfinite.get("requests")),
+            _degenerate(r),
             _value(r.get("elapsed_s")),
         ]
         rows.append(row)
     note = (
         f"Counts are as recorded; thresholds and AWRCL above use `{count}`. "
-        "Activation-site counts are totals over the run."
+        "Activation-site counts are totals over the run. Degenerate requests had flat logits or "
+        "tied choices; a point is **collapsed** when most of its requests are, so its accuracy is "
+        "the first-choice tie-break, not chance and not knowledge. \"—\": not recorded (older sweeps)."
     )
     return "\n".join(["## Points", "", note, "", _table(headers, rows), ""])
 
@@ -378,6 +396,49 @@ def _threshold(value: float | None, x: np.ndarray, relchange: np.ndarray) -> str
     usable = x[(x > 0) & np.isfinite(relchange)]
     prefix = "≤ " if usable.size and value <= usable.min() else ""
     return f"{prefix}{value:.3g}"
+
+
+def _sizes(sampling: Sampling) -> str:
+    """Documents per task as used by the bootstrap, e.g. ``faults_demo 160``; "not redrawn"
+    marks a task whose metric is not a proportion or whose count is unknown."""
+    return ", ".join(
+        f"{task} {n}" if n else f"{task} not redrawn" for task, n in zip(sampling.tasks, sampling.sizes.tolist())
+    )
+
+
+def degenerate_requests(record: Mapping[str, Any]) -> tuple[int, int] | None:
+    """(degenerate requests, all requests) summed over tasks; None for a record from before
+    degenerate requests were recorded, which is unknown rather than zero."""
+    degenerate = (record.get("degenerate") or {}).get("requests")
+    if degenerate is None:
+        return None
+    return sum(degenerate.values()), sum((record.get("requests") or {}).values())
+
+
+def is_collapsed(record: Mapping[str, Any]) -> bool | None:
+    """Whether most of a point's requests were degenerate (None when not recorded): its
+    accuracy then measures the tie-break, not the model."""
+    counts = degenerate_requests(record)
+    if counts is None:
+        return None
+    return counts[1] > 0 and 2 * counts[0] > counts[1]
+
+
+def _degenerate(record: Mapping[str, Any]) -> str:
+    """Degenerate-request cell: ``collapsed (n of m degenerate)``, a count, or "—" if unknown."""
+    counts = degenerate_requests(record)
+    if counts is None:
+        return "—"
+    if is_collapsed(record):
+        return f"**collapsed** ({counts[0]} of {counts[1]} degenerate)"
+    return _requests(record["degenerate"]["requests"])
+
+
+def _collapsed_points(series: Series, by_id: Mapping[str, Mapping[str, Any]]) -> str:
+    """``k of N`` collapsed points of a series; "—" when none of its records say."""
+    flags = [is_collapsed(by_id[pt.point_id]) for pt in series.points if pt.point_id in by_id]
+    known = [flag for flag in flags if flag is not None]
+    return f"{sum(known)} of {len(known)}" if known else "—"
 
 
 def _requests(requests: Mapping[str, int] | None) -> str:

@@ -1,0 +1,125 @@
+"""Checks that need only a model's config, run before its weights load.
+
+Loading a 7B checkpoint takes minutes; reading its `config.json` takes milliseconds. Whatever can
+be known from the config is checked first, so bad input fails in one line before the load:
+
+- `layers=` beyond the decoder's layer count (`num_hidden_layers`, `n_layer`, ...);
+- `bits=` positions beyond the width of the dtype the model will run in (`dtype=`, else the
+  checkpoint's own, as lm-eval's `hf` resolves `dtype="auto"`);
+- `model_args` keys that are neither fault keys nor arguments `HFLM`, `from_pretrained` or the
+  model's config accept (`P`, `prob`, `rate`...), with the fault keys and a suggestion.
+
+The loaded-model checks (target selection, dtype support) stay as the fallback for what a config
+can't tell (a config that can't be read skips the config checks, never the later ones).
+"""
+
+from __future__ import annotations
+
+import difflib
+import inspect
+import logging
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+from lm_eval_faults.core.formats import LAYOUTS, resolve_bits
+from lm_eval_faults.core.spec import FAULT_KEYS, FaultSpec, FaultSpecError
+
+logger = logging.getLogger(__name__)
+
+LAYER_COUNT_KEYS = ("num_hidden_layers", "n_layer", "num_layers", "n_layers")
+"""Where configs of the supported families keep their decoder depth."""
+
+FROM_PRETRAINED_KWARGS = frozenset(
+    "adapter_kwargs adapter_name attn_implementation device_map device_mesh distributed_config dtype "
+    "experts_implementation generation_config gguf_file kernel_config key_mapping max_memory offload_buffers "
+    "offload_folder output_loading_info proxies quantization_config state_dict subfolder torch_dtype tp_plan "
+    "tp_size trust_remote_code use_kernels variant low_cpu_mem_usage load_in_8bit load_in_4bit".split()
+)
+"""Keyword arguments `from_pretrained` takes through `**kwargs` (transformers 4.45 to 5.x)."""
+
+
+def read_config(model_args: Mapping[str, Any]) -> Any | None:
+    """The model's config, read without loading weights; None when it can't be read here."""
+    from transformers import AutoConfig
+
+    pretrained = model_args.get("pretrained")
+    if not isinstance(pretrained, str):
+        return getattr(pretrained, "config", None)
+    kwargs = {key: model_args[key] for key in ("revision", "subfolder", "gguf_file") if model_args.get(key)}
+    if str(model_args.get("trust_remote_code", "")).lower() == "true":
+        kwargs["trust_remote_code"] = True
+    try:
+        return AutoConfig.from_pretrained(pretrained, **kwargs)
+    except Exception as error:  # a hub id offline, a custom class: the loaded-model checks still run
+        logger.info("lm_eval_faults: config of %r not read before loading (%s); checks wait for the model", pretrained, error)
+        return None
+
+
+def layer_count(config: Any) -> int | None:
+    for source in (config, getattr(config, "text_config", None)):
+        for key in LAYER_COUNT_KEYS:
+            value = getattr(source, key, None)
+            if isinstance(value, int) and value > 0:
+                return value
+    return None
+
+
+def run_dtype(config: Any, model_args: Mapping[str, Any]) -> Any:
+    """The torch dtype the weights will have: `dtype=` if given, else the checkpoint's (GGUF: float32)."""
+    import torch
+
+    requested = model_args.get("dtype", model_args.get("torch_dtype", "auto"))
+    if isinstance(requested, torch.dtype):
+        return requested
+    if requested not in (None, "auto"):
+        return getattr(torch, str(requested), None)
+    if model_args.get("gguf_file"):
+        return torch.float32
+    stored = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    if isinstance(stored, str):
+        stored = getattr(torch, stored, None)
+    return stored if isinstance(stored, torch.dtype) else torch.float32
+
+
+def check_keys(keys: Iterable[str], accepted: Iterable[str], config: Any | None) -> None:
+    """Refuse a key nobody downstream accepts: it would fail only after loading, as a TypeError."""
+    known = set(accepted) | FROM_PRETRAINED_KWARGS | _from_pretrained_parameters()
+    if config is not None:
+        known |= set(config.to_dict())
+    for key in keys:
+        if key in known:
+            continue
+        lowered = {k.lower(): k for k in FAULT_KEYS}
+        close = lowered.get(key.lower()) or next(iter(difflib.get_close_matches(key.lower(), list(lowered), n=1, cutoff=0.6)), None)
+        hint = f"did you mean {lowered.get(close, close)!r}? " if close else ""
+        raise FaultSpecError(
+            f"model_args key {key!r} is neither a fault key nor an argument of the model or lm-eval's hf; "
+            f"{hint}Fault keys: {', '.join(FAULT_KEYS)}"
+        )
+
+
+def check_against_config(spec: FaultSpec, model_args: Mapping[str, Any], config: Any | None) -> None:
+    """`layers=` against the layer count and `bits=` against the run dtype's width."""
+    if config is None:
+        return
+    count = layer_count(config)
+    if count is not None and spec.layers is not None and max(spec.layers) >= count:
+        raise FaultSpecError(
+            f"model_args layers={spec.to_dict()['layers']!r} is invalid: this model has {count} decoder layers (0-{count - 1})"
+        )
+    dtype = run_dtype(config, model_args)
+    layout = LAYOUTS.get(dtype)
+    if layout is None and spec.active:
+        supported = ", ".join(lay.name for lay in LAYOUTS.values() if lay.is_float)
+        raise FaultSpecError(f"the model runs in {dtype}, which cannot be faulted: choose dtype= one of {supported}")
+    if spec.per_bit and layout is not None:
+        try:
+            resolve_bits(layout, spec.bits)
+        except ValueError as error:
+            raise FaultSpecError(f"model_args {error} (the model runs in {layout.name})") from None
+
+
+def _from_pretrained_parameters() -> set[str]:
+    from transformers import PreTrainedModel
+
+    return set(inspect.signature(PreTrainedModel.from_pretrained).parameters) - {"kwargs", "model_args"}
