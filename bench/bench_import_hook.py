@@ -31,7 +31,7 @@ OPT_OUT = "LM_EVAL_FAULTS_NO_AUTOLOAD"
 
 def is_ours(name: str) -> bool:
     name = name.lower().replace("-", "_")
-    return name.startswith("lm_eval_faults") or "editable" in name and "lm_eval_faults" in name
+    return name.startswith("lm_eval_faults") or ("editable" in name and "lm_eval_faults" in name)
 
 
 def make_baseline_venv(root: Path) -> Path:
@@ -41,7 +41,11 @@ def make_baseline_venv(root: Path) -> Path:
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(root)], check=True)
     ours = Path(sysconfig.get_paths()["purelib"])
     python = root / "bin" / "python"
-    theirs = Path(subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"], capture_output=True, text=True, check=True).stdout.strip())
+    theirs = Path(
+        subprocess.run(
+            [str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"], capture_output=True, text=True, check=True
+        ).stdout.strip()
+    )
     for entry in sorted(ours.iterdir()):
         if not is_ours(entry.name):
             (theirs / entry.name).symlink_to(entry)

@@ -22,9 +22,8 @@ import statistics
 import time
 
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
-
 from lm_eval_faults import inject
+from transformers import LlamaConfig, LlamaForCausalLM
 
 P_VALUES = (1e-9, 1e-7, 1e-5, 1e-3, 1e-1)
 
@@ -32,7 +31,9 @@ P_VALUES = (1e-9, 1e-7, 1e-5, 1e-3, 1e-1)
 CONFIGS = {
     "small": dict(vocab_size=8000, hidden_size=512, intermediate_size=1376, num_hidden_layers=4, num_attention_heads=8),
     "default": dict(vocab_size=32000, hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12),
-    "1b": dict(vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32, num_key_value_heads=4),
+    "1b": dict(
+        vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32, num_key_value_heads=4
+    ),
 }
 """Model shapes: 20.8M, 162.4M (111 tensors) and TinyLlama-1.1B's 1.1B (201 tensors) parameters."""
 
@@ -52,7 +53,7 @@ def median_seconds(fn, repeats: int) -> float:
 
 
 def plain_copy(params: list[torch.Tensor], buffers: list[torch.Tensor]) -> None:
-    for param, buffer in zip(params, buffers):
+    for param, buffer in zip(params, buffers, strict=True):
         buffer.copy_(param)
 
 
@@ -77,17 +78,21 @@ def main() -> None:
     model = build_model(args.size)
     params = [param.data for param in model.parameters()]
     n = sum(param.numel() for param in params)
-    print(f"model: {n / 1e6:.1f}M float32 parameters in {len(params)} tensors, {n * 32 / 1e9:.2f}G bits; torch threads: {torch.get_num_threads()}")
+    print(
+        f"model: {n / 1e6:.1f}M float32 parameters in {len(params)} tensors, {n * 32 / 1e9:.2f}G bits; torch threads: {torch.get_num_threads()}"
+    )
     buffers = [torch.empty_like(param) for param in params]
-    print(f"{'p':>8}{'faults':>14}{'copy ms':>10}{'inject ms':>12}{'restore ms':>12}{'inject/copy':>13}{'restore/copy':>14}{'dense ms':>12}{'dense/ours':>12}")
+    print(
+        f"{'p':>8}{'faults':>14}{'copy ms':>10}{'inject ms':>12}{'restore ms':>12}{'inject/copy':>13}{'restore/copy':>14}{'dense ms':>12}{'dense/ours':>12}"
+    )
     generator = torch.Generator().manual_seed(0)
     for p in args.p:
         state: dict = {}
 
-        def run_inject() -> None:
+        def run_inject(p: float = p, state: dict = state) -> None:  # defaults bind this iteration's values
             state["faults"] = inject(model, p=p, seed=1)
 
-        def run_restore() -> None:
+        def run_restore(state: dict = state) -> None:
             state["faults"].restore()
 
         # Copy, inject and restore take turns, so each ratio compares like with like: every
@@ -102,8 +107,8 @@ def main() -> None:
         dense_s = math.nan
         if not args.no_dense:
             snapshot = [param.clone() for param in params]
-            dense_s = median_seconds(lambda: dense_bitflip(params, p, generator), 1)
-            for param, original in zip(params, snapshot):
+            dense_s = median_seconds(lambda p=p: dense_bitflip(params, p, generator), 1)
+            for param, original in zip(params, snapshot, strict=True):
                 param.copy_(original)
             del snapshot
         print(

@@ -51,7 +51,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--limit", default="4", help="documents per task")
     parser.add_argument("--workdir", type=Path, default=None, help="keep models and outputs here (default: a temporary directory)")
-    parser.add_argument("--threads", default="1", help="torch CPU threads for both sides (spinning threads distort timings on a busy machine)")
+    parser.add_argument(
+        "--threads", default="1", help="torch CPU threads for both sides (spinning threads distort timings on a busy machine)"
+    )
     options = parser.parse_args()
     env = {**os.environ, "OMP_NUM_THREADS": options.threads, "MKL_NUM_THREADS": options.threads, "TOKENIZERS_PARALLELISM": "false"}
     workdir = options.workdir or Path(tempfile.mkdtemp(prefix="bench_sweep_"))
@@ -62,8 +64,23 @@ def main() -> None:
 
     runs = Path(tempfile.mkdtemp(prefix="runs_", dir=workdir))  # fresh, so nothing is resumed
     run_dir = runs / "sweep"
-    sweep_command = [sys.executable, "-m", "lm_eval_faults.cli", "sweep", "--model_args", f"pretrained={model}",
-                     "--p", P_GRID, "--targets", TARGETS, "--run_dir", str(run_dir), "--no_report", "--no_progress", *common]
+    sweep_command = [
+        sys.executable,
+        "-m",
+        "lm_eval_faults.cli",
+        "sweep",
+        "--model_args",
+        f"pretrained={model}",
+        "--p",
+        P_GRID,
+        "--targets",
+        TARGETS,
+        "--run_dir",
+        str(run_dir),
+        "--no_report",
+        "--no_progress",
+        *common,
+    ]
     sweep_s = timed(sweep_command, env)
 
     config = SweepConfig(model_args=f"pretrained={model}", tasks=task, p=P_GRID, targets=TARGETS)
@@ -74,14 +91,29 @@ def main() -> None:
         spec = point.spec.to_dict()
         fault_args = "" if point.baseline else f",p={spec['p']},fault={spec['fault']},target={spec['target']},seed={spec['seed']}"
         out = runs / "separate" / f"{index:02d}"
-        separate_s += timed([sys.executable, "-m", "lm_eval", "--model", "faulty_hf", "--model_args", f"pretrained={model}{fault_args}",
-                             "--output_path", str(out), *common], env)
+        separate_s += timed(
+            [
+                sys.executable,
+                "-m",
+                "lm_eval",
+                "--model",
+                "faulty_hf",
+                "--model_args",
+                f"pretrained={model}{fault_args}",
+                "--output_path",
+                str(out),
+                *common,
+            ],
+            env,
+        )
         results = json.loads(next(out.rglob("results_*.json")).read_text())["results"][task]
         separate_scores[point.point_id] = primary_metric({k.removesuffix(",none"): v for k, v in results.items() if "," in k})
 
     sweep_scores = {r["point_id"]: primary_metric(r["metrics"][task]) for r in load_records(run_dir / "results.jsonl")}
     mismatches = [pid for pid in separate_scores if separate_scores[pid] != sweep_scores.get(pid)]
-    print(f"model {model}, task {task}, limit {options.limit}, {options.threads} thread(s), {len(points)} evaluations (baseline + {len(points) - 1} faulty points)")
+    print(
+        f"model {model}, task {task}, limit {options.limit}, {options.threads} thread(s), {len(points)} evaluations (baseline + {len(points) - 1} faulty points)"
+    )
     print(f"one sweep process:       {sweep_s:7.1f} s  ({sweep_s / len(points):.2f} s per evaluation)")
     print(f"separate lm_eval runs:   {separate_s:7.1f} s  ({separate_s / len(points):.2f} s per evaluation)")
     print(f"ratio separate / sweep:  {separate_s / sweep_s:7.2f}x")

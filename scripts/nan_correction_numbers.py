@@ -19,7 +19,6 @@ from collections import defaultdict
 
 import torch
 import transformers
-
 from lm_eval_faults.core.analysis import Expectation, expect, site_risk, word_stats
 from lm_eval_faults.core.spec import FaultSpec
 from lm_eval_faults.core.targets import all_param_sites
@@ -79,11 +78,15 @@ def analyse(model: torch.nn.Module) -> dict[tuple[str, str, float], Expectation]
 def describe_values(name: str, values: dict[str, torch.Tensor]) -> None:
     everything = torch.cat(list(values.values()))
     size = everything.abs()
-    print(f"\n{name}: {everything.numel():,} parameters; |x| >= 2: {int((size >= 2).sum()):,}, "
-          f"[1,2): {int(((size >= 1) & (size < 2)).sum()):,}, [0.5,1): {int(((size >= 0.5) & (size < 1)).sum()):,}, "
-          f"zero: {int((everything == 0).sum()):,}, largest |x| {float(size.max()):.3g}")
+    print(
+        f"\n{name}: {everything.numel():,} parameters; |x| >= 2: {int((size >= 2).sum()):,}, "
+        f"[1,2): {int(((size >= 1) & (size < 2)).sum()):,}, [0.5,1): {int(((size >= 0.5) & (size < 1)).sum()):,}, "
+        f"zero: {int((everything == 0).sum()):,}, largest |x| {float(size.max()):.3g}"
+    )
     for component, tensor in values.items():
-        print(f"  {component}: n={tensor.numel():,} std={float(tensor.std()):.4f} [1,2): {int(((tensor.abs() >= 1) & (tensor.abs() < 2)).sum()):,}")
+        print(
+            f"  {component}: n={tensor.numel():,} std={float(tensor.std()):.4f} [1,2): {int(((tensor.abs() >= 1) & (tensor.abs() < 2)).sum()):,}"
+        )
 
 
 def print_table(name: str, results: dict[tuple[str, str, float], Expectation]) -> None:
@@ -94,8 +97,10 @@ def print_table(name: str, results: dict[tuple[str, str, float], Expectation]) -
         key = str(dtype).removeprefix("torch.")
         for p in PS:
             default, large = results[(key, "max/2", p)], results[(key, ">=1024", p)]
-            print(f"| {key} | {p:.0e} | {default.nan:.3g} | {default.inf:.3g} | {default.p_any_nonfinite:.3g} | "
-                  f"{default.huge:.3g} | {large.huge:.3g} | {default.huge_share:.2f} | {large.huge_share:.3f} |")
+            print(
+                f"| {key} | {p:.0e} | {default.nan:.3g} | {default.inf:.3g} | {default.p_any_nonfinite:.3g} | "
+                f"{default.huge:.3g} | {large.huge:.3g} | {default.huge_share:.2f} | {large.huge_share:.3f} |"
+            )
 
 
 def print_study() -> None:

@@ -31,11 +31,10 @@ from pathlib import Path
 os.environ["TOKENIZERS_PARALLELISM"] = "false"
 
 import torch
-from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
-
 from lm_eval_faults.harness.package_data import demo_model_dir
 from lm_eval_faults.tasks.faults_demo import demo_data
+from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 SEED = 1234
 BOS, EOS, PAD, UNK = "<s>", "</s>", "<pad>", "<unk>"
@@ -55,13 +54,9 @@ def build_tokenizer() -> PreTrainedTokenizerFast:
 
     tokenizer = Tokenizer(models.WordLevel(vocab=vocab, unk_token=UNK))
     tokenizer.pre_tokenizer = PRE_TOKENIZER
-    tokenizer.post_processor = processors.TemplateProcessing(
-        single=f"{BOS} $A", pair=f"{BOS} $A $B", special_tokens=[(BOS, vocab[BOS])]
-    )
+    tokenizer.post_processor = processors.TemplateProcessing(single=f"{BOS} $A", pair=f"{BOS} $A $B", special_tokens=[(BOS, vocab[BOS])])
     tokenizer.decoder = decoders.WordPiece(prefix="##", cleanup=True)
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tokenizer, bos_token=BOS, eos_token=EOS, pad_token=PAD, unk_token=UNK
-    )
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token=BOS, eos_token=EOS, pad_token=PAD, unk_token=UNK)
 
 
 def build_model(tokenizer: PreTrainedTokenizerFast) -> LlamaForCausalLM:
@@ -90,12 +85,12 @@ def make_batch(tokenizer: PreTrainedTokenizerFast, docs: list[dict]) -> dict[str
     """
     prompts = tokenizer([demo_data.format_prompt(doc) for doc in docs])["input_ids"]
     letter_ids = tokenizer.convert_tokens_to_ids(list(demo_data.LETTERS))
-    rows = [p + [letter_ids[doc["answer"]], tokenizer.eos_token_id] for p, doc in zip(prompts, docs)]
+    rows = [[*p, letter_ids[doc["answer"]], tokenizer.eos_token_id] for p, doc in zip(prompts, docs, strict=True)]
     width = max(map(len, rows))
     pads = [width - len(row) for row in rows]
-    input_ids = [row + [tokenizer.pad_token_id] * pad for row, pad in zip(rows, pads)]
-    labels = [[-100] * len(p) + row[len(p) :] + [-100] * pad for row, p, pad in zip(rows, prompts, pads)]
-    attention_mask = [[1] * len(row) + [0] * pad for row, pad in zip(rows, pads)]
+    input_ids = [row + [tokenizer.pad_token_id] * pad for row, pad in zip(rows, pads, strict=True)]
+    labels = [[-100] * len(p) + row[len(p) :] + [-100] * pad for row, p, pad in zip(rows, prompts, pads, strict=True)]
+    attention_mask = [[1] * len(row) + [0] * pad for row, pad in zip(rows, pads, strict=True)]
     return {
         "input_ids": torch.tensor(input_ids),
         "labels": torch.tensor(labels),

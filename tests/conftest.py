@@ -13,8 +13,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-import torch  # noqa: E402
-from tiny import save_tiny_model, write_tiny_task  # noqa: E402
+import torch
+
+from tiny import save_tiny_model, write_tiny_task
 
 # Tiny models gain nothing from threads, and on a busy 2-core machine two threads per process
 # oversubscribe the cores (measured ~30x slower per forward).

@@ -10,8 +10,6 @@ import math
 import numpy as np
 import pytest
 import torch
-from tiny import save_tiny_model, tiny_model
-
 from lm_eval_faults.cli.analyze import add_arguments, main
 from lm_eval_faults.core.analysis import RiskModel, analyze, bit_rates
 from lm_eval_faults.core.formats import (
@@ -23,6 +21,8 @@ from lm_eval_faults.core.formats import (
 from lm_eval_faults.core.injection import inject
 from lm_eval_faults.core.spec import FaultSpec
 from lm_eval_faults.core.targets import select_params
+
+from tiny import save_tiny_model, tiny_model
 
 
 def _words(values: list[float], dtype: torch.dtype) -> np.ndarray:
@@ -41,14 +41,16 @@ def _classify(words: np.ndarray, dtype: torch.dtype, threshold: float) -> dict[s
     }
 
 
-def _brute_force(words: np.ndarray, dtype: torch.dtype, eligible: tuple[int, ...], flip0: float, flip1: float, threshold: float) -> dict[str, np.ndarray]:
+def _brute_force(
+    words: np.ndarray, dtype: torch.dtype, eligible: tuple[int, ...], flip0: float, flip1: float, threshold: float
+) -> dict[str, np.ndarray]:
     """Sum over every subset of eligible bits: P(that subset changes) x [outcome]."""
     totals = {name: np.zeros(len(words)) for name in ("nan", "inf", "huge")}
     good = _classify(words, dtype, threshold)["good"]
     for chosen in itertools.product((0, 1), repeat=len(eligible)):
-        mask = sum(1 << bit for bit, on in zip(eligible, chosen) if on)
+        mask = sum(1 << bit for bit, on in zip(eligible, chosen, strict=True) if on)
         probability = np.ones(len(words))
-        for bit, on in zip(eligible, chosen):
+        for bit, on in zip(eligible, chosen, strict=True):
             stored = words >> bit & 1
             change = np.where(stored == 1, flip1, flip0)
             probability *= change if on else 1.0 - change
@@ -106,7 +108,7 @@ def test_one_flip_from_one_to_two_is_nonfinite_and_below_one_never_is() -> None:
     nan, inf, _ = risk.word_risks(one_to_two, 1.0, 1.0)
     np.testing.assert_array_equal(nan + inf, 1.0)
 
-    below_one = _words(list(np.geomspace(1e-30, 0.9999999, 200)) + [0.5, 0.75, -0.99], torch.float32)
+    below_one = _words([*np.geomspace(1e-30, 0.9999999, 200).tolist(), 0.5, 0.75, -0.99], torch.float32)
     for bit in range(layout.width):
         single = from_unsigned(torch.from_numpy(below_one ^ (1 << bit)), layout).view(torch.float32)
         assert torch.isfinite(single).all(), f"bit {bit}"
@@ -141,8 +143,15 @@ def _observe(model: torch.nn.Module, spec: FaultSpec, threshold: float) -> dict[
     before = [site.param.detach().clone() for site in sites]
     with inject(model, spec) as faults:
         totals = faults.report.totals("weights")
-        counts = {"hit": totals["hit_elements"], "elements": totals["changed_elements"], "bits": totals["flipped_bits"], "nan": 0, "inf": 0, "huge": 0}
-        for site, old in zip(sites, before):
+        counts = {
+            "hit": totals["hit_elements"],
+            "elements": totals["changed_elements"],
+            "bits": totals["flipped_bits"],
+            "nan": 0,
+            "inf": 0,
+            "huge": 0,
+        }
+        for site, old in zip(sites, before, strict=True):
             new = site.param.detach().double()
             was_good = torch.isfinite(old.double()) & (old.double().abs() <= threshold)
             counts["nan"] += int((was_good & torch.isnan(new)).sum())

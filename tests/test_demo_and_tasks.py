@@ -10,7 +10,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-
 from lm_eval_faults.harness.package_data import demo_model_dir
 from lm_eval_faults.tasks.faults_demo import demo_data
 from lm_eval_faults.tasks.mmlu_faults.answer_letter import extract_letter
@@ -83,7 +82,7 @@ def test_damaged_demo_model_scores_near_chance(tmp_path: Path) -> None:
     model = AutoModelForCausalLM.from_pretrained(demo_model_dir(), local_files_only=True)
     generator = torch.Generator().manual_seed(0)
     with torch.no_grad():
-        for name, weight in model.model.layers.named_parameters():
+        for weight in model.model.layers.parameters():
             if weight.dim() == 2:
                 weight.copy_(torch.randn(weight.shape, generator=generator) * weight.std())
     model.save_pretrained(tmp_path)
@@ -93,8 +92,19 @@ def test_damaged_demo_model_scores_near_chance(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize(
     "response, letter",
-    [("B", "B"), (" B.", "B"), ("The answer is B", "B"), ("b", "B"), ("(C)", "C"), ("\n\nD\n\nQuestion:", "D"),
-     ("A. 42", "A"), ("Answer: (c)", "C"), ("I don't know", ""), ("A good question.", ""), ("", "")],
+    [
+        ("B", "B"),
+        (" B.", "B"),
+        ("The answer is B", "B"),
+        ("b", "B"),
+        ("(C)", "C"),
+        ("\n\nD\n\nQuestion:", "D"),
+        ("A. 42", "A"),
+        ("Answer: (c)", "C"),
+        ("I don't know", ""),
+        ("A good question.", ""),
+        ("", ""),
+    ],
 )
 def test_extract_letter(response: str, letter: str) -> None:
     assert extract_letter(response) == letter
@@ -162,7 +172,7 @@ def test_gen_task_prompt_and_letter_scoring(mmlu_tasks: dict) -> None:
     docs = list(task.test_docs())[:4]
     assert [task.doc_to_target(doc) for doc in docs] == ["A", "D", "C", "C"]
     responses = [" A.", "The answer is b", "I don't know", "b"]
-    for instance, response in zip(task.instances, responses):
+    for instance, response in zip(task.instances, responses, strict=False):
         instance.resps = [response]
     task.apply_filters()
     filtered = [instance.filtered_resps["letter"] for instance in task.instances]

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import lm_eval
 import pytest
-
 from lm_eval_faults import FaultSpec
 from lm_eval_faults.harness.model import FaultyHFLM
 from lm_eval_faults.tasks.faults_facts import facts_data

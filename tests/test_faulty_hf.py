@@ -11,16 +11,18 @@ from pathlib import Path
 import lm_eval
 import pytest
 import torch
-from tiny import tiny_model, tiny_tokenizer
-
 from lm_eval_faults.core.spec import FaultSpecError
 from lm_eval_faults.harness.model import FaultyHFLM
+
+from tiny import tiny_model, tiny_tokenizer
 
 TASKS = ["tiny_colors", "tiny_colors_gen"]
 
 
 def evaluate(model: str, model_args: str, task_manager, **kwargs) -> dict:
-    return lm_eval.simple_evaluate(model=model, model_args=model_args, tasks=TASKS, device="cpu", task_manager=task_manager, log_samples=True, **kwargs)
+    return lm_eval.simple_evaluate(
+        model=model, model_args=model_args, tasks=TASKS, device="cpu", task_manager=task_manager, log_samples=True, **kwargs
+    )
 
 
 def responses(results: dict) -> str:
@@ -141,8 +143,21 @@ def results_json(output_dir: Path) -> dict:
 @pytest.mark.parametrize("entry", [["lm_eval"], ["lm-eval", "run"]])
 def test_cli_end_to_end(tiny_llama_dir, tiny_task_dir, tmp_path, entry):
     done = run_cli(
-        [*entry, "--model", "faulty_hf", "--model_args", f"pretrained={tiny_llama_dir},p=1e-2,target=attention,layers=0-1",
-         "--tasks", "tiny_colors", "--include_path", str(tiny_task_dir), "--device", "cpu", "--output_path", str(tmp_path / "out")],
+        [
+            *entry,
+            "--model",
+            "faulty_hf",
+            "--model_args",
+            f"pretrained={tiny_llama_dir},p=1e-2,target=attention,layers=0-1",
+            "--tasks",
+            "tiny_colors",
+            "--include_path",
+            str(tiny_task_dir),
+            "--device",
+            "cpu",
+            "--output_path",
+            str(tmp_path / "out"),
+        ],
         tmp_path,
     )
     assert done.returncode == 0, done.stderr[-3000:]
@@ -170,7 +185,9 @@ def test_cli_yaml_config(tiny_llama_dir, tiny_task_dir, tmp_path):
 def test_real_gguf_model_passes_through_and_checkpoint_is_untouched(smollm_dir):
     gguf = smollm_dir / "SmolLM2-135M-Instruct.Q4_1.gguf"
     stat_before = gguf.stat()
-    lm = FaultyHFLM(pretrained=str(smollm_dir), gguf_file=gguf.name, dtype="float32", p=1e-7, target="attention", layers="0-3", device="cpu")
+    lm = FaultyHFLM(
+        pretrained=str(smollm_dir), gguf_file=gguf.name, dtype="float32", p=1e-7, target="attention", layers="0-3", device="cpu"
+    )
     totals = lm.report.totals()
     assert lm.model.num_parameters() == 134_515_008
     assert totals["elements"] == 3_538_944 and totals["hit_elements"] > 0
@@ -184,9 +201,27 @@ def test_real_gguf_model_passes_through_and_checkpoint_is_untouched(smollm_dir):
 def test_data_parallel_accelerate_launch(tiny_llama_dir, tiny_task_dir, tmp_path):
     """Two CPU ranks: the run completes and request counts are summed over ranks."""
     done = run_cli(
-        ["accelerate", "launch", "--num_processes", "2", "--cpu", "-m", "lm_eval", "--model", "faulty_hf",
-         "--model_args", f"pretrained={tiny_llama_dir},p=1e-2,site=weights+activations", "--tasks", "tiny_colors",
-         "--include_path", str(tiny_task_dir), "--device", "cpu", "--output_path", str(tmp_path / "out")],
+        [
+            "accelerate",
+            "launch",
+            "--num_processes",
+            "2",
+            "--cpu",
+            "-m",
+            "lm_eval",
+            "--model",
+            "faulty_hf",
+            "--model_args",
+            f"pretrained={tiny_llama_dir},p=1e-2,site=weights+activations",
+            "--tasks",
+            "tiny_colors",
+            "--include_path",
+            str(tiny_task_dir),
+            "--device",
+            "cpu",
+            "--output_path",
+            str(tmp_path / "out"),
+        ],
         tmp_path,
     )
     assert done.returncode == 0, done.stderr[-3000:]

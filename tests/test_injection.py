@@ -7,12 +7,12 @@ import sys
 
 import pytest
 import torch
-from tiny import FAMILIES, tiny_model
-from torch import nn
-
 from lm_eval_faults import FaultSpec, inject
 from lm_eval_faults.core.report import FaultReport
 from lm_eval_faults.core.targets import select_params
+from torch import nn
+
+from tiny import FAMILIES, tiny_model
 
 
 def snapshot(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -21,12 +21,20 @@ def snapshot(model: nn.Module) -> dict[str, torch.Tensor]:
 
 def changed_tensors(before: dict[str, torch.Tensor], model: nn.Module) -> set[str]:
     after = model.state_dict()
-    return {name for name in before if not torch.equal(before[name].view(torch.uint8) if before[name].dtype == torch.bool else before[name], after[name])}
+    return {
+        name
+        for name in before
+        if not torch.equal(before[name].view(torch.uint8) if before[name].dtype == torch.bool else before[name], after[name])
+    }
 
 
 def bits_equal(before: dict[str, torch.Tensor], model: nn.Module) -> bool:
     after = model.state_dict()
-    return all(torch.equal(before[n].flatten().view(torch.uint8), after[n].flatten().view(torch.uint8)) for n in before if before[n].is_floating_point())
+    return all(
+        torch.equal(before[n].flatten().view(torch.uint8), after[n].flatten().view(torch.uint8))
+        for n in before
+        if before[n].is_floating_point()
+    )
 
 
 @pytest.mark.parametrize("family", list(FAMILIES))
@@ -55,7 +63,9 @@ def test_restore_is_bit_exact_after_many_cycles():
     before = snapshot(model)
     specs = [
         FaultSpec(p=0.05, seed=s, fault=f, site="weights", target=t)
-        for s, (f, t) in enumerate([("bitflip", "all"), ("stuck1", "mlp"), ("value", "attention"), ("zero", "norm"), ("stuck0", "embedding")] * 10)
+        for s, (f, t) in enumerate(
+            [("bitflip", "all"), ("stuck1", "mlp"), ("value", "attention"), ("zero", "norm"), ("stuck0", "embedding")] * 10
+        )
     ]
     for spec in specs:
         faults = inject(model, spec)

@@ -10,11 +10,10 @@ import sys
 import numpy as np
 import pytest
 import torch
-
 from lm_eval_faults import FaultSpec, inject
-from lm_eval_faults.core import injection as injection_module
 from lm_eval_faults.core.streams import StreamKind, site_key, spec_key
 from lm_eval_faults.core.words import WordAccess
+
 from tiny import save_tiny_model, tiny_model
 
 
@@ -37,7 +36,10 @@ def test_targets_analyze_and_faulty_hf_load_the_same_dtype(tmp_path):
     loaded = load_model({"pretrained": str(directory)})
     lm = FaultyHFLM(pretrained=str(directory), device="cpu")
     assert loaded.dtype == lm.model.dtype == torch.float16
-    assert load_model({"pretrained": str(directory), "dtype": "float32"}).dtype == FaultyHFLM(pretrained=str(directory), device="cpu", dtype="float32").model.dtype
+    assert (
+        load_model({"pretrained": str(directory), "dtype": "float32"}).dtype
+        == FaultyHFLM(pretrained=str(directory), device="cpu", dtype="float32").model.dtype
+    )
 
 
 def _state(model: torch.nn.Module) -> dict[str, bytes]:

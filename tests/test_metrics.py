@@ -7,7 +7,6 @@ import math
 
 import numpy as np
 import pytest
-
 from lm_eval_faults.study.metrics import (
     MalformedRecordError,
     awrcl,
@@ -28,14 +27,20 @@ from lm_eval_faults.study.metrics import (
 )
 
 
-def record(point_id, *, target="attention", layers="all", p=1e-5, seed=0, acc=0.5, elements=10,
-           baseline=False):
+def record(point_id, *, target="attention", layers="all", p=1e-5, seed=0, acc=0.5, elements=10, baseline=False):
     return {
-        "point_id": point_id, "baseline": baseline, "fault": "bitflip", "site": "weights",
-        "target": "none" if baseline else target, "layers": layers, "p": 0 if baseline else p,
-        "seed": seed, "injected": {"elements": elements, "bits": elements},
+        "point_id": point_id,
+        "baseline": baseline,
+        "fault": "bitflip",
+        "site": "weights",
+        "target": "none" if baseline else target,
+        "layers": layers,
+        "p": 0 if baseline else p,
+        "seed": seed,
+        "injected": {"elements": elements, "bits": elements},
         "nonfinite": {"weights": 0, "requests": {}},
-        "metrics": {"task_a": {"acc": acc, "acc_stderr": 0.01}}, "elapsed_s": 1.0,
+        "metrics": {"task_a": {"acc": acc, "acc_stderr": 0.01}},
+        "elapsed_s": 1.0,
     }
 
 
@@ -50,15 +55,14 @@ def write_lines(tmp_path, lines, trailing_newline=True):
 
 def test_truncated_last_line_is_skipped_with_warning(tmp_path):
     good = [json.dumps(record("a")), json.dumps(record("b"))]
-    path = write_lines(tmp_path, good + ['{"point_id": "c", "metr'], trailing_newline=False)
+    path = write_lines(tmp_path, [*good, '{"point_id": "c", "metr'], trailing_newline=False)
     with pytest.warns(UserWarning, match="partial last line"):
         records = load_records(path)
     assert [r["point_id"] for r in records] == ["a", "b"]
 
 
 def test_complete_last_line_without_newline_is_kept(tmp_path):
-    path = write_lines(tmp_path, [json.dumps(record("a")), json.dumps(record("b"))],
-                       trailing_newline=False)
+    path = write_lines(tmp_path, [json.dumps(record("a")), json.dumps(record("b"))], trailing_newline=False)
     assert [r["point_id"] for r in load_records(path)] == ["a", "b"]
 
 
@@ -76,8 +80,7 @@ def test_malformed_middle_line_can_be_skipped(tmp_path):
 
 
 def test_rerun_point_keeps_the_later_record(tmp_path):
-    path = write_lines(tmp_path, [json.dumps(record("a", acc=0.1)), json.dumps(record("b")),
-                                  json.dumps(record("a", acc=0.9))])
+    path = write_lines(tmp_path, [json.dumps(record("a", acc=0.1)), json.dumps(record("b")), json.dumps(record("a", acc=0.9))])
     records = load_records(path)
     assert [r["point_id"] for r in records] == ["a", "b"]
     assert records[0]["metrics"]["task_a"]["acc"] == 0.9
@@ -250,10 +253,18 @@ def test_task_sizes_from_samples_or_from_stderr():
 def simulated_sweep(rng, *, seeds=3, seed_sd=0.03, n=160, base=0.9, means=(0.6, 0.3)):
     """One sweep with known truth: per-seed true accuracies scatter around `means` by
     `seed_sd` (the fault maps differ), then each is observed over `n` documents."""
+
     def rec(point_id, acc, **fields):
-        return {"point_id": point_id, "fault": "bitflip", "site": "weights", "target": "mlp",
-                "layers": "all", "metrics": {"t": {"acc": rng.binomial(n, acc) / n}},
-                "samples": {"t": n}, **fields}
+        return {
+            "point_id": point_id,
+            "fault": "bitflip",
+            "site": "weights",
+            "target": "mlp",
+            "layers": "all",
+            "metrics": {"t": {"acc": rng.binomial(n, acc) / n}},
+            "samples": {"t": n},
+            **fields,
+        }
 
     records = [rec("base", base, baseline=True, p=0, seed=0)]
     for g, mean in enumerate(means):
@@ -266,8 +277,7 @@ def simulated_sweep(rng, *, seeds=3, seed_sd=0.03, n=160, base=0.9, means=(0.6, 
 def test_nominal_95_percent_intervals_cover_the_truth_in_simulated_sweeps():
     base, means = 0.9, (0.6, 0.3)
     rng = np.random.default_rng(7)
-    truths = {"score": means[0], "relchange": (base - means[0]) / base,
-              "awrcl": float(np.mean([(base - m) / base for m in means]))}
+    truths = {"score": means[0], "relchange": (base - means[0]) / base, "awrcl": float(np.mean([(base - m) / base for m in means]))}
     hits = dict.fromkeys(truths, 0)
     sims = 200
     for _ in range(sims):

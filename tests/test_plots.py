@@ -6,7 +6,6 @@ import json
 import re
 
 import pytest
-
 from lm_eval_faults.study import plots
 from lm_eval_faults.study.metrics import build_series
 from lm_eval_faults.study.sweep_report import (
@@ -21,8 +20,14 @@ P_GRID = [1e-7, 1e-5, 1e-3]
 
 def point(point_id, *, target, layers, p, seed, acc, elements, expected=True):
     record = {
-        "point_id": point_id, "baseline": False, "fault": "bitflip", "site": "weights",
-        "target": target, "layers": layers, "p": p, "seed": seed,
+        "point_id": point_id,
+        "baseline": False,
+        "fault": "bitflip",
+        "site": "weights",
+        "target": target,
+        "layers": layers,
+        "p": p,
+        "seed": seed,
         "injected": {"elements": elements, "bits": elements + 1},
         "nonfinite": {"weights": int(p > 1e-4), "requests": {"task_b": 2} if p > 1e-4 else {}},
         "metrics": {"task_a": {"acc": acc, "acc_stderr": 0.02}, "task_b": {"exact_match": acc / 2}},
@@ -35,22 +40,32 @@ def point(point_id, *, target, layers, p, seed, acc, elements, expected=True):
 
 def synthetic_records():
     """Baseline acc 0.8; three components x three rates x two seeds; two layer groups, one seed."""
-    records = [{
-        "point_id": "baseline", "baseline": True, "fault": "bitflip", "site": "weights",
-        "target": "none", "layers": "all", "p": 0, "seed": 0,
-        "injected": {"elements": 0, "bits": 0}, "nonfinite": {"weights": 0, "requests": {}},
-        "metrics": {"task_a": {"acc": 0.8}, "task_b": {"exact_match": 0.4}}, "elapsed_s": 0.4,
-    }]
+    records = [
+        {
+            "point_id": "baseline",
+            "baseline": True,
+            "fault": "bitflip",
+            "site": "weights",
+            "target": "none",
+            "layers": "all",
+            "p": 0,
+            "seed": 0,
+            "injected": {"elements": 0, "bits": 0},
+            "nonfinite": {"weights": 0, "requests": {}},
+            "metrics": {"task_a": {"acc": 0.8}, "task_b": {"exact_match": 0.4}},
+            "elapsed_s": 0.4,
+        }
+    ]
     for target, size, drop in [("attention", 1e5, 0.3), ("mlp", 2e5, 0.5), ("norm", 1e2, 0.05)]:
         for i, p in enumerate(P_GRID):
             for seed in (0, 1):
                 acc = max(0.0, 0.8 - drop * i - 0.02 * seed)
-                records.append(point(f"{target}|{p}|{seed}", target=target, layers="all", p=p,
-                                     seed=seed, acc=acc, elements=int(p * size)))
+                records.append(point(f"{target}|{p}|{seed}", target=target, layers="all", p=p, seed=seed, acc=acc, elements=int(p * size)))
     for layers, drop in [("0-3", 0.35), ("4-7", 0.1)]:
         for i, p in enumerate(P_GRID):
-            records.append(point(f"L{layers}|{p}", target="all", layers=layers, p=p, seed=0,
-                                 acc=0.8 - drop * i, elements=int(p * 5e4), expected=False))
+            records.append(
+                point(f"L{layers}|{p}", target="all", layers=layers, p=p, seed=0, acc=0.8 - drop * i, elements=int(p * 5e4), expected=False)
+            )
     return records
 
 
@@ -114,9 +129,15 @@ def test_build_report_writes_markdown_and_figures(run_dir):
         report = build_report(run_dir, weighting="log_p")
     assert report == run_dir / REPORT_FILE
     text = report.read_text(encoding="utf-8")
-    for heading in ["## Baseline", "## Thresholds and AWRCL per series", "## Rankings",
-                    "### Components — bitflip/weights, layers=all",
-                    "### Layer groups — bitflip/weights, target=all", "## Figures", "## Points"]:
+    for heading in [
+        "## Baseline",
+        "## Thresholds and AWRCL per series",
+        "## Rankings",
+        "### Components — bitflip/weights, layers=all",
+        "### Layer groups — bitflip/weights, target=all",
+        "## Figures",
+        "## Points",
+    ]:
         assert heading in text
     assert "weighting `log_p`" in text
     assert "| expected elements |" in text and "| expected bits |" in text

@@ -11,7 +11,6 @@ import sys
 import numpy as np
 import pytest
 import torch
-
 from lm_eval_faults.core.faults import draw_faults
 from lm_eval_faults.core.formats import LAYOUTS, resolve_bits, to_unsigned
 from lm_eval_faults.core.sampling import (
@@ -25,8 +24,8 @@ from lm_eval_faults.core.sampling import (
     fault_counts,
     nonzero_masks,
 )
-from lm_eval_faults.core.streams import StreamKind, site_key, spec_key
 from lm_eval_faults.core.spec import FaultSpec
+from lm_eval_faults.core.streams import StreamKind, site_key, spec_key
 
 
 def stream(seed: int, name: str = "w", key: dict | None = None, index: int = 0) -> int:
@@ -201,5 +200,5 @@ def test_inverse_cdf_matches_the_scalar_recurrence_far_into_the_tail():
     p_zero = np.exp(n * math.log1p(-q))
     for u in (0.0, 0.3, 0.999, 1 - 1e-15, float(np.nextafter(1.0, 0.0))):  # the last one runs past the table
         got = _binomial_inverse_cdf(n, q, np.full(3, u), p_zero)
-        want = [_extend_inverse_cdf(int(m), q, u, 0, float(p0), float(p0)) for m, p0 in zip(n, p_zero)]
+        want = [_extend_inverse_cdf(int(m), q, u, 0, float(p0), float(p0)) for m, p0 in zip(n, p_zero, strict=True)]
         assert got.tolist() == want

@@ -1,7 +1,6 @@
 """FaultSpec parsing: every error names the key, the bad value and what would be valid."""
 
 import pytest
-
 from lm_eval_faults.core.spec import (
     FaultSpec,
     FaultSpecError,
@@ -11,7 +10,9 @@ from lm_eval_faults.core.spec import (
 
 
 def test_defaults_and_string_values_from_lm_eval():
-    spec, rest = parse_fault_args({"pretrained": "m", "p": "1e-5", "target": "attention+mlp", "layers": "28-31+0", "seed": "3", "dtype": "float16"})
+    spec, rest = parse_fault_args(
+        {"pretrained": "m", "p": "1e-5", "target": "attention+mlp", "layers": "28-31+0", "seed": "3", "dtype": "float16"}
+    )
     assert spec.p == 1e-5 and spec.target == ("attention", "mlp") and spec.layers == (0, 28, 29, 30, 31) and spec.seed == 3
     assert rest == {"pretrained": "m", "dtype": "float16"}
     assert spec.per_bit and spec.on_weights and not spec.on_activations and spec.active
@@ -51,14 +52,16 @@ def test_bad_values_name_key_value_and_choices(args, key, hint):
     assert hint in message
 
 
-@pytest.mark.parametrize("typo, meant", [("traget", "target"), ("layer", "layers"), ("seeed", "seed"), ("fualt", "fault"), ("value_rnage", "value_range")])
+@pytest.mark.parametrize(
+    "typo, meant", [("traget", "target"), ("layer", "layers"), ("seeed", "seed"), ("fualt", "fault"), ("value_rnage", "value_range")]
+)
 def test_typo_of_a_fault_key_is_an_error_with_suggestion(typo, meant):
     with pytest.raises(FaultSpecError, match=f"did you mean '{meant}'"):
         parse_fault_args({typo: "x"}, passthrough=("pretrained", "dtype"))
 
 
 def test_known_passthrough_keys_are_not_typos():
-    spec, rest = parse_fault_args({"device": "cpu", "peft": "a", "gguf_file": "x.gguf"}, passthrough=("device", "peft", "gguf_file"))
+    _, rest = parse_fault_args({"device": "cpu", "peft": "a", "gguf_file": "x.gguf"}, passthrough=("device", "peft", "gguf_file"))
     assert rest == {"device": "cpu", "peft": "a", "gguf_file": "x.gguf"}
 
 

@@ -16,7 +16,6 @@ from pathlib import Path
 import lm_eval
 import pytest
 import torch
-
 from lm_eval_faults.cli.sweep import add_arguments, main
 from lm_eval_faults.core.spec import FaultSpec
 from lm_eval_faults.harness.model import FaultyHFLM
@@ -249,7 +248,7 @@ def setup(tmp_path_factory, tiny_llama_dir, tiny_task_dir):
     tasks_dir = tmp_path_factory.mktemp("sweep_tasks")
     (tasks_dir / f"{TASK}.yaml").write_text(
         f"task: {TASK}\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    test: {tiny_task_dir / 'tiny_colors.jsonl'}\n"
-        "test_split: test\noutput_type: loglikelihood_rolling\ndoc_to_text: \"\"\ndoc_to_target: \"{{question}}\"\n"
+        'test_split: test\noutput_type: loglikelihood_rolling\ndoc_to_text: ""\ndoc_to_target: "{{question}}"\n'
         "metric_list:\n  - metric: word_perplexity\n  - metric: bits_per_byte\n"
     )
     from lm_eval.tasks import TaskManager
@@ -303,8 +302,24 @@ def test_records_follow_the_metrics_schema(setup, tmp_path):
     config = SweepConfig(**setup["base"], p="1e-2", targets="mlp", sites="weights+activations")
     _sweep(setup, tmp_path, config, report=False)
     baseline, point = load_records(tmp_path / "results.jsonl")
-    assert set(point) == {"point_id", "baseline", "fault", "site", "target", "layers", "p", "seed", "injected",
-                          "expected", "nonfinite", "degenerate", "requests", "metrics", "samples", "elapsed_s"}
+    assert set(point) == {
+        "point_id",
+        "baseline",
+        "fault",
+        "site",
+        "target",
+        "layers",
+        "p",
+        "seed",
+        "injected",
+        "expected",
+        "nonfinite",
+        "degenerate",
+        "requests",
+        "metrics",
+        "samples",
+        "elapsed_s",
+    }
     assert point["samples"] == {TASK: 4} and set(point["degenerate"]["requests"]) <= {TASK}
     assert baseline["baseline"] and baseline["p"] == 0 and baseline["injected"] == {"elements": 0, "bits": 0}
     assert (point["site"], point["target"], point["layers"], point["p"]) == ("weights+activations", "mlp", "all", 0.01)
@@ -325,8 +340,9 @@ def test_restoring_between_points_matches_a_fresh_load(setup, tmp_path):
     points = plan_points(config, 4)
     for point in (points[2], points[-1]):  # one from the middle of the walk, and the last
         spec = point.spec
-        fresh = FaultyHFLM(pretrained=str(setup["model_dir"]), device="cpu", p=spec.p, fault=spec.fault,
-                           target="+".join(spec.target), seed=spec.seed)
+        fresh = FaultyHFLM(
+            pretrained=str(setup["model_dir"]), device="cpu", p=spec.p, fault=spec.fault, target="+".join(spec.target), seed=spec.seed
+        )
         assert fresh.spec == spec
         results = lm_eval.simple_evaluate(model=fresh, tasks=[TASK], limit=4, task_manager=setup["task_manager"], log_samples=False)
         record = records[point.point_id]
@@ -350,7 +366,7 @@ def test_bits_the_model_lacks_fail_before_anything_is_written(setup, tmp_path):
     base = {**setup["base"], "model_args": f"pretrained={setup['model_dir']},dtype=float16"}
     config = SweepConfig(**base, p="1e-3", fault_args="bits=20")
     lm = FaultyHFLM(pretrained=str(setup["model_dir"]), device="cpu", dtype="float16")
-    with pytest.raises(SweepConfigError, match="bits='20'.*outside 0-15 for float16"):
+    with pytest.raises(SweepConfigError, match=r"bits='20'.*outside 0-15 for float16"):
         run_sweep(tmp_path, config, lm=lm, task_manager=setup["task_manager"], progress=False, report=False)
     assert not (tmp_path / "results.jsonl").exists() and not (tmp_path / "sweep.json").exists()
 
@@ -384,9 +400,25 @@ def test_command_line_runs_resumes_and_reports(setup, tmp_path, monkeypatch, cap
     add_arguments(parser)
 
     def argv(p):
-        return ["--model_args", f"pretrained={setup['model_dir']}", "--tasks", TASK, "--device", "cpu", "--limit", "2",
-                "--include_path", setup["base"]["include_path"], "--p", p, "--layers", "groups:2", "--run_dir", str(tmp_path),
-                "--no_progress"]
+        return [
+            "--model_args",
+            f"pretrained={setup['model_dir']}",
+            "--tasks",
+            TASK,
+            "--device",
+            "cpu",
+            "--limit",
+            "2",
+            "--include_path",
+            setup["base"]["include_path"],
+            "--p",
+            p,
+            "--layers",
+            "groups:2",
+            "--run_dir",
+            str(tmp_path),
+            "--no_progress",
+        ]
 
     assert main(parser.parse_args(argv("1e-3"))) == 0
     assert len(_ids(tmp_path / "results.jsonl")) == 3

@@ -10,18 +10,52 @@ import transformers
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
-WORDS = "the a is of and to in what which color sky grass sun snow blue green yellow white red answer question".split()
+WORDS = [
+    "the",
+    "a",
+    "is",
+    "of",
+    "and",
+    "to",
+    "in",
+    "what",
+    "which",
+    "color",
+    "sky",
+    "grass",
+    "sun",
+    "snow",
+    "blue",
+    "green",
+    "yellow",
+    "white",
+    "red",
+    "answer",
+    "question",
+]
 VOCAB_SIZE = 128
 
 COMMON = dict(vocab_size=VOCAB_SIZE, num_attention_heads=4)
 FAMILIES: dict[str, tuple[type, dict]] = {
     "llama": (transformers.LlamaConfig, dict(hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_key_value_heads=2, **COMMON)),
-    "mistral": (transformers.MistralConfig, dict(hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_key_value_heads=2, **COMMON)),
+    "mistral": (
+        transformers.MistralConfig,
+        dict(hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_key_value_heads=2, **COMMON),
+    ),
     "qwen2": (transformers.Qwen2Config, dict(hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_key_value_heads=2, **COMMON)),
-    "gemma": (transformers.GemmaConfig, dict(hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_key_value_heads=2, head_dim=8, **COMMON)),
+    "gemma": (
+        transformers.GemmaConfig,
+        dict(hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_key_value_heads=2, head_dim=8, **COMMON),
+    ),
     "gpt2": (transformers.GPT2Config, dict(n_embd=32, n_layer=4, n_head=4, n_positions=64, vocab_size=VOCAB_SIZE)),
-    "gpt_neox": (transformers.GPTNeoXConfig, dict(hidden_size=32, intermediate_size=64, num_hidden_layers=4, max_position_embeddings=64, **COMMON)),
-    "opt": (transformers.OPTConfig, dict(hidden_size=32, ffn_dim=64, num_hidden_layers=4, word_embed_proj_dim=32, max_position_embeddings=64, **COMMON)),
+    "gpt_neox": (
+        transformers.GPTNeoXConfig,
+        dict(hidden_size=32, intermediate_size=64, num_hidden_layers=4, max_position_embeddings=64, **COMMON),
+    ),
+    "opt": (
+        transformers.OPTConfig,
+        dict(hidden_size=32, ffn_dim=64, num_hidden_layers=4, word_embed_proj_dim=32, max_position_embeddings=64, **COMMON),
+    ),
     "phi": (transformers.PhiConfig, dict(hidden_size=32, intermediate_size=64, num_hidden_layers=4, max_position_embeddings=64, **COMMON)),
 }
 
@@ -74,8 +108,8 @@ doc_to_text: "question : {{{{question}}}} answer :"
         "metric_list:\n  - metric: acc\n"
     )
     (directory / f"{name}_gen.yaml").write_text(
-        f"task: {name}_gen\n{common}output_type: generate_until\ndoc_to_target: \"{{{{choices[answer]}}}}\"\n"
-        "generation_kwargs:\n  until: [\"\\n\"]\n  max_gen_toks: 4\n  do_sample: false\n"
+        f'task: {name}_gen\n{common}output_type: generate_until\ndoc_to_target: "{{{{choices[answer]}}}}"\n'
+        'generation_kwargs:\n  until: ["\\n"]\n  max_gen_toks: 4\n  do_sample: false\n'
         "metric_list:\n  - metric: exact_match\n"
     )
     return directory

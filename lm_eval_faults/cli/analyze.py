@@ -14,7 +14,9 @@ from lm_eval_faults.harness.loading import LOAD_KEYS, load_model
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("pretrained", nargs="?", help="model path or hub id (default: the embedded demo model)")
     parser.add_argument("--model_args", default="", help="p=1e-7,target=attention[,dtype=float16,gguf_file=F,bits=exponent,...]")
-    parser.add_argument("--threshold", type=float, default=None, help="magnitude counted as 'huge' (default: half the dtype's largest finite value)")
+    parser.add_argument(
+        "--threshold", type=float, default=None, help="magnitude counted as 'huge' (default: half the dtype's largest finite value)"
+    )
     parser.add_argument("--json", default=None, help="also write the full analysis (per site) to this JSON file")
 
 

@@ -14,14 +14,28 @@ from lm_eval_faults.study.runner import run_sweep
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of `lm-eval-faults sweep`; lm-eval's own options keep lm-eval's names."""
-    parser.add_argument("--model_args", default="", help="HF model arguments as for `--model hf`, e.g. pretrained=mistralai/Mistral-7B-v0.1,dtype=float16 (default: the embedded demo model)")
+    parser.add_argument(
+        "--model_args",
+        default="",
+        help="HF model arguments as for `--model hf`, e.g. pretrained=mistralai/Mistral-7B-v0.1,dtype=float16 (default: the embedded demo model)",
+    )
     parser.add_argument("--tasks", required=True, help="comma-separated lm-eval tasks")
-    parser.add_argument("--run_dir", "--output_path", dest="run_dir", required=True, help="directory for sweep.json, results.jsonl and the report; rerun the same command to resume")
+    parser.add_argument(
+        "--run_dir",
+        "--output_path",
+        dest="run_dir",
+        required=True,
+        help="directory for sweep.json, results.jsonl and the report; rerun the same command to resume",
+    )
     grid = parser.add_argument_group("grid (one point per combination, plus one clean baseline)")
-    grid.add_argument("--p", required=True, help="fault rates: 1e-9:1e-1 (one per decade), 1e-9:1e-1:17 (17 log-spaced), or a list 1e-5,1e-4")
+    grid.add_argument(
+        "--p", required=True, help="fault rates: 1e-9:1e-1 (one per decade), 1e-9:1e-1:17 (17 log-spaced), or a list 1e-5,1e-4"
+    )
     grid.add_argument("--faults", default="bitflip", help=f"comma list of fault kinds ({', '.join(FAULT_KINDS)})")
     grid.add_argument("--sites", default="weights", help=f"comma list of sites ({', '.join(SITES)})")
-    grid.add_argument("--targets", default="all", help="comma list, one series each, e.g. embedding,attention,mlp,norm,lm_head (join with + to merge)")
+    grid.add_argument(
+        "--targets", default="all", help="comma list, one series each, e.g. embedding,attention,mlp,norm,lm_head (join with + to merge)"
+    )
     grid.add_argument("--layers", default="all", help="comma list of layer groups: all, groups:4 (consecutive groups of 4), or 0-3,4-7")
     grid.add_argument("--seeds", default="1", help="repeats (3 = seeds 0,1,2) or explicit seeds (0,1,2 or 5-7)")
     grid.add_argument("--fault_args", default="", help="fault keys fixed across the grid, e.g. bits=exponent or value_range=-1:1")
@@ -37,7 +51,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     evaluation.add_argument("--fewshot_as_multiturn", action=argparse.BooleanOptionalAction, default=True)
     evaluation.add_argument("--system_instruction", default=None)
     evaluation.add_argument("--bootstrap_iters", type=int, default=100000)
-    evaluation.add_argument("--seed", dest="random_seed", type=int, default=0, help="lm-eval's random seed (few-shot sampling etc.), not the fault seed")
+    evaluation.add_argument(
+        "--seed", dest="random_seed", type=int, default=0, help="lm-eval's random seed (few-shot sampling etc.), not the fault seed"
+    )
     parser.add_argument("--no_report", action="store_true", help="skip building report.md and figures at the end")
     parser.add_argument("--no_progress", action="store_true", help="no progress bar over points")
 

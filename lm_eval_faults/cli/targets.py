@@ -57,7 +57,9 @@ def format_rows(rows: list[dict[str, Any]]) -> str:
     ]
     lines = text_table(columns, [])
     for row in rows:
-        lines.extend(text_table(columns, [(row["component"], row["layers"], row["tensors"], row["elements"], row["bits"], f"  {row['dtypes']}")])[1:])
+        lines.extend(
+            text_table(columns, [(row["component"], row["layers"], row["tensors"], row["elements"], row["bits"], f"  {row['dtypes']}")])[1:]
+        )
         lines.extend(f"{'':<20}shared tensor (faulted once): {' = '.join(names)}" for names in row["shared"])
     totals = ("total", "", sum(r["tensors"] for r in rows), sum(r["elements"] for r in rows), sum(r["bits"] for r in rows), "")
     lines.extend(text_table(columns, [totals])[1:])

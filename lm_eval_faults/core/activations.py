@@ -20,9 +20,9 @@ from __future__ import annotations
 
 import contextlib
 import itertools
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, MutableMapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -143,10 +143,12 @@ class _OutputFaultHook:
         if isinstance(value, torch.Tensor):
             return self._corrupt_tensor(value, next_key(), rows, inputs)
         if isinstance(value, Mapping):  # ModelOutput and plain dicts
-            for key in list(value.keys()):
-                if isinstance(value[key], torch.Tensor):
-                    value[key] = self._corrupt_tensor(value[key], next_key(), rows, inputs)
-            return value
+            # Both are mutable; a read-only mapping that holds a tensor fails loudly on assignment.
+            mapping = cast("MutableMapping[Any, Any]", value)
+            for key in list(mapping.keys()):
+                if isinstance(mapping[key], torch.Tensor):
+                    mapping[key] = self._corrupt_tensor(mapping[key], next_key(), rows, inputs)
+            return mapping
         if isinstance(value, (tuple, list)):
             corrupted = [self._corrupt(item, next_key, rows, inputs) for item in value]
             return type(value)(corrupted) if isinstance(value, list) else tuple(corrupted)

@@ -20,8 +20,9 @@ from __future__ import annotations
 
 import math
 from collections import defaultdict
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
-from typing import Any, Iterable
+from typing import Any
 
 import numpy as np
 import torch
@@ -90,7 +91,7 @@ class RiskModel:
     """Floats: the largest magnitude word whose value is <= threshold. Integers: unused."""
 
     @classmethod
-    def build(cls, layout: BitLayout, eligible: Iterable[int], threshold: float | None = None) -> "RiskModel":
+    def build(cls, layout: BitLayout, eligible: Iterable[int], threshold: float | None = None) -> RiskModel:
         threshold = default_threshold(layout) if threshold is None else float(threshold)
         if not threshold >= 0:
             raise ValueError(f"threshold={threshold!r}: a magnitude threshold must be >= 0")
@@ -214,7 +215,7 @@ class RiskModel:
         """(P(+-Inf), P(huge finite)) for one value fault: a U(low, high) draw rounded to the dtype."""
         if self.layout.is_float:
             value = lambda word: _word_value(word, self.layout)  # noqa: E731
-            largest = ((self.exp_max << self.man_bits) - 1)
+            largest = (self.exp_max << self.man_bits) - 1
             overflow = value(largest) + (value(largest) - value(largest - 1)) / 2
             rounds_above = (value(self.limit) + value(self.limit + 1)) / 2 if self.limit < largest else overflow
         else:
@@ -376,8 +377,18 @@ class Expectation:
         bad = self.nan + self.inf + self.huge
         return self.huge / bad if bad else None
 
-    def add(self, other: "Expectation") -> None:
-        for name in ("elements", "eligible_bits", "hit_elements", "changed_elements", "nan", "inf", "huge", "log_no_nonfinite", "log_no_bad"):
+    def add(self, other: Expectation) -> None:
+        for name in (
+            "elements",
+            "eligible_bits",
+            "hit_elements",
+            "changed_elements",
+            "nan",
+            "inf",
+            "huge",
+            "log_no_nonfinite",
+            "log_no_bad",
+        ):
             setattr(self, name, getattr(self, name) + getattr(other, name))
         self.flipped_bits = None if self.flipped_bits is None or other.flipped_bits is None else self.flipped_bits + other.flipped_bits
 
@@ -412,8 +423,8 @@ def expect(stats: WordStats, risk: RiskModel, spec: FaultSpec) -> Expectation:
             result.changed_elements = result.hit_elements
             result.flipped_bits = None
             p_inf, p_huge = risk.uniform_risks(*spec.value_range)
-            ones = np.ones(len(stats.key_values))
-            nan, inf, huge = 0 * ones, spec.p * p_inf * ones, spec.p * p_huge * ones
+            per_key = np.ones(len(stats.key_values))
+            nan, inf, huge = 0 * per_key, spec.p * p_inf * per_key, spec.p * p_huge * per_key
     counts = stats.key_counts.astype(np.float64)
     result.nan, result.inf, result.huge = (float(counts @ x) for x in (nan, inf, huge))
     with np.errstate(divide="ignore"):
@@ -502,8 +513,18 @@ class Analysis:
             Column("P(any bad)", 12, ".3g"),
         ]
         rows = [
-            (name, e.elements, e.eligible_bits, e.changed_elements, "n/a" if e.flipped_bits is None else e.flipped_bits,
-             e.nan, e.inf, e.huge, e.p_any_nonfinite, e.p_any_bad)
+            (
+                name,
+                e.elements,
+                e.eligible_bits,
+                e.changed_elements,
+                "n/a" if e.flipped_bits is None else e.flipped_bits,
+                e.nan,
+                e.inf,
+                e.huge,
+                e.p_any_nonfinite,
+                e.p_any_bad,
+            )
             for name, e in [*self.by_component().items(), ("total", self.total())]
         ]
         lines.extend(text_table(columns, rows))

@@ -7,8 +7,8 @@ tensors live. Callers gather the old words and scatter the new ones; the cost is
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import numpy as np
 import torch
@@ -42,7 +42,7 @@ class FaultBatch:
     def __len__(self) -> int:
         return len(self.hits)
 
-    def only_changed(self) -> "FaultBatch":
+    def only_changed(self) -> FaultBatch:
         keep = self.old != self.new
         return FaultBatch(self.hits.select(keep), self.fault_bits[keep], self.old[keep], self.new[keep])
 
@@ -160,7 +160,7 @@ class SiteCounts:
         columns = [getattr(self, name).tolist() for name in FAULT_COUNT_FIELDS]
         for site in np.flatnonzero(self.hit_elements).tolist():
             target = stats[site]
-            for name, column in zip(FAULT_COUNT_FIELDS, columns):
+            for name, column in zip(FAULT_COUNT_FIELDS, columns, strict=True):
                 setattr(target, name, getattr(target, name) + column[site])
             target.bit_histogram = add_lists(target.bit_histogram, self.bit_histogram[site].tolist())
 

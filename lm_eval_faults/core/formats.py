@@ -39,9 +39,7 @@ class BitLayout:
         if self.is_float:
             fields.update(exponent=self.exponent, mantissa=self.mantissa)
         if name not in fields:
-            raise ValueError(
-                f"bits={name!r} does not exist in {self.name}; valid fields: {', '.join(fields)}"
-            )
+            raise ValueError(f"bits={name!r} does not exist in {self.name}; valid fields: {', '.join(fields)}")
         return fields[name]
 
 
@@ -94,9 +92,7 @@ def resolve_bits(layout: BitLayout, bits: str) -> tuple[int, ...]:
             low, _, high = part.partition("-")
             first, last = int(low), int(high or low)
             if not 0 <= first <= last < layout.width:
-                raise ValueError(
-                    f"bits={bits!r}: position range {part!r} is outside 0-{layout.width - 1} for {layout.name}"
-                )
+                raise ValueError(f"bits={bits!r}: position range {part!r} is outside 0-{layout.width - 1} for {layout.name}")
             positions.update(range(first, last + 1))
         else:
             positions.update(layout.field(part))

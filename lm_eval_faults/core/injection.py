@@ -16,8 +16,8 @@ from __future__ import annotations
 
 import contextlib
 import weakref
-from collections.abc import Iterator
-from typing import Any, Mapping
+from collections.abc import Iterator, Mapping
+from typing import Any
 
 from torch import nn
 
@@ -27,7 +27,7 @@ from lm_eval_faults.core.spec import FaultSpec, to_spec
 from lm_eval_faults.core.targets import select_modules, select_params
 from lm_eval_faults.core.weights import WeightInjector
 
-_active: "weakref.WeakKeyDictionary[nn.Module, list[Injection]]" = weakref.WeakKeyDictionary()
+_active: weakref.WeakKeyDictionary[nn.Module, list[Injection]] = weakref.WeakKeyDictionary()
 """Per model, its injections still applied, oldest first: restores must come newest first."""
 
 

@@ -10,8 +10,9 @@ from __future__ import annotations
 import math
 import warnings
 from collections import defaultdict
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
-from typing import Any, Iterable
+from typing import Any
 
 from lm_eval_faults import __version__ as PACKAGE_VERSION
 from lm_eval_faults.core.text_table import Column, text_table
@@ -48,7 +49,7 @@ class SiteStats:
     shared_with: list[str] = field(default_factory=list)
     calls: int = 0
 
-    def add(self, other: "SiteStats") -> None:
+    def add(self, other: SiteStats) -> None:
         """Accumulate another record of the same site (e.g. its counts from another data-parallel rank)."""
         for name in (*_TOTAL_FIELDS, "calls"):
             setattr(self, name, getattr(self, name) + getattr(other, name))
@@ -182,8 +183,16 @@ class FaultReport:
             if not self._sites(part):
                 continue
             rows = [
-                (part, component, int(row["elements"]), row["expected_elements"], int(row["hit_elements"]),
-                 int(row["changed_elements"]), int(row["flipped_bits"]), int(row["nonfinite_created"]))
+                (
+                    part,
+                    component,
+                    int(row["elements"]),
+                    row["expected_elements"],
+                    int(row["hit_elements"]),
+                    int(row["changed_elements"]),
+                    int(row["flipped_bits"]),
+                    int(row["nonfinite_created"]),
+                )
                 for component, row in self.by_component(part).items()
             ]
             lines.extend(text_table(columns, rows))

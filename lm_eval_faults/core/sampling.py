@@ -146,7 +146,7 @@ class Hits:
     def __len__(self) -> int:
         return len(self.site)
 
-    def select(self, keep: np.ndarray) -> "Hits":
+    def select(self, keep: np.ndarray) -> Hits:
         return Hits(self.site[keep], self.position[keep], self.rank[keep])
 
     def by_site(self) -> list[tuple[int, slice]]:
@@ -155,7 +155,7 @@ class Hits:
             return []
         starts = [0, *(np.flatnonzero(self.site[1:] != self.site[:-1]) + 1).tolist()]  # hits are grouped by site
         ends = [*starts[1:], len(self.site)]
-        return [(int(self.site[start]), slice(start, end)) for start, end in zip(starts, ends)]
+        return [(int(self.site[start]), slice(start, end)) for start, end in zip(starts, ends, strict=True)]
 
 
 def bernoulli_hits(numels: np.ndarray, q: float, keys: np.ndarray) -> Hits:
@@ -223,7 +223,9 @@ def distinct_uniform(numels: np.ndarray, counts: np.ndarray, keys: np.ndarray) -
     sort_key = np.sort(_site_major(site, words % n))
     redo = np.union1d(site[_rejected(words, n)], _site_of(sort_key[1:][sort_key[1:] == sort_key[:-1]]))
     if len(redo):
-        sort_key = np.sort(np.concatenate([sort_key[np.isin(_site_of(sort_key), redo, invert=True)], _first_distinct(numels, counts, keys, redo)]))
+        sort_key = np.sort(
+            np.concatenate([sort_key[np.isin(_site_of(sort_key), redo, invert=True)], _first_distinct(numels, counts, keys, redo)])
+        )
     return Hits(_site_of(sort_key), (sort_key & np.uint64((1 << _POSITION_BITS) - 1)).astype(np.int64), _ranks(sizes))
 
 
@@ -346,7 +348,7 @@ def nonzero_masks(p: float, bits: tuple[int, ...], keys: np.ndarray, rank: np.nd
     masks = np.zeros(len(rank), dtype=np.int64)
     all_zero_so_far = np.ones(len(rank), dtype=bool)
     first_word = rank.astype(np.uint64) * np.uint64(chunks)
-    for chunk, (uncond, cond, words) in enumerate(zip(tables.unconditional, tables.given_earlier_zero, tables.words)):
+    for chunk, (uncond, cond, words) in enumerate(zip(tables.unconditional, tables.given_earlier_zero, tables.words, strict=True)):
         draws = random_words(keys, Purpose.MASK, first_word + np.uint64(chunk))
         # Each hit needs one of the two tables; draw from the one most hits need, then fix the rest.
         unsettled = np.flatnonzero(all_zero_so_far)

@@ -12,8 +12,9 @@ import hashlib
 import json
 import math
 import re
+from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, fields
-from typing import Any, Iterable, Mapping
+from typing import Any
 
 FAULT_KINDS = {
     "bitflip": "each eligible bit flips with probability p (0->1 and 1->0; or p01/p10 separately)",
@@ -145,7 +146,9 @@ class FaultSpec:
     act_scope: str = "leaf"
 
     def __post_init__(self) -> None:
-        set_ = lambda name, value: object.__setattr__(self, name, value)  # noqa: E731 (frozen)
+        def set_(name: str, value: object) -> None:
+            object.__setattr__(self, name, value)  # the dataclass is frozen
+
         set_("p", _probability("p", self.p))
         if self.fault not in FAULT_KINDS:
             raise _error("fault", self.fault, "choose one of " + ", ".join(FAULT_KINDS))
@@ -230,7 +233,8 @@ class FaultSpec:
 
 def layers_label(layers: Iterable[int]) -> str:
     """(0,1,2,3,7) -> "0-3+7": the same syntax `layers=` accepts."""
-    parts, run = [], []
+    parts: list[list[int]] = []
+    run: list[int] = []
     for index in sorted(layers):
         if run and index != run[-1] + 1:
             parts.append(run)
@@ -253,9 +257,7 @@ def _validate_bits_syntax(bits: str) -> None:
 FAULT_KEYS: tuple[str, ...] = tuple(f.name for f in fields(FaultSpec))
 
 
-def parse_fault_args(
-    model_args: Mapping[str, Any], passthrough: Iterable[str] = ()
-) -> tuple[FaultSpec, dict[str, Any]]:
+def parse_fault_args(model_args: Mapping[str, Any], passthrough: Iterable[str] = ()) -> tuple[FaultSpec, dict[str, Any]]:
     """Split `model_args` into a `FaultSpec` and the keys meant for the wrapped model.
 
     A key that is not a fault key but is one typo away from one (`traget`) is an error with a
@@ -271,8 +273,7 @@ def parse_fault_args(
         close = difflib.get_close_matches(key, [k for k in FAULT_KEYS if len(k) > 1], n=1, cutoff=0.75)
         if close:
             raise FaultSpecError(
-                f"model_args key {key!r} is not a fault key; did you mean {close[0]!r}? "
-                f"Fault keys: {', '.join(FAULT_KEYS)}"
+                f"model_args key {key!r} is not a fault key; did you mean {close[0]!r}? Fault keys: {', '.join(FAULT_KEYS)}"
             )
     return FaultSpec(**ours), rest
 

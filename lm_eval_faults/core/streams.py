@@ -30,8 +30,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Mapping
 from enum import IntEnum
-from typing import Any, Mapping
+from typing import Any
 
 import numpy as np
 
@@ -114,7 +115,7 @@ def request_key(tokens: Any) -> int:
     return int.from_bytes(hashlib.blake2b(data, digest_size=8).digest(), "little")
 
 
-def random_words(keys: np.ndarray, purpose: Purpose, index: np.ndarray | int) -> np.ndarray:
+def random_words(keys: np.ndarray | np.uint64, purpose: Purpose, index: np.ndarray | int) -> np.ndarray:
     """Uniform 64-bit words: number `index` of `purpose` in the SplitMix64 stream seeded by each key.
 
     SplitMix64 (Steele, Lea and Flood 2014; Java's SplittableRandom) passes BigCrush; as a function

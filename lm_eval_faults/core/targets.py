@@ -23,9 +23,28 @@ from lm_eval_faults.core.spec import FaultSpec
 logger = logging.getLogger(__name__)
 
 KNOWN_MODEL_TYPES = frozenset(
-    "llama mistral mixtral qwen2 qwen2_moe qwen3 gemma gemma2 gemma3_text gpt2 gpt_neox opt phi phi3 smollm3 olmo olmo2 granite".split()
+    [
+        "llama",
+        "mistral",
+        "mixtral",
+        "qwen2",
+        "qwen2_moe",
+        "qwen3",
+        "gemma",
+        "gemma2",
+        "gemma3_text",
+        "gpt2",
+        "gpt_neox",
+        "opt",
+        "phi",
+        "phi3",
+        "smollm3",
+        "olmo",
+        "olmo2",
+        "granite",
+    ]
 )
-_warned_models: "weakref.WeakSet[nn.Module]" = weakref.WeakSet()
+_warned_models: weakref.WeakSet[nn.Module] = weakref.WeakSet()
 _ATTENTION = re.compile(r"attn|attention")
 _MLP = re.compile(r"mlp|ffn|feed_forward|^fc\d$|dense_h_to_4h|dense_4h_to_h|experts|^c_fc$")
 
@@ -63,13 +82,17 @@ def decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList] | None:
     """The model's stack of decoder blocks: the longest ModuleList whose children share one class."""
     best: tuple[str, nn.ModuleList] | None = None
     for name, module in model.named_modules():
-        if isinstance(module, nn.ModuleList) and len(module) > 0:
-            if len({type(child) for child in module}) == 1 and (best is None or len(module) > len(best[1])):
-                best = (name, module)
+        if (
+            isinstance(module, nn.ModuleList)
+            and len(module) > 0
+            and len({type(child) for child in module}) == 1
+            and (best is None or len(module) > len(best[1]))
+        ):
+            best = (name, module)
     return best
 
 
-_classified: "weakref.WeakKeyDictionary[nn.Module, tuple[int, dict[str, ModuleSite]]]" = weakref.WeakKeyDictionary()
+_classified: weakref.WeakKeyDictionary[nn.Module, tuple[int, dict[str, ModuleSite]]] = weakref.WeakKeyDictionary()
 
 
 def classify_modules(model: nn.Module) -> dict[str, ModuleSite]:
@@ -150,9 +173,7 @@ def _selected(spec: FaultSpec, component: str, layer: int | None, names: tuple[s
         return False
     if spec.layers is not None and layer not in spec.layers:
         return False
-    if spec.modules is not None and not any(re.search(spec.modules, name) for name in names):
-        return False
-    return True
+    return spec.modules is None or any(re.search(spec.modules, name) for name in names)
 
 
 def all_param_sites(model: nn.Module, modules: dict[str, ModuleSite] | None = None) -> list[ParamSite]:

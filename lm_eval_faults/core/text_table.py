@@ -28,5 +28,5 @@ class Column:
 def text_table(columns: Sequence[Column], rows: Iterable[Sequence[Any]]) -> list[str]:
     """The header line, then one line per row (trailing spaces stripped)."""
     lines = ["".join(column.cell(column.title) for column in columns).rstrip()]
-    lines.extend("".join(column.cell(value) for column, value in zip(columns, row)).rstrip() for row in rows)
+    lines.extend("".join(column.cell(value) for column, value in zip(columns, row, strict=False)).rstrip() for row in rows)
     return lines

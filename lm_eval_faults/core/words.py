@@ -28,7 +28,7 @@ def flat_words(tensor: torch.Tensor, layout: BitLayout) -> torch.Tensor:
 class WordAccess:
     """The stored words of one tensor, as unsigned integers; writes change the tensor's bits."""
 
-    __slots__ = ("layout", "_array", "_words")
+    __slots__ = ("_array", "_words", "layout")
 
     def __init__(self, tensor: torch.Tensor, layout: BitLayout) -> None:
         self.layout = layout
@@ -40,6 +40,7 @@ class WordAccess:
         """The words at `positions` as non-negative int64."""
         if self._array is not None:
             return self._array[positions].astype(np.int64)
+        assert self._words is not None  # exactly one of _array and _words is set
         index = torch.from_numpy(positions).to(self._words.device)
         return to_unsigned(self._words[index].cpu(), self.layout).numpy()
 
@@ -48,5 +49,6 @@ class WordAccess:
         if self._array is not None:
             self._array[positions] = values.astype(self._array.dtype)
             return
+        assert self._words is not None  # exactly one of _array and _words is set
         index = torch.from_numpy(positions).to(self._words.device)
         self._words[index] = from_unsigned(torch.from_numpy(values), self.layout).to(self._words.device)

@@ -21,6 +21,7 @@ import sys
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
+    from collections.abc import Callable
     from types import ModuleType
 
 MODEL_NAME = "faulty_hf"
@@ -62,7 +63,7 @@ def add_task_dir_to_task_manager(tasks_module: "ModuleType") -> None:
     manager_cls.__init__ = __init__
 
 
-_AFTER_IMPORT = {
+_AFTER_IMPORT: "dict[str, Callable[[ModuleType], None]]" = {
     "lm_eval.models": register_model_placeholder,
     "lm_eval.tasks": add_task_dir_to_task_manager,
 }

@@ -53,7 +53,7 @@ def load_model(model_args: dict[str, Any], spec: FaultSpec | None = None) -> nn.
             kwargs[key] = getattr(torch, kwargs[key])
     if isinstance(kwargs.get("trust_remote_code"), str):
         kwargs["trust_remote_code"] = kwargs["trust_remote_code"].lower() == "true"
-    model = AutoModelForCausalLM.from_pretrained(pretrained, **kwargs)
+    model: nn.Module = AutoModelForCausalLM.from_pretrained(pretrained, **kwargs)
     if peft:
         from peft import PeftModel
 

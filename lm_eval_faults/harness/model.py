@@ -60,9 +60,9 @@ class NonFiniteLogitsGuard(LogitsProcessor):
         flat_rows = scores.amax(dim=-1) == scores.amin(dim=-1)  # a constant next-token distribution
         self.flagged = bad_rows if self.flagged is None else self.flagged | bad_rows
         self.flat = flat_rows if self.flat is None else self.flat | flat_rows
-        scores = torch.nan_to_num(scores, nan=0.0, posinf=torch.finfo(scores.dtype).max, neginf=-math.inf)
-        hopeless = torch.isneginf(scores).all(dim=-1, keepdim=True)
-        return torch.where(hopeless, torch.zeros_like(scores), scores)
+        safe = torch.nan_to_num(scores, nan=0.0, posinf=torch.finfo(scores.dtype).max, neginf=-math.inf)
+        hopeless = torch.isneginf(safe).all(dim=-1, keepdim=True)
+        return torch.where(hopeless, torch.zeros_like(safe), safe)  # type: ignore[return-value]
 
 
 @register_model("faulty_hf")
@@ -127,9 +127,7 @@ class FaultyHFLM(HFLM):
         requests whose scoring forward gave a flat (constant) next-token distribution."""
         if not self.spec.active:
             return super()._loglikelihood_tokens(requests, disable_tqdm=disable_tqdm, override_bs=override_bs)
-        self._input_lengths = {
-            tuple((context + continuation)[-(self.max_length + 1) :][:-1]): 0 for _, context, continuation in requests
-        }
+        self._input_lengths = {tuple((context + continuation)[-(self.max_length + 1) :][:-1]): 0 for _, context, continuation in requests}
         self._flat_inputs = set()
         try:
             results = super()._loglikelihood_tokens(requests, disable_tqdm=disable_tqdm, override_bs=override_bs)
@@ -148,14 +146,14 @@ class FaultyHFLM(HFLM):
         rows = inps.tolist()
         lengths = [self._real_length(row) for row in rows]
         if self._faults_activations:
-            keys = np.array([request_key(row[:length]) for row, length in zip(rows, lengths)], dtype=np.uint64)
+            keys = np.array([request_key(row[:length]) for row, length in zip(rows, lengths, strict=False)], dtype=np.uint64)
             self.injection.next_forward(Rows(keys, np.zeros(len(rows), dtype=np.int64), np.array(lengths, dtype=np.int64), inps.shape[1]))
         try:
             logits = super()._model_call(inps)
         finally:
             self.injection.next_forward(None)
         flat = (logits.amax(dim=-1) == logits.amin(dim=-1)).cpu()
-        for row, length, row_flat in zip(rows, lengths, flat):
+        for row, length, row_flat in zip(rows, lengths, flat, strict=False):
             if bool(row_flat[:length].any()):
                 self._flat_inputs.add(tuple(row[:length]))
         return logits
@@ -189,7 +187,7 @@ class FaultyHFLM(HFLM):
         logprobs = [logprob for logprob, _ in results]
         flat = self._last_flat or [False] * len(requests)
         tied = tied_choices(logprobs, [(r.task_name or "", r.doc_id) for r in requests]) if self.spec.active else flat
-        degenerate = [a or b for a, b in zip(flat, tied)]
+        degenerate = [a or b for a, b in zip(flat, tied, strict=False)]
         self._count("loglikelihood", requests, [not math.isfinite(x) for x in logprobs], degenerate)
         return results
 
@@ -200,9 +198,9 @@ class FaultyHFLM(HFLM):
 
     def generate_until(self, requests: list[Instance], disable_tqdm: bool = False) -> list[str]:
         if not self.spec.active:
-            results = super().generate_until(requests, disable_tqdm=disable_tqdm)
+            clean = super().generate_until(requests, disable_tqdm=disable_tqdm)
             self._count("generate_until", requests, [False] * len(requests), [False] * len(requests))
-            return results
+            return clean
         # With faults, generate task by task: the guard's flagged rows are charged to their task
         # (exact sums), and to their request by prompt tokens (for the request cache's memory).
         results: list[str | None] = [None] * len(requests)
@@ -212,10 +210,12 @@ class FaultyHFLM(HFLM):
         for task, indices in by_task.items():
             self._generation_flags = []
             outputs = super().generate_until([requests[i] for i in indices], disable_tqdm=disable_tqdm)
-            for index, output in zip(indices, outputs):
+            for index, output in zip(indices, outputs, strict=False):
                 results[index] = output
             flags_by_prompt = {prompt: (bad, flat) for prompt, bad, flat in self._generation_flags}
-            for index in indices if self._cache is not None else ():
+            for index in indices:
+                if self._cache is None:
+                    break
                 prompt = tuple(self.tok_batch_encode([requests[index].args[0]])[0][0].tolist())
                 bad, flat = flags_by_prompt.get(prompt, (False, False))
                 self._cache.remember("generate_until", requests[index].args, (task, bad, flat))
@@ -223,7 +223,7 @@ class FaultyHFLM(HFLM):
             self._counts.nonfinite[task] += sum(bad for _, bad, _ in self._generation_flags)
             self._counts.degenerate[task] += sum(flat and not bad for _, bad, flat in self._generation_flags)
         self._merge_ranks()
-        return results  # type: ignore[return-value]
+        return [result or "" for result in results]
 
     def _model_generate(self, context, max_length: int, stop: list[str], **generation_kwargs) -> torch.Tensor:
         if not self.spec.active:
@@ -232,11 +232,11 @@ class FaultyHFLM(HFLM):
         processors = LogitsProcessorList([*generation_kwargs.pop("logits_processor", []), guard])
         mask = generation_kwargs.get("attention_mask")
         mask = torch.ones_like(context) if mask is None else mask
-        prompts = [tuple(row[keep].tolist()) for row, keep in zip(context.cpu(), mask.cpu().bool())]
+        prompts = [tuple(row[keep].tolist()) for row, keep in zip(context.cpu(), mask.cpu().bool(), strict=False)]
         with self._generation_rows(prompts):
             output = super()._model_generate(context, max_length, stop, logits_processor=processors, **generation_kwargs)
         if guard.flagged is not None and guard.flat is not None:
-            self._generation_flags.extend(zip(prompts, guard.flagged.tolist(), guard.flat.tolist()))
+            self._generation_flags.extend(zip(prompts, guard.flagged.tolist(), guard.flat.tolist(), strict=False))
         return output
 
     @contextlib.contextmanager
@@ -270,7 +270,7 @@ class FaultyHFLM(HFLM):
             self.injection.next_forward(None)
 
     def _count(self, attr: str, requests: list[Instance], nonfinite: list[bool], degenerate: list[bool]) -> None:
-        for request, bad, flat in zip(requests, nonfinite, degenerate):
+        for request, bad, flat in zip(requests, nonfinite, degenerate, strict=False):
             task = request.task_name or ""
             self._counts.count(task, bad, flat)
             if self._cache is not None:
@@ -312,7 +312,9 @@ class FaultyHFLM(HFLM):
 
     def model_identity(self) -> dict[str, Any]:
         """What decides this model's answers besides the faults: where it came from and how it was loaded."""
-        pretrained = self.pretrained if isinstance(self.pretrained, str) else getattr(self.model.config, "_name_or_path", type(self.model).__name__)
+        pretrained = (
+            self.pretrained if isinstance(self.pretrained, str) else getattr(self.model.config, "_name_or_path", type(self.model).__name__)
+        )
         if isinstance(pretrained, str) and os.path.exists(pretrained):
             pretrained = os.path.realpath(pretrained)
         return {

@@ -30,10 +30,37 @@ LAYER_COUNT_KEYS = ("num_hidden_layers", "n_layer", "num_layers", "n_layers")
 """Where configs of the supported families keep their decoder depth."""
 
 FROM_PRETRAINED_KWARGS = frozenset(
-    "adapter_kwargs adapter_name attn_implementation device_map device_mesh distributed_config dtype "
-    "experts_implementation generation_config gguf_file kernel_config key_mapping max_memory offload_buffers "
-    "offload_folder output_loading_info proxies quantization_config state_dict subfolder torch_dtype tp_plan "
-    "tp_size trust_remote_code use_kernels variant low_cpu_mem_usage load_in_8bit load_in_4bit".split()
+    [
+        "adapter_kwargs",
+        "adapter_name",
+        "attn_implementation",
+        "device_map",
+        "device_mesh",
+        "distributed_config",
+        "dtype",
+        "experts_implementation",
+        "generation_config",
+        "gguf_file",
+        "kernel_config",
+        "key_mapping",
+        "max_memory",
+        "offload_buffers",
+        "offload_folder",
+        "output_loading_info",
+        "proxies",
+        "quantization_config",
+        "state_dict",
+        "subfolder",
+        "torch_dtype",
+        "tp_plan",
+        "tp_size",
+        "trust_remote_code",
+        "use_kernels",
+        "variant",
+        "low_cpu_mem_usage",
+        "load_in_8bit",
+        "load_in_4bit",
+    ]
 )
 """Keyword arguments `from_pretrained` takes through `**kwargs` (transformers 4.45 to 5.x)."""
 

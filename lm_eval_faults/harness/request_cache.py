@@ -47,7 +47,7 @@ class CountedCache:
             def __getitem__(self, key: str) -> Any:
                 value = super().__getitem__(key)
                 if key in served:
-                    on_served(tuple(served[key]))  # type: ignore[arg-type]
+                    on_served(tuple(served[key]))
                 return value
 
         dbdict.__class__ = _Counting

@@ -87,9 +87,7 @@ def _p_item(item: str) -> list[float]:
     except ValueError:
         raise SweepConfigError(f"--p item {item!r} is not a number, lo:hi or lo:hi:N") from None
     if len(parts) > 3 or any(not (0 < x <= 1) for x in numbers):
-        raise SweepConfigError(
-            f"--p item {item!r}: use rates in (0, 1] as p, lo:hi or lo:hi:N (the p=0 baseline always runs once)"
-        )
+        raise SweepConfigError(f"--p item {item!r}: use rates in (0, 1] as p, lo:hi or lo:hi:N (the p=0 baseline always runs once)")
     if len(numbers) == 1:
         return [_round(numbers[0])]
     low, high = numbers
@@ -98,9 +96,7 @@ def _p_item(item: str) -> list[float]:
     decades = math.log10(high / low)
     if count is None:
         if abs(decades - round(decades)) > 1e-9:
-            raise SweepConfigError(
-                f"--p range {item!r} is not a whole number of decades; give a point count, e.g. {item}:5"
-            )
+            raise SweepConfigError(f"--p range {item!r} is not a whole number of decades; give a point count, e.g. {item}:5")
         count = round(decades) + 1
     if count < 1 or (count == 1 and high != low):
         raise SweepConfigError(f"--p range {item!r} needs at least 2 points to span {parts[0]}..{parts[1]}")
@@ -225,7 +221,9 @@ class SweepConfig:
     random_seed: int = 0
 
     def __post_init__(self) -> None:
-        set_ = lambda name, value: object.__setattr__(self, name, value)
+        def set_(name: str, value: object) -> None:
+            object.__setattr__(self, name, value)  # the dataclass is frozen
+
         set_("tasks", _split_commas(self.tasks))
         if not self.tasks:
             raise SweepConfigError("--tasks is empty; name at least one lm-eval task")
@@ -286,7 +284,8 @@ class SweepConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> SweepConfig:
-        return cls(**{name: tuple(value) if isinstance(value, list) else value for name, value in data.items()})
+        fields: dict[str, Any] = {name: tuple(value) if isinstance(value, list) else value for name, value in data.items()}
+        return cls(**fields)
 
 
 # --------------------------------------------------------------------------- points
@@ -322,11 +321,9 @@ def plan_points(config: SweepConfig, n_layers: int | None) -> list[SweepPoint]:
     points = [SweepPoint(BASELINE_ID, FaultSpec(**fixed), baseline=True)]
     layer_groups = resolve_layer_groups(config.layers, n_layers)
     config.check_size(len(layer_groups))
-    for seed, fault, site, target, layers, p in product(
-        config.seeds, config.faults, config.sites, config.targets, layer_groups, config.p
-    ):
+    for seed, fault, site, target, layers, p in product(config.seeds, config.faults, config.sites, config.targets, layer_groups, config.p):
         try:
-            spec = FaultSpec(p=p, fault=fault, site=site, target=target, layers=layers, seed=seed, **fixed)
+            spec = FaultSpec(p=p, fault=fault, site=site, target=parse_targets(target), layers=layers, seed=seed, **fixed)
         except FaultSpecError as err:
             raise SweepConfigError(f"grid point fault={fault}, site={site}, target={target}: {err}") from None
         labels = SweepPoint("", spec).labels()

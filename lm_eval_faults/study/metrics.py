@@ -51,7 +51,7 @@ RankBy = Literal["awrcl_p", "awrcl_count", "threshold_p", "threshold_count"]
 
 WEIGHTINGS: tuple[str, ...] = ("uniform", "log_p", "p")
 PRIMARY_METRICS: tuple[str, ...] = ("acc", "acc_norm", "exact_match")
-RANK_KEYS: tuple[str, ...] = ("awrcl_p", "awrcl_count", "threshold_p", "threshold_count")
+RANK_KEYS: tuple[RankBy, ...] = ("awrcl_p", "awrcl_count", "threshold_p", "threshold_count")
 ALL_LAYERS = "all"
 RESULTS_FILE = "results.jsonl"
 """A sweep run directory's results file: one JSON record per finished point."""
@@ -125,9 +125,7 @@ def primary_metric(task_metrics: Mapping[str, Any]) -> tuple[str, float] | None:
     numeric = {
         name: float(value)
         for name, value in task_metrics.items()
-        if isinstance(value, (int, float))
-        and not isinstance(value, bool)
-        and not name.endswith("_stderr")
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and not name.endswith("_stderr")
     }
     for name in PRIMARY_METRICS:
         if name in numeric:
@@ -169,7 +167,7 @@ def baseline_tasks(records: Sequence[Mapping[str, Any]]) -> list[str]:
     """
     baselines = baseline_records(records)
     if not baselines:
-        raise ValueError("no baseline record (\"baseline\": true) in the results")
+        raise ValueError('no baseline record ("baseline": true) in the results')
     common = set(task_scores(baselines[0]))
     for record in baselines[1:]:
         common &= set(task_scores(record))
@@ -180,7 +178,7 @@ def baseline_score(records: Sequence[Mapping[str, Any]], tasks: Sequence[str]) -
     """Mean score of the baseline records (several clean runs are averaged)."""
     baselines = baseline_records(records)
     if not baselines:
-        raise ValueError("no baseline record (\"baseline\": true) in the results")
+        raise ValueError('no baseline record ("baseline": true) in the results')
     return float(np.mean([record_score(r, tasks) for r in baselines]))
 
 
@@ -190,10 +188,7 @@ def relative_change(baseline: float, faulty: float | np.ndarray) -> float | np.n
     NaN when the baseline is zero, because a model with no accuracy cannot lose a fraction.
     """
     faulty = np.asarray(faulty, dtype=float)
-    if baseline == 0 or not math.isfinite(baseline):
-        change = np.full(faulty.shape, math.nan)
-    else:
-        change = (baseline - faulty) / baseline
+    change = np.full(faulty.shape, math.nan) if baseline == 0 or not math.isfinite(baseline) else (baseline - faulty) / baseline
     return float(change) if change.ndim == 0 else change
 
 
@@ -292,9 +287,7 @@ def sampling_of(records: Sequence[Mapping[str, Any]], tasks: Sequence[str]) -> S
     for task in tasks:
         names = {task_scores(b)[task][0] for b in baselines}
         redrawn.append(sizes[task] if names <= PROPORTION_METRICS else 0)
-    base_values = np.array(
-        [np.mean([task_scores(b)[task][1] for b in baselines]) for task in tasks], dtype=float
-    )
+    base_values = np.array([np.mean([task_scores(b)[task][1] for b in baselines]) for task in tasks], dtype=float)
     return Sampling(tuple(tasks), np.array(redrawn, dtype=int), base_values)
 
 
@@ -308,9 +301,7 @@ def _redraw(values: np.ndarray, sizes: np.ndarray, rng: np.random.Generator) -> 
     return np.where(finite & (n > 0), drawn, values)
 
 
-def bootstrap_scores(
-    values: np.ndarray, sampling: Sampling, rng: np.random.Generator, reps: int = BOOTSTRAP_REPLICATES
-) -> np.ndarray:
+def bootstrap_scores(values: np.ndarray, sampling: Sampling, rng: np.random.Generator, reps: int = BOOTSTRAP_REPLICATES) -> np.ndarray:
     """Replicates of the seed-mean score curve, shape (reps, grid).
 
     `values` is (seeds, grid, tasks), NaN where a seed lacks a point. Level one resamples the
@@ -326,9 +317,7 @@ def bootstrap_scores(
         return np.nanmean(per_seed, axis=1)
 
 
-def bootstrap_baseline(
-    sampling: Sampling, rng: np.random.Generator, reps: int = BOOTSTRAP_REPLICATES
-) -> np.ndarray:
+def bootstrap_baseline(sampling: Sampling, rng: np.random.Generator, reps: int = BOOTSTRAP_REPLICATES) -> np.ndarray:
     """Replicates of the baseline score: the clean run has no fault map, only documents."""
     return _redraw(np.broadcast_to(sampling.base_values, (reps, len(sampling.tasks))), sampling.sizes, rng).mean(axis=-1)
 
@@ -407,17 +396,17 @@ def awrcl(
     is NaN are dropped first. A single point's AWRCL is its own relative change under any
     weighting (there is nothing to average); NaN when all weights are zero or nothing is left.
     """
-    x = np.asarray(x, dtype=float)
+    xs = np.asarray(x, dtype=float)
     r = np.asarray(relchange, dtype=float)
-    keep = np.isfinite(r) & ~np.isnan(x)
-    x, r = x[keep], r[keep]
-    order = np.argsort(x, kind="stable")
-    x, r = x[order], r[order]
+    keep = np.isfinite(r) & ~np.isnan(xs)
+    xs, r = xs[keep], r[keep]
+    order = np.argsort(xs, kind="stable")
+    xs, r = xs[order], r[order]
     if r.size == 0:
         return math.nan
     if r.size == 1:
         return float(r[0])
-    w = grid_weights(x, weighting)
+    w = grid_weights(xs, weighting)
     total = w.sum()
     if total <= 0:
         return math.nan
@@ -438,19 +427,19 @@ def threshold_crossing(
     the grid was measured. None if no point crosses. Points with x <= 0 (no log position) or
     NaN relative change are ignored.
     """
-    x = np.asarray(x, dtype=float)
+    xs = np.asarray(x, dtype=float)
     r = np.asarray(relchange, dtype=float)
-    keep = (x > 0) & np.isfinite(r)
-    x, r = x[keep], r[keep]
-    order = np.argsort(x, kind="stable")
-    x, r = x[order], r[order]
+    keep = (xs > 0) & np.isfinite(r)
+    xs, r = xs[keep], r[keep]
+    order = np.argsort(xs, kind="stable")
+    xs, r = xs[order], r[order]
     crossed = np.flatnonzero(r >= fraction)
     if crossed.size == 0:
         return None
     i = int(crossed[0])
     if i == 0:
-        return float(x[0])
-    lo, hi = math.log10(x[i - 1]), math.log10(x[i])
+        return float(xs[0])
+    lo, hi = math.log10(xs[i - 1]), math.log10(xs[i])
     t = (fraction - r[i - 1]) / (r[i] - r[i - 1])
     return float(10 ** (lo + t * (hi - lo)))
 
@@ -619,9 +608,7 @@ def _aggregate_grid(points: Sequence[Point], baseline: float, sampling: Sampling
     return tuple(grid)
 
 
-def _point_intervals(
-    scored: Sequence[Point], p: float, baseline: float, sampling: Sampling
-) -> tuple[SeedStats, SeedStats]:
+def _point_intervals(scored: Sequence[Point], p: float, baseline: float, sampling: Sampling) -> tuple[SeedStats, SeedStats]:
     """Score and relative-change intervals of one grid point from the same replicates."""
     n = len(scored)
     score_mean = float(np.mean([pt.score for pt in scored])) if n else math.nan
@@ -656,9 +643,7 @@ class SeriesSummary:
     n_seeds: int
 
 
-def summarize_series(
-    series: Series, *, weighting: Weighting = "uniform", fraction: float = 0.5
-) -> SeriesSummary:
+def summarize_series(series: Series, *, weighting: Weighting = "uniform", fraction: float = 0.5) -> SeriesSummary:
     """AWRCL against p and against the seed-mean injected count, each with a two-level
     bootstrap interval, and the `fraction`-drop thresholds on the seed-mean curve.
 
@@ -767,15 +752,12 @@ def rank(summaries: Sequence[SeriesSummary], by: RankBy, label: str) -> tuple[Ra
 
     def sort_key(s: SeriesSummary) -> tuple[bool, float, str]:
         value = rank_value(s, by)
-        missing = value is None or not math.isfinite(value)
-        signed = 0.0 if missing else (-value if descending else value)
-        return missing, signed, getattr(s.key, label)
+        if value is None or not math.isfinite(value):
+            return True, 0.0, getattr(s.key, label)
+        return False, -value if descending else value, getattr(s.key, label)
 
     ordered = sorted(summaries, key=sort_key)
-    return tuple(
-        RankRow(rank=i + 1, label=getattr(s.key, label), value=rank_value(s, by))
-        for i, s in enumerate(ordered)
-    )
+    return tuple(RankRow(rank=i + 1, label=getattr(s.key, label), value=rank_value(s, by)) for i, s in enumerate(ordered))
 
 
 def rankings(summaries: Sequence[SeriesSummary], by: RankBy) -> list[Ranking]:

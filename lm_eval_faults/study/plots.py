@@ -41,12 +41,7 @@ def series_labels(keys: Sequence[SeriesKey]) -> list[str]:
     """Legend labels naming only what differs between the plotted series, so a per-component
     figure reads "attention", "mlp" rather than repeating the fault and site on every line."""
     varying = [f for f in _KEY_FIELDS if len({getattr(k, f) for k in keys}) > 1] or ["target"]
-    return [
-        " ".join(
-            getattr(k, f) if f == "target" else f"{f}={getattr(k, f)}" for f in varying
-        )
-        for k in keys
-    ]
+    return [" ".join(getattr(k, f) if f == "target" else f"{f}={getattr(k, f)}" for f in varying) for k in keys]
 
 
 def plot_accuracy_vs_p(
@@ -60,7 +55,7 @@ def plot_accuracy_vs_p(
     """Score (mean primary metric over tasks) against fault rate, one line per series, with the
     clean score as a horizontal reference and, if given, the chance level below it."""
     fig, ax = _new_axes()
-    for s, label in zip(series, series_labels([s.key for s in series])):
+    for s, label in zip(series, series_labels([s.key for s in series]), strict=True):
         _mean_with_band(ax, s.p, [g.score for g in s.grid], label, limits=SCORE_LIMITS)
     ax.axhline(baseline, color="black", linestyle="--", linewidth=1, label="baseline (p=0)")
     if chance is not None:
@@ -81,7 +76,7 @@ def plot_relchange_vs_p(
     """Relative accuracy change against fault rate, with the threshold level marked so the
     crossings reported in the tables can be read off the figure."""
     fig, ax = _new_axes()
-    for s, label in zip(series, series_labels([s.key for s in series])):
+    for s, label in zip(series, series_labels([s.key for s in series]), strict=True):
         _mean_with_band(ax, s.p, [g.relchange for g in s.grid], label, limits=RELCHANGE_LIMITS)
     _threshold_line(ax, fraction)
     ax.set_xscale("log")
@@ -105,7 +100,7 @@ def plot_relchange_vs_count(
     the log axis and are not drawn.
     """
     fig, ax = _new_axes()
-    for s, label in zip(series, series_labels([s.key for s in series])):
+    for s, label in zip(series, series_labels([s.key for s in series]), strict=True):
         _mean_with_band(ax, s.mean_injected, [g.relchange for g in s.grid], label, limits=RELCHANGE_LIMITS)
     _threshold_line(ax, fraction)
     ax.set_xscale("log")
@@ -142,9 +137,7 @@ def plot_layer_bars(
         color="tab:blue",
     )
     crowded = len(bars) > 6
-    ax.set_xticks(
-        positions, labels, rotation=30 if crowded else 0, ha="right" if crowded else "center"
-    )
+    ax.set_xticks(positions, labels, rotation=30 if crowded else 0, ha="right" if crowded else "center")
     ax.axhline(0, color="black", linewidth=0.8)
     ax.set_axisbelow(True)
     ax.set_xlabel("layer group")
@@ -202,9 +195,7 @@ def _yerr(stats: Sequence[SeedStats]) -> np.ndarray | None:
     return np.array([below, above])
 
 
-def _save(
-    fig: Figure, ax: Axes, out_path: str | Path, title: str | None, *, legend: bool = True
-) -> Path:
+def _save(fig: Figure, ax: Axes, out_path: str | Path, title: str | None, *, legend: bool = True) -> Path:
     if title:
         ax.set_title(title)
     if legend and ax.get_legend_handles_labels()[0]:

@@ -147,5 +147,3 @@ def _write_durably(handle: BinaryIO, data: bytes) -> None:
     handle.write(data)
     handle.flush()
     os.fsync(handle.fileno())
-
-

@@ -83,7 +83,7 @@ def quiet_lm_eval() -> Iterator[None]:
         evaluator.add_env_info = lambda storage: None
         yield
     finally:
-        for logger, level in zip(loggers, levels):
+        for logger, level in zip(loggers, levels, strict=True):
             logger.setLevel(level)
         for name, function in saved.items():
             setattr(evaluator, name, function)
@@ -162,8 +162,7 @@ def task_metrics(results: dict[str, dict[str, Any]]) -> dict[str, dict[str, floa
     are bookkeeping and are left out, so they can never be mistaken for a score.
     """
     return {
-        task: {metric.removesuffix(",none"): value for metric, value in values.items() if "," in metric}
-        for task, values in results.items()
+        task: {metric.removesuffix(",none"): value for metric, value in values.items() if "," in metric} for task, values in results.items()
     }
 
 
@@ -209,7 +208,9 @@ def run_sweep(
         task_manager = task_manager or _task_manager(config)
         outcome.skipped = [point.point_id for point in points if point.point_id in done]
         pending = [point for point in points if point.point_id not in done]
-        bar = tqdm(total=len(points), initial=len(outcome.skipped), desc="sweep points", unit="point", disable=not progress, file=sys.stderr)
+        bar = tqdm(
+            total=len(points), initial=len(outcome.skipped), desc="sweep points", unit="point", disable=not progress, file=sys.stderr
+        )
         try:
             for point in pending:
                 bar.set_postfix_str(point.point_id)
@@ -241,5 +242,3 @@ def _task_manager(config: SweepConfig) -> TaskManager:
     from lm_eval.tasks import TaskManager
 
     return TaskManager(include_path=list(config.include_path) or None)
-
-

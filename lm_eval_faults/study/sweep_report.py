@@ -82,9 +82,7 @@ def build_report(
     tasks = baseline_tasks(records)
     baseline, series = build_series(records, tasks=tasks, count=count)
     summaries = [summarize_series(s, weighting=weighting, fraction=fraction) for s in series]
-    figures = _draw_figures(
-        series, baseline, run_dir / FIGURES_DIR, p_for_layer_bars, fraction, count, chance
-    )
+    figures = _draw_figures(series, baseline, run_dir / FIGURES_DIR, p_for_layer_bars, fraction, count, chance)
     text = "\n".join(
         [
             _header(records, series, tasks, baseline, weighting, fraction, count, sampling_of(records, tasks)),
@@ -121,9 +119,7 @@ def default_layer_bar_p(series: Sequence[Series], fraction: float = 0.5) -> floa
     visible), else the largest common rate. None when the groups share no rate."""
     common = set.intersection(*({g.p for g in s.grid} for s in series)) if series else set()
     for p in sorted(common):
-        if any(
-            g.p == p and g.relchange.mean >= fraction for s in series for g in s.grid
-        ):
+        if any(g.p == p and g.relchange.mean >= fraction for s in series for g in s.grid):
             return p
     return max(common, default=None)
 
@@ -141,12 +137,8 @@ def _draw_figures(
     figures: list[tuple[str, Path | str]] = []
     for title, members in figure_families(series).items():
         slug = _slug(title)
-        accuracy = plots.plot_accuracy_vs_p(
-            members, baseline, out_dir / f"accuracy_vs_p__{slug}.png", chance=chance, title=title
-        )
-        by_p = plots.plot_relchange_vs_p(
-            members, out_dir / f"relchange_vs_p__{slug}.png", fraction=fraction, title=title
-        )
+        accuracy = plots.plot_accuracy_vs_p(members, baseline, out_dir / f"accuracy_vs_p__{slug}.png", chance=chance, title=title)
+        by_p = plots.plot_relchange_vs_p(members, out_dir / f"relchange_vs_p__{slug}.png", fraction=fraction, title=title)
         by_count = plots.plot_relchange_vs_count(
             members,
             out_dir / f"relchange_vs_count__{slug}.png",
@@ -180,9 +172,7 @@ def _layer_bars(
     caption = f"{title}: relative change per layer group at p={p:g}"
     if not any(plots.grid_point_at(s, p) for s in members):
         return caption, f"no layer group was run at p={p:g}"
-    path = plots.plot_layer_bars(
-        members, p, out_dir / f"layer_bars__{slug}.png", title=f"{title}, p={p:g}"
-    )
+    path = plots.plot_layer_bars(members, p, out_dir / f"layer_bars__{slug}.png", title=f"{title}, p={p:g}")
     return caption, path
 
 
@@ -210,26 +200,36 @@ def _header(
     lines = [
         "# Fault-sweep report",
         "",
-        (f"From `{RESULTS_FILE}`: {len(records)} records — {len(records) - n_points} baseline, "
-        f"{n_points} faulty points in {len(series)} series."),
+        (
+            f"From `{RESULTS_FILE}`: {len(records)} records — {len(records) - n_points} baseline, "
+            f"{n_points} faulty points in {len(series)} series."
+        ),
         "",
-        (f"- **Score** of a point: mean over the baseline's {len(tasks)} task(s) of each task's "
-        "primary metric (acc, else acc_norm, else exact_match, else the first numeric metric)."),
+        (
+            f"- **Score** of a point: mean over the baseline's {len(tasks)} task(s) of each task's "
+            "primary metric (acc, else acc_norm, else exact_match, else the first numeric metric)."
+        ),
         f"- **Baseline score** (p = 0): {_num(baseline)}.",
         "- **Relative change** = (baseline − faulty) / baseline; positive means accuracy lost.",
-        (f"- **AWRCL** = Σ wᵢ·changeᵢ / Σ wᵢ over the p grid, weighting `{weighting}`; "
-        f"\"vs injected\" uses the seed-mean number of injected {count} as the grid instead of p "
-        "(only the weights depend on the grid, so under `uniform` the two are equal)."),
-        (f"- **Threshold**: smallest p (or injected count) where the seed-mean relative change "
-        f"first reaches {fraction:.0%}, interpolated in log scale; \"≤\" marks a drop already "
-        "reached at the first grid point (an upper bound)."),
-        ("- **Intervals**: 95% percentile intervals of a two-level bootstrap "
-        f"({BOOTSTRAP_REPLICATES} replicates, fixed seed): seeds resampled with replacement "
-        "(which fault maps were drawn), then each task's accuracy redrawn as Binomial(n, acc)/n "
-        f"(which documents were asked; n per task: {_sizes(sampling)}), the baseline likewise. "
-        "They respect the bounds: accuracy in [0, 1], relative change in [1 − 1/baseline, 1]. "
-        "With one seed they cover document sampling only; n/a where nothing can be redrawn. "
-        "See docs/sweep_intervals.md."),
+        (
+            f"- **AWRCL** = Σ wᵢ·changeᵢ / Σ wᵢ over the p grid, weighting `{weighting}`; "
+            f'"vs injected" uses the seed-mean number of injected {count} as the grid instead of p '
+            "(only the weights depend on the grid, so under `uniform` the two are equal)."
+        ),
+        (
+            f"- **Threshold**: smallest p (or injected count) where the seed-mean relative change "
+            f'first reaches {fraction:.0%}, interpolated in log scale; "≤" marks a drop already '
+            "reached at the first grid point (an upper bound)."
+        ),
+        (
+            "- **Intervals**: 95% percentile intervals of a two-level bootstrap "
+            f"({BOOTSTRAP_REPLICATES} replicates, fixed seed): seeds resampled with replacement "
+            "(which fault maps were drawn), then each task's accuracy redrawn as Binomial(n, acc)/n "
+            f"(which documents were asked; n per task: {_sizes(sampling)}), the baseline likewise. "
+            "They respect the bounds: accuracy in [0, 1], relative change in [1 − 1/baseline, 1]. "
+            "With one seed they cover document sampling only; n/a where nothing can be redrawn. "
+            "See docs/sweep_intervals.md."
+        ),
         "",
         "## Baseline",
         "",
@@ -247,20 +247,33 @@ def _summary_section(
     drop = f"{fraction:.0%}"
     by_id = {str(r["point_id"]): r for r in records}
     rows = []
-    for s, summary in zip(series, summaries):
+    for s, summary in zip(series, summaries, strict=True):
         k = s.key
-        rows.append([
-            k.fault, k.site, k.target, k.layers, str(summary.n_seeds),
-            _threshold(summary.threshold_p, s.p, s.mean_relchange),
-            _threshold(summary.threshold_count, s.mean_injected, s.mean_relchange),
-            _stats(summary.awrcl_p),
-            _stats(summary.awrcl_count),
-            _collapsed_points(s, by_id),
-        ])
+        rows.append(
+            [
+                k.fault,
+                k.site,
+                k.target,
+                k.layers,
+                str(summary.n_seeds),
+                _threshold(summary.threshold_p, s.p, s.mean_relchange),
+                _threshold(summary.threshold_count, s.mean_injected, s.mean_relchange),
+                _stats(summary.awrcl_p),
+                _stats(summary.awrcl_count),
+                _collapsed_points(s, by_id),
+            ]
+        )
     headers = [
-        "fault", "site", "target", "layers", "seeds",
-        f"p at {drop} drop", f"injected at {drop} drop", "AWRCL vs p [95% CI]",
-        "AWRCL vs injected [95% CI]", "collapsed points",
+        "fault",
+        "site",
+        "target",
+        "layers",
+        "seeds",
+        f"p at {drop} drop",
+        f"injected at {drop} drop",
+        "AWRCL vs p [95% CI]",
+        "AWRCL vs injected [95% CI]",
+        "collapsed points",
     ]
     return "\n".join(["", "## Thresholds and AWRCL per series", "", _table(headers, rows)])
 
@@ -277,13 +290,7 @@ def _ranking_section(summaries: Sequence[SeriesSummary], fraction: float) -> str
     drop = f"{fraction:.0%}"
     for (kind, title), per_by in by_family.items():
         n = len(next(iter(per_by.values())).rows)
-        rows = [
-            [str(i + 1)] + [
-                _rank_cell(per_by[by].rows[i].label, per_by[by].rows[i].value)
-                for by in RANK_KEYS
-            ]
-            for i in range(n)
-        ]
+        rows = [[str(i + 1)] + [_rank_cell(per_by[by].rows[i].label, per_by[by].rows[i].value) for by in RANK_KEYS] for i in range(n)]
         headers = ["rank"] + [_RANK_TITLES[by].format(drop=drop) for by in RANK_KEYS]
         lines += [f"### {kind.capitalize()}s — {title}", "", _table(headers, rows), ""]
     return "\n".join(lines)
@@ -318,16 +325,17 @@ def _points_section(
     headers += ["non-finite weights", "non-finite requests", "degenerate requests", "elapsed s"]
     ordered = sorted(
         records,
-        key=lambda r: (
-            not r.get("baseline"), series_key(r), float(r.get("p", 0)), r.get("seed", 0)
-        ),
+        key=lambda r: (not r.get("baseline"), series_key(r), float(r.get("p", 0)), r.get("seed", 0)),
     )
     rows = []
     for r in ordered:
         score = record_score(r, tasks)
         row = [
-            str(r["point_id"]), _value(r.get("p")), str(r.get("seed", "")), _num(score),
-            _num(relative_change(baseline, score)),
+            str(r["point_id"]),
+            _value(r.get("p")),
+            str(r.get("seed", "")),
+            _num(score),
+            _num(float(relative_change(baseline, score))),
         ]
         for unit in units:
             row.append(_value((r.get("injected") or {}).get(unit)))
@@ -345,7 +353,7 @@ def _points_section(
         f"Counts are as recorded; thresholds and AWRCL above use `{count}`. "
         "Activation-site counts are totals over the run. Degenerate requests had flat logits or "
         "tied choices; a point is **collapsed** when most of its requests are, so its accuracy is "
-        "the first-choice tie-break, not chance and not knowledge. \"—\": not recorded (older sweeps)."
+        'the first-choice tie-break, not chance and not knowledge. "—": not recorded (older sweeps).'
     )
     return "\n".join(["## Points", "", note, "", _table(headers, rows), ""])
 
@@ -360,7 +368,7 @@ def _table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
     return "\n".join([line(headers), line(["---"] * len(headers)), *map(line, rows)])
 
 
-def _num(x: float) -> str:
+def _num(x: float | None) -> str:
     return "n/a" if x is None or not math.isfinite(x) else f"{x:.4g}"
 
 
@@ -401,9 +409,7 @@ def _threshold(value: float | None, x: np.ndarray, relchange: np.ndarray) -> str
 def _sizes(sampling: Sampling) -> str:
     """Documents per task as used by the bootstrap, e.g. ``faults_demo 160``; "not redrawn"
     marks a task whose metric is not a proportion or whose count is unknown."""
-    return ", ".join(
-        f"{task} {n}" if n else f"{task} not redrawn" for task, n in zip(sampling.tasks, sampling.sizes.tolist())
-    )
+    return ", ".join(f"{task} {n}" if n else f"{task} not redrawn" for task, n in zip(sampling.tasks, sampling.sizes.tolist(), strict=True))
 
 
 def degenerate_requests(record: Mapping[str, Any]) -> tuple[int, int] | None:

@@ -72,16 +72,14 @@ def training_docs(seed: int) -> Iterator[Doc]:
     held_out = {_prompt_key(doc) for doc in test_docs() + dev_docs()}
     rng = random.Random(seed)
     while True:
-        doc = make_doc(
-            rng.randint(0, MAX_OPERAND), rng.randint(0, MAX_OPERAND), rng.randrange(len(LETTERS)), rng
-        )
+        doc = make_doc(rng.randint(0, MAX_OPERAND), rng.randint(0, MAX_OPERAND), rng.randrange(len(LETTERS)), rng)
         if _prompt_key(doc) not in held_out:
             yield doc
 
 
 def format_prompt(doc: Doc) -> str:
     """The prompt exactly as lm-eval's MMLU `doc_to_text` renders it (ends with 'Answer:')."""
-    options = "".join(f"\n{letter}. {choice}" for letter, choice in zip(LETTERS, doc["choices"]))
+    options = "".join(f"\n{letter}. {choice}" for letter, choice in zip(LETTERS, doc["choices"], strict=False))
     return f"{doc['question'].strip()}{options}\nAnswer:"
 
 

@@ -20,9 +20,7 @@ from collections.abc import Iterable
 _ONLY_LETTER = re.compile(r"^\W*([A-Da-d])\W*$")
 _LEADING_LABEL = re.compile(r"^\W*([A-D])(?:[.):]|$)")
 # A lower-case letter counts only at the end of a clause, so "the answer is a ..." is no answer.
-_STATED = re.compile(
-    r"\b[Aa]nswer\s*(?:is|:)?\s*:?\s*\(?(?:([A-D])(?![\w'])|([a-d])(?=\)?\s*(?:[.!,;:]|$)))"
-)
+_STATED = re.compile(r"\b[Aa]nswer\s*(?:is|:)?\s*:?\s*\(?(?:([A-D])(?![\w'])|([a-d])(?=\)?\s*(?:[.!,;:]|$)))")
 
 
 def extract_letter(response: str) -> str:
