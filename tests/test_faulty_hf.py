@@ -134,6 +134,14 @@ def run_cli(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
     return subprocess.run(args, capture_output=True, text=True, cwd=cwd, env=env, timeout=600)
 
 
+def faulty_hf_argv(model_dir: Path, fault_args: str, task_dir: Path, tmp_path: Path) -> list[str]:
+    """lm-eval's options for one `faulty_hf` run of the tiny task, results under tmp_path/out."""
+    return [
+        "--model", "faulty_hf", "--model_args", f"pretrained={model_dir},{fault_args}", "--tasks", "tiny_colors",
+        "--include_path", str(task_dir), "--device", "cpu", "--output_path", str(tmp_path / "out"),
+    ]  # fmt: skip
+
+
 def results_json(output_dir: Path) -> dict:
     (path,) = output_dir.rglob("results_*.json")
     return json.loads(path.read_text())
@@ -145,18 +153,7 @@ def test_cli_end_to_end(tiny_llama_dir, tiny_task_dir, tmp_path, entry):
     done = run_cli(
         [
             *entry,
-            "--model",
-            "faulty_hf",
-            "--model_args",
-            f"pretrained={tiny_llama_dir},p=1e-2,target=attention,layers=0-1",
-            "--tasks",
-            "tiny_colors",
-            "--include_path",
-            str(tiny_task_dir),
-            "--device",
-            "cpu",
-            "--output_path",
-            str(tmp_path / "out"),
+            *faulty_hf_argv(tiny_llama_dir, "p=1e-2,target=attention,layers=0-1", tiny_task_dir, tmp_path),
         ],
         tmp_path,
     )
@@ -209,18 +206,7 @@ def test_data_parallel_accelerate_launch(tiny_llama_dir, tiny_task_dir, tmp_path
             "--cpu",
             "-m",
             "lm_eval",
-            "--model",
-            "faulty_hf",
-            "--model_args",
-            f"pretrained={tiny_llama_dir},p=1e-2,site=weights+activations",
-            "--tasks",
-            "tiny_colors",
-            "--include_path",
-            str(tiny_task_dir),
-            "--device",
-            "cpu",
-            "--output_path",
-            str(tmp_path / "out"),
+            *faulty_hf_argv(tiny_llama_dir, "p=1e-2,site=weights+activations", tiny_task_dir, tmp_path),
         ],
         tmp_path,
     )

@@ -7,7 +7,7 @@ however many calls are made (the RRAM study's tool leaked).
 
 Which stream a tensor draws from (see `streams.py`):
 
-- Inside `rows(...)` (what `faulty_hf` does for every lm-eval forward), each row of a
+- After `next_forward(rows)` (what `faulty_hf` does before every lm-eval forward), each row of a
   batch-first tensor is its own site, keyed by the row's request key, the module's call number
   within the forward and the tensor's index in the output; only the row's real positions (not
   padding) are eligible. A request's faults therefore do not depend on how requests were batched

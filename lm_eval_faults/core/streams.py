@@ -3,7 +3,7 @@
 A fault map is a pure function of (seed, site name, spec) and this package's version. Each draw
 is a counter-based SplitMix64 output of (site key, purpose, index), and each site key is a keyed
 hash of (spec, stream kind, stream indices, site name). This module is the one place that layout
-is written down; `STREAM_TABLE` is the same table as data (the README prints it):
+is written down (the README's copy of these tables points here):
 
 | stream kind | indices | what it draws |
 |---|---|---|
@@ -63,23 +63,6 @@ class Purpose(IntEnum):
     MASK = 4
     VALUE = 5
     THIN = 6
-
-
-STREAM_TABLE: dict[str, dict[str, str]] = {
-    "streams": {
-        "WEIGHTS": "the persistent faults of one parameter tensor",
-        "CALL": "(call, tensor): activation faults outside lm-eval",
-        "REQUEST": "(call within the forward, tensor), then the row's request key: activation faults of one lm-eval request",
-    },
-    "purposes": {
-        "COUNT": "0: the site's fault count",
-        "POSITION": "draw number: distinct positions",
-        "DENSE": "element index: dense Bernoulli draws",
-        "MASK": "hit rank x chunks + chunk: bit masks",
-        "VALUE": "hit rank: replacement values",
-        "THIN": "hit rank x 64 + bit: asymmetric thinning",
-    },
-}
 
 
 def spec_key(seed: int, sampling_key: Mapping[str, Any]) -> bytes:

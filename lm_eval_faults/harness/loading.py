@@ -40,9 +40,9 @@ def load_model(model_args: dict[str, Any], spec: FaultSpec | None = None) -> nn.
     pretrained = args.pop("pretrained", None) or str(demo_model_dir())
     peft = args.pop("peft", None)
     kwargs = {key: args.pop(key) for key in LOAD_ARGUMENTS if key in args}
-    for key in args:
-        check_keys([key], LOAD_KEYS, None)  # a fault-key look-alike gets its suggestion
-        raise ValueError(f"model_args key {key!r} is not supported here; supported: {', '.join(LOAD_KEYS)}")
+    if args:
+        check_keys(args, LOAD_KEYS, None)  # a fault-key look-alike (`P`, `prob`) gets its suggestion
+        raise ValueError(f"model_args {', '.join(map(repr, args))} not supported here; supported: {', '.join(LOAD_KEYS)}")
     if "dtype" not in kwargs and "torch_dtype" not in kwargs:
         kwargs["dtype"] = DEFAULT_DTYPE
     config = read_config({**kwargs, "pretrained": pretrained})

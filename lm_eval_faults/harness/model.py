@@ -81,6 +81,7 @@ class FaultyHFLM(HFLM):
         self._gguf_file = hf_kwargs.get("gguf_file")
         self._cache: CountedCache | None = None
         self._generation_flags: list[tuple[tuple[int, ...], bool, bool]] = []
+        self._known_inputs: set[tuple[int, ...]] = set()
         self._last_flat: list[bool] = []
         self.print_report = True
         self._inject(spec)
@@ -89,7 +90,8 @@ class FaultyHFLM(HFLM):
     def create_from_arg_string(cls, arg_string: str, additional_config: dict | None = None) -> FaultyHFLM:
         """A `model_args` string: refuse a key given twice, and check fault values as written
         (lm-eval's parser would keep the last duplicate and turn p=1e-400 into 0 silently)."""
-        parse_fault_args(parse_arg_string(arg_string), passthrough=parse_arg_string(arg_string))
+        args = parse_arg_string(arg_string)
+        parse_fault_args(args, passthrough=args)
         return super().create_from_arg_string(arg_string, additional_config)
 
     # -- faults --------------------------------------------------------------------------
@@ -123,19 +125,18 @@ class FaultyHFLM(HFLM):
             return super()._detect_batch_size(requests, pos)
 
     def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, override_bs: int | None = None):
-        """Remember each input's real length, so `_model_call` can tell padding from tokens; flag
+        """Remember each request's model input, so `_model_call` can tell padding from tokens; flag
         requests whose scoring forward gave a flat (constant) next-token distribution."""
         if not self.spec.active:
             return super()._loglikelihood_tokens(requests, disable_tqdm=disable_tqdm, override_bs=override_bs)
-        self._input_lengths = {tuple((context + continuation)[-(self.max_length + 1) :][:-1]): 0 for _, context, continuation in requests}
-        self._flat_inputs = set()
+        # The input lm-eval builds for each request: (context + continuation), left-truncated, last token dropped.
+        inputs = [tuple((context + continuation)[-(self.max_length + 1) :][:-1]) for _, context, continuation in requests]
+        self._known_inputs, self._flat_inputs = set(inputs), set()
         try:
             results = super()._loglikelihood_tokens(requests, disable_tqdm=disable_tqdm, override_bs=override_bs)
         finally:
-            self._input_lengths = {}
-        self._last_flat = [
-            tuple((context + continuation)[-(self.max_length + 1) :][:-1]) in self._flat_inputs for _, context, continuation in requests
-        ]
+            self._known_inputs = set()
+        self._last_flat = [model_input in self._flat_inputs for model_input in inputs]
         return results
 
     def _model_call(self, inps: torch.Tensor, attn_mask=None, labels=None) -> torch.Tensor:
@@ -161,12 +162,11 @@ class FaultyHFLM(HFLM):
     def _real_length(self, row: list[int]) -> int:
         """The row's length without lm-eval's right padding: the shortest known input it starts with
         once trailing zeros are stripped (rows of unknown inputs count as unpadded)."""
-        known = getattr(self, "_input_lengths", {})
         length = len(row)
         while length and row[length - 1] == 0:
             length -= 1
         for candidate in range(length, len(row) + 1):
-            if tuple(row[:candidate]) in known:
+            if tuple(row[:candidate]) in self._known_inputs:
                 return candidate
         return len(row)
 
@@ -185,9 +185,10 @@ class FaultyHFLM(HFLM):
         self._last_flat = []
         results = super().loglikelihood(requests, disable_tqdm=disable_tqdm)
         logprobs = [logprob for logprob, _ in results]
-        flat = self._last_flat or [False] * len(requests)
-        tied = tied_choices(logprobs, [(r.task_name or "", r.doc_id) for r in requests]) if self.spec.active else flat
-        degenerate = [a or b for a, b in zip(flat, tied, strict=False)]
+        degenerate = [False] * len(requests)  # p=0 is `hf` exactly: no checks on the clean model
+        if self.spec.active:
+            tied = tied_choices(logprobs, [(r.task_name or "", r.doc_id) for r in requests])
+            degenerate = [flat or tie for flat, tie in zip(self._last_flat, tied, strict=True)]
         self._count("loglikelihood", requests, [not math.isfinite(x) for x in logprobs], degenerate)
         return results
 
@@ -212,18 +213,20 @@ class FaultyHFLM(HFLM):
             outputs = super().generate_until([requests[i] for i in indices], disable_tqdm=disable_tqdm)
             for index, output in zip(indices, outputs, strict=False):
                 results[index] = output
-            flags_by_prompt = {prompt: (bad, flat) for prompt, bad, flat in self._generation_flags}
-            for index in indices:
-                if self._cache is None:
-                    break
-                prompt = tuple(self.tok_batch_encode([requests[index].args[0]])[0][0].tolist())
-                bad, flat = flags_by_prompt.get(prompt, (False, False))
-                self._cache.remember("generate_until", requests[index].args, (task, bad, flat))
-            self._counts.requests[task] += len(indices)
-            self._counts.nonfinite[task] += sum(bad for _, bad, _ in self._generation_flags)
-            self._counts.degenerate[task] += sum(flat and not bad for _, bad, flat in self._generation_flags)
+            self._counts.count_rows(task, len(indices), [(bad, flat) for _, bad, flat in self._generation_flags])
+            if self._cache is not None:
+                self._remember_generations(task, [requests[i] for i in indices])
         self._merge_ranks()
         return [result or "" for result in results]
+
+    def _remember_generations(self, task: str, requests: list[Instance]) -> None:
+        """Store each request's flags for the request cache, found by its prompt tokens."""
+        assert self._cache is not None
+        flags_by_prompt = {prompt: (bad, flat) for prompt, bad, flat in self._generation_flags}
+        for request in requests:
+            prompt = tuple(self.tok_batch_encode([request.args[0]])[0][0].tolist())
+            bad, flat = flags_by_prompt.get(prompt, (False, False))
+            self._cache.remember("generate_until", request.args, (task, bad, flat))
 
     def _model_generate(self, context, max_length: int, stop: list[str], **generation_kwargs) -> torch.Tensor:
         if not self.spec.active:

@@ -113,10 +113,10 @@ def check_keys(keys: Iterable[str], accepted: Iterable[str], config: Any | None)
     known = set(accepted) | FROM_PRETRAINED_KWARGS | _from_pretrained_parameters()
     if config is not None:
         known |= set(config.to_dict())
+    lowered = {k.lower(): k for k in FAULT_KEYS}
     for key in keys:
         if key in known:
             continue
-        lowered = {k.lower(): k for k in FAULT_KEYS}
         close = lowered.get(key.lower()) or next(iter(difflib.get_close_matches(key.lower(), list(lowered), n=1, cutoff=0.6)), None)
         hint = f"did you mean {lowered.get(close, close)!r}? " if close else ""
         raise FaultSpecError(

@@ -30,6 +30,14 @@ class RequestCounts:
         self.degenerate[task] += int(degenerate and not nonfinite)
         self.cached[task] += int(cached)
 
+    def count_rows(self, task: str, requests: int, rows: list[tuple[bool, bool]]) -> None:
+        """`requests` requests of `task` whose (non-finite, degenerate) flags come per generated row,
+        in an order that does not match the requests' (lm-eval reorders generation batches)."""
+        self.requests[task] += requests
+        for nonfinite, degenerate in rows:
+            self.nonfinite[task] += int(nonfinite)
+            self.degenerate[task] += int(degenerate and not nonfinite)
+
     def add(self, other: RequestCounts) -> None:
         for name in FIELDS:
             getattr(self, name).update(getattr(other, name))
