@@ -142,3 +142,28 @@ def test_golden_fault_map():
 
 
 GOLDEN_MAP = "500cbbffbac817bc"
+
+
+def test_float64_is_refused_never_skipped(tiny_llama_dir):
+    """The RRAM study shipped a silent no-op: selected tensors that can't be faulted are errors."""
+    model = tiny_model().to(torch.float64)
+    with pytest.raises(TypeError, match=r"dtypes torch\.float64, which cannot be faulted"):
+        inject(model, "p=1e-3")
+    with inject(model, "p=1e-2,site=activations,target=mlp"), pytest.raises(TypeError, match=r"outputs torch\.float64 activations"):
+        model(torch.tensor([[1, 2, 3]]))
+    from lm_eval_faults.core.spec import FaultSpecError
+    from lm_eval_faults.harness.model import FaultyHFLM
+
+    with pytest.raises(FaultSpecError, match=r"runs in torch\.float64, which cannot be faulted"):
+        FaultyHFLM(pretrained=str(tiny_llama_dir), dtype="float64", p=1e-2, site="activations")
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore:torch.quantize_per_tensor:UserWarning")
+def test_packed_quantized_weights_are_refused_by_name():
+    quantization = pytest.importorskip("torch.ao.quantization", reason="this torch has no eager dynamic quantization to build the model")
+    quantize_dynamic = quantization.quantize_dynamic
+    model = quantize_dynamic(tiny_model(), {torch.nn.Linear}, dtype=torch.qint8)
+    with pytest.raises(TypeError, match=r"hold packed quantized weights.*model\.layers\.0\."):
+        inject(model, "p=1e-3,target=all")
+    with inject(model, "p=1e-3,target=embedding") as faults:  # what can be faulted still can
+        assert faults.report.totals()["hit_elements"] > 0
