@@ -16,6 +16,8 @@ SUBCOMMANDS = {
     "analyze": ("lm_eval_faults.cli.analyze", "exact expected damage (faults, NaN/Inf, huge values) without evaluating"),
     "sweep": ("lm_eval_faults.cli.sweep", "run lm-eval tasks over a grid of fault settings on one loaded model"),
     "report": ("lm_eval_faults.cli.report", "rebuild a sweep's figures and Markdown report from its results file"),
+    "bisect": ("lm_eval_faults.cli.bisect", "find the culprit faults: a minimal subset of a damaging fault map"),
+    "drift": ("lm_eval_faults.cli.drift", "per-sample drift of a faulted lm-eval run against the clean one (--log_samples dirs)"),
     "tasks-path": ("lm_eval_faults.cli.tasks_path", "print the directory of this package's lm-eval task YAMLs"),
 }
 

@@ -6,6 +6,7 @@ CLI sit on top of it; nothing here imports them.
 """
 
 from lm_eval_faults.core.analysis import Analysis, analyze
+from lm_eval_faults.core.fault_map import FaultMap, FaultMapError
 from lm_eval_faults.core.injection import Injection, inject
 from lm_eval_faults.core.report import FaultReport
 from lm_eval_faults.core.spec import (
@@ -15,4 +16,16 @@ from lm_eval_faults.core.spec import (
     to_spec,
 )
 
-__all__ = ["Analysis", "FaultReport", "FaultSpec", "FaultSpecError", "Injection", "analyze", "inject", "parse_fault_args", "to_spec"]
+__all__ = [
+    "Analysis",
+    "FaultMap",
+    "FaultMapError",
+    "FaultReport",
+    "FaultSpec",
+    "FaultSpecError",
+    "Injection",
+    "analyze",
+    "inject",
+    "parse_fault_args",
+    "to_spec",
+]

@@ -34,6 +34,7 @@ from lm_eval_faults.core.formats import (
     layout_of,
     resolve_bits,
     to_unsigned,
+    word_value,
 )
 from lm_eval_faults.core.sampling import element_rate
 from lm_eval_faults.core.spec import FaultSpec, to_spec
@@ -63,10 +64,6 @@ def bit_rates(spec: FaultSpec) -> tuple[float, float]:
     if spec.asymmetric:
         return spec.p01 or 0.0, spec.p10 or 0.0
     return spec.p, spec.p
-
-
-def _word_value(word: int, layout: BitLayout) -> float:
-    return float(from_unsigned(torch.tensor([word]), layout).view(layout.dtype)[0])
 
 
 def default_threshold(layout: BitLayout) -> float:
@@ -101,7 +98,7 @@ class RiskModel:
             low, high = 0, ((1 << len(layout.exponent)) - 1 << len(layout.mantissa)) - 1
             while low < high:
                 middle = (low + high + 1) // 2
-                low, high = (middle, high) if _word_value(middle, layout) <= threshold else (low, middle - 1)
+                low, high = (middle, high) if word_value(middle, layout) <= threshold else (low, middle - 1)
             limit = low
         return cls(layout, tuple(sorted(eligible)), threshold, limit)
 
@@ -214,7 +211,7 @@ class RiskModel:
     def uniform_risks(self, low: float, high: float) -> tuple[float, float]:
         """(P(+-Inf), P(huge finite)) for one value fault: a U(low, high) draw rounded to the dtype."""
         if self.layout.is_float:
-            value = lambda word: _word_value(word, self.layout)  # noqa: E731
+            value = lambda word: word_value(word, self.layout)  # noqa: E731
             largest = (self.exp_max << self.man_bits) - 1
             overflow = value(largest) + (value(largest) - value(largest - 1)) / 2
             rounds_above = (value(self.limit) + value(self.limit + 1)) / 2 if self.limit < largest else overflow

@@ -104,6 +104,11 @@ def to_unsigned(words: torch.Tensor, layout: BitLayout) -> torch.Tensor:
     return words.to(torch.int64) & ((1 << layout.width) - 1)
 
 
+def word_value(word: int, layout: BitLayout) -> float:
+    """The number a stored word (as an unsigned integer) represents in `layout`'s dtype."""
+    return float(from_unsigned(torch.tensor([word]), layout).view(layout.dtype)[0])
+
+
 def from_unsigned(values: torch.Tensor, layout: BitLayout) -> torch.Tensor:
     """Inverse of `to_unsigned`: wrap to the signed integer view of the layout."""
     if layout.int_view == torch.uint8:

@@ -22,9 +22,10 @@ from typing import Any
 from torch import nn
 
 from lm_eval_faults.core.activations import ActivationInjector, Rows
+from lm_eval_faults.core.fault_map import FaultMap
 from lm_eval_faults.core.report import FaultReport
 from lm_eval_faults.core.spec import FaultSpec, to_spec
-from lm_eval_faults.core.targets import select_modules, select_params
+from lm_eval_faults.core.targets import all_param_sites, select_modules, select_params
 from lm_eval_faults.core.weights import WeightInjector
 
 _active: weakref.WeakKeyDictionary[nn.Module, list[Injection]] = weakref.WeakKeyDictionary()
@@ -38,29 +39,39 @@ class Injection:
     every forward call while the hooks are attached. `restore()` undoes both in O(faults).
     """
 
-    def __init__(self, model: nn.Module, spec: FaultSpec) -> None:
+    def __init__(self, model: nn.Module, spec: FaultSpec, replaying: bool = False) -> None:
         """A handle that has not touched the model yet; `apply` injects."""
         self.model = model
         self.spec = spec
         self.report = FaultReport(spec={**spec.to_dict(), "description": spec.describe()})
         # Selecting validates the selectors even at p=0: `layers=40` on a 4-layer model is an
-        # error whatever p is, so a sweep's clean baseline catches it too.
-        weight_sites = select_params(model, spec) if spec.on_weights else []
+        # error whatever p is, so a sweep's clean baseline catches it too. A replay may name any
+        # parameter of the model: its map, not the selectors, says which.
+        weight_sites = all_param_sites(model) if replaying else select_params(model, spec) if spec.on_weights else []
         module_sites = select_modules(model, spec) if spec.on_activations else []
         self._weights = WeightInjector(spec, weight_sites)
         self._activations = ActivationInjector(spec, module_sites)
         self.applied = False
 
     @classmethod
-    def apply(cls, model: nn.Module, spec: FaultSpec, progress: bool = False) -> Injection:
-        """Inject `spec` into `model`. If anything fails partway (a tensor that can't be written,
-        a hook that can't be registered), every word already written is restored, every hook is
-        removed, and the error propagates: the model is left exactly as it was."""
-        injection = cls(model, spec)
-        if not spec.active:
+    def apply(cls, model: nn.Module, spec: FaultSpec, progress: bool = False, fault_map: FaultMap | None = None) -> Injection:
+        """Inject `spec` into `model` (or replay `fault_map`, or the map file `spec.replay`).
+
+        If anything fails partway (a tensor that can't be written, a hook that can't be
+        registered), every word already written is restored, every hook is removed, and the error
+        propagates: the model is left exactly as it was. With `spec.save_map`, the map of what
+        was injected is written there.
+        """
+        if fault_map is None and spec.replay is not None:
+            fault_map = FaultMap.load(spec.replay)
+        injection = cls(model, spec, replaying=fault_map is not None)
+        if not spec.active and fault_map is None:
             return injection
         try:
-            injection.report.weights = injection._weights.apply(progress=progress)
+            if fault_map is not None:
+                injection.report.weights = injection._weights.apply_map(fault_map)
+            else:
+                injection.report.weights = injection._weights.apply(progress=progress)
             injection._activations.attach()
         except BaseException:
             injection._weights.restore()
@@ -70,7 +81,19 @@ class Injection:
         injection.applied = True
         _active.setdefault(model, []).append(injection)
         injection.report.check_not_silent("weights")
+        if spec.save_map is not None:
+            injection.fault_map().save(spec.save_map)
         return injection
+
+    @classmethod
+    def replay(cls, model: nn.Module, fault_map: FaultMap) -> Injection:
+        """Apply exactly the faults of `fault_map` (or any subset of one): bisection's trials."""
+        spec = FaultSpec(replay=f"<{len(fault_map)} faults in memory>")
+        return cls.apply(model, spec, fault_map=fault_map)
+
+    def fault_map(self) -> FaultMap:
+        """The exact weight faults this injection wrote: save it, replay it, bisect it."""
+        return self._weights.fault_map(self.report.spec, self.report.version)
 
     def restore(self) -> None:
         """Return the model to its weights before this injection and remove its hooks."""

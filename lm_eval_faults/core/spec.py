@@ -11,9 +11,11 @@ import difflib
 import hashlib
 import json
 import math
+import os
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, fields
+from pathlib import Path
 from typing import Any
 
 FAULT_KINDS = {
@@ -144,6 +146,8 @@ class FaultSpec:
     value_range: tuple[float, float] = (0.0, 1.0)
     seed: int = 0
     act_scope: str = "leaf"
+    replay: str | None = None
+    save_map: str | None = None
 
     def __post_init__(self) -> None:
         def set_(name: str, value: object) -> None:
@@ -176,6 +180,13 @@ class FaultSpec:
         _validate_bits_syntax(self.bits)
         set_("value_range", parse_value_range(self.value_range))
         set_("seed", _integer("seed", self.seed))
+        if self.replay is not None:
+            if self.p or self.asymmetric:
+                raise _error("replay", self.replay, "a replay applies a saved map's faults; give p=0 (or leave p out)")
+            if self.site != "weights" or self.target != ("all",) or self.layers is not None or self.modules is not None:
+                raise _error("replay", self.replay, "a map replays weight faults as saved; leave site, target, layers and modules unset")
+        if self.save_map is not None and not self.on_weights:
+            raise _error("save_map", self.save_map, "maps hold weight faults; use site=weights or weights+activations")
         if self.act_scope not in ACT_SCOPES:
             raise _error("act_scope", self.act_scope, "choose leaf (module outputs of leaf modules) or all (every module, nested)")
 
@@ -191,7 +202,7 @@ class FaultSpec:
     @property
     def active(self) -> bool:
         """Whether this spec can inject anything at all (p=0 is the clean model)."""
-        return bool(self.p or self.p01 or self.p10)
+        return bool(self.p or self.p01 or self.p10 or self.replay)
 
     @property
     def on_weights(self) -> bool:
@@ -220,11 +231,18 @@ class FaultSpec:
         return data
 
     def fingerprint(self) -> str:
-        """A short stable hash of the whole spec: cache keys and file names use it."""
-        text = json.dumps(self.to_dict(), sort_keys=True)
+        """A short stable hash of the whole spec: cache keys and file names use it. A replayed map
+        counts by its content, so a file rewritten in place is never mistaken for the old one."""
+        data = self.to_dict()
+        if self.replay is not None and os.path.exists(self.replay):
+            data["replay"] = hashlib.sha256(Path(self.replay).read_bytes()).hexdigest()
+        data.pop("save_map")  # where a map is written does not change the faults
+        text = json.dumps(data, sort_keys=True)
         return hashlib.blake2b(text.encode(), digest_size=8).hexdigest()
 
     def describe(self) -> str:
+        if self.replay is not None:
+            return f"replay of the fault map {self.replay} (weights)"
         rate = f"p01={self.p01 or 0:g},p10={self.p10 or 0:g}" if self.asymmetric else f"p={self.p:g}"
         unit = "bit" if self.per_bit else "element"
         layers = "all layers" if self.layers is None else f"layers {layers_label(self.layers)}"

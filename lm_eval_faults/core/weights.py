@@ -8,12 +8,14 @@ without keeping a copy of the model.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from lm_eval_faults.core.faults import count_by_site, draw_faults
+from lm_eval_faults.core.fault_map import FaultMap, FaultMapError, ParamInfo
+from lm_eval_faults.core.faults import FaultBatch, count_by_site, draw_faults
 from lm_eval_faults.core.formats import BitLayout, layout_of, resolve_bits
 from lm_eval_faults.core.report import SiteStats
 from lm_eval_faults.core.sampling import Hits, element_rate
@@ -25,11 +27,13 @@ from lm_eval_faults.core.words import WordAccess
 
 @dataclass(frozen=True)
 class UndoEntry:
-    """The original stored words at the positions one injection changed in one tensor."""
+    """The words one injection changed in one tensor: before (to restore) and after (for its map)."""
 
+    site: int
     words: WordAccess
     positions: np.ndarray
     original: np.ndarray
+    new: np.ndarray
 
 
 def expected_counts(spec: FaultSpec, numel: int, eligible_bits: int) -> tuple[float, float]:
@@ -134,12 +138,79 @@ class WeightInjector:
         changed = batch.only_changed()
         for site, where in changed.hits.by_site():
             positions = changed.hits.position[where]
-            self._undo.append(UndoEntry(access[site], positions, changed.old[where]))  # logged before written
+            self._undo.append(
+                UndoEntry(members[site], access[site], positions, changed.old[where], changed.new[where])
+            )  # logged before written
             access[site].write(positions, changed.new[where])
         count_by_site(batch, len(members), layout).add_to([stats[i] for i in members])
+
+    def fault_map(self, spec: dict[str, Any], version: str) -> FaultMap:
+        """The changed words of this injection, as a map that replays them exactly."""
+        used = sorted({entry.site for entry in self._undo})
+        number = {site: n for n, site in enumerate(used)}
+        params = tuple(
+            ParamInfo(self.sites[site].name, layout_of(self.sites[site].param.dtype).name, self.sites[site].param.numel()) for site in used
+        )
+        entries = sorted(self._undo, key=lambda entry: entry.site)
+        return FaultMap(
+            params,
+            _concatenate([np.full(len(e.positions), number[e.site], dtype=np.int64) for e in entries]),
+            _concatenate([e.positions for e in entries]),
+            _concatenate([e.original for e in entries]),
+            _concatenate([e.new for e in entries]),
+            spec,
+            version,
+        )
+
+    def apply_map(self, fault_map: FaultMap) -> list[SiteStats]:
+        """Write a saved map's new words instead of sampling. Every parameter, dtype, size and old
+        word is checked before anything is written, so a foreign or stale map changes nothing."""
+        if self._undo:
+            raise RuntimeError("faults are already applied; call restore() first")
+        by_name = {name: index for index, site in enumerate(self.sites) for name in site.names}
+        plan = []
+        for number, info in enumerate(fault_map.params):
+            if info.name not in by_name:
+                raise FaultMapError(f"fault map parameter {info.name!r} is not a parameter of this model")
+            site = by_name[info.name]
+            param = self.sites[site].param
+            layout = layout_of(param.dtype)
+            if (layout.name, param.numel()) != (info.dtype, info.numel):
+                raise FaultMapError(
+                    f"fault map parameter {info.name!r} is {info.dtype} x {info.numel}; this model has {layout.name} x {param.numel()}"
+                )
+            rows = np.flatnonzero(fault_map.param == number)
+            access = WordAccess(param, layout)
+            held = access.read(fault_map.index[rows])
+            stale = np.flatnonzero(held != fault_map.old[rows])
+            if len(stale):
+                first = rows[stale[0]]
+                raise FaultMapError(
+                    f"fault map does not match this model: {info.name}[{int(fault_map.index[first])}] holds "
+                    f"{int(held[stale[0]]):#x}, the map expects {int(fault_map.old[first]):#x} ({len(stale)} of {len(rows)} words differ)"
+                )
+            plan.append((site, layout, access, rows))
+        stats = []
+        with torch.no_grad():
+            for site, layout, access, rows in plan:
+                positions, old, new = fault_map.index[rows], fault_map.old[rows], fault_map.new[rows]
+                self._undo.append(UndoEntry(site, access, positions, old, new))
+                access.write(positions, new)
+                site_stats = self._site_stats(self.sites[site])
+                site_stats.expected_elements = float(len(rows))  # a replay is deterministic: it expects what it holds
+                site_stats.expected_bits = float(np.bitwise_count(old ^ new).sum())
+                hits = Hits(np.zeros(len(rows), dtype=np.int64), positions, np.arange(len(rows), dtype=np.int64))
+                count_by_site(FaultBatch(hits, old ^ new, old, new), 1, layout).add_to([site_stats])
+                stats.append(site_stats)
+        return stats
 
     def restore(self) -> None:
         """Write the original words back: the model is bit-identical to before `apply`."""
         for entry in reversed(self._undo):
             entry.words.write(entry.positions, entry.original)
         self._undo.clear()
+
+
+def _concatenate(parts: list[np.ndarray]) -> np.ndarray:
+    """One int64 column from per-tensor parts (empty when no word changed)."""
+    return np.concatenate(parts).astype(np.int64) if parts else np.empty(0, dtype=np.int64)

@@ -25,6 +25,7 @@ from lm_eval.models.huggingface import HFLM
 from transformers import LogitsProcessor, LogitsProcessorList
 
 from lm_eval_faults.core.activations import Rows
+from lm_eval_faults.core.fault_map import FaultMap
 from lm_eval_faults.core.injection import Injection
 from lm_eval_faults.core.report import FaultReport, SiteStats
 from lm_eval_faults.core.spec import FaultSpec, parse_arg_string, parse_fault_args
@@ -69,6 +70,8 @@ class NonFiniteLogitsGuard(LogitsProcessor):
 class FaultyHFLM(HFLM):
     """`HFLM` plus a fault injector configured by the fault keys of `model_args`."""
 
+    injection: Injection
+
     def __init__(self, pretrained: Any = None, **kwargs: Any) -> None:
         spec, hf_kwargs = parse_fault_args(kwargs, passthrough=HFLM_ARGUMENTS)
         if pretrained is None:
@@ -105,11 +108,23 @@ class FaultyHFLM(HFLM):
         self.injection.restore()
         return self._inject(spec)
 
-    def _inject(self, spec: FaultSpec) -> Injection:
-        """Inject `spec` into the (clean) model, with fresh request counters."""
+    def replay_faults(self, fault_map: FaultMap | None) -> Injection:
+        """Restore the clean weights (O(k)) and replay exactly `fault_map` (None: stay clean)."""
+        if fault_map is None:
+            return self.set_faults(FaultSpec())
+        self.injection.restore()
+        self._reset_counts()
+        self.injection = Injection.replay(self.model, fault_map)
+        return self.injection
+
+    def _reset_counts(self) -> None:
         self._counts = RequestCounts()
         self._flat_inputs: set[tuple[int, ...]] = set()
         self._rank_merged: tuple[dict[str, SiteStats], RequestCounts] | None = None
+
+    def _inject(self, spec: FaultSpec) -> Injection:
+        """Inject `spec` into the (clean) model, with fresh request counters."""
+        self._reset_counts()
         self.injection = Injection.apply(self.model, spec, progress=self.rank == 0)
         return self.injection
 

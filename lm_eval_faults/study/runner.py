@@ -120,6 +120,17 @@ def evaluate_point(lm: FaultyHFLM, point: SweepPoint, config: SweepConfig, task_
     }
 
 
+def evaluation_score(lm: FaultyHFLM, tasks: list[str], limit: float | None = None) -> float:
+    """Evaluate `lm` as it stands (faults included) on `tasks`: their mean primary metric."""
+    import lm_eval
+
+    from lm_eval_faults.study.metrics import record_score
+
+    with quiet_lm_eval():
+        results = lm_eval.simple_evaluate(model=lm, tasks=tasks, limit=limit, log_samples=False)
+    return record_score({"metrics": task_metrics(results["results"])}, tasks)
+
+
 def record_fault_counts(lm: FaultyHFLM, spec: FaultSpec) -> dict[str, Any]:
     """Injected and expected faults (elements hit, bits faulted) over the spec's sites, and
     non-finite weights and requests, degenerate requests (flat logits or tied choices: a

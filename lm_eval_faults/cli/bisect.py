@@ -1,0 +1,68 @@
+"""`lm-eval-faults bisect MODEL --tasks T (--fault_args SPEC | --map FILE)`: find the culprit faults.
+
+Loads the model once, scores it clean, draws (or loads) a fault map whose replay degrades the
+task below `--fraction` of the clean score, and bisects the map to a 1-minimal subset that still
+does it (see `lm_eval_faults.study.bisect`). Prints the culprits; `--json` writes the whole
+result and `--save_map` the culprits' own map, for replay.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from lm_eval_faults.core.fault_map import FaultMap
+from lm_eval_faults.core.spec import FaultSpec, FaultSpecError, parse_arg_string, to_spec
+from lm_eval_faults.core.targets import all_param_sites
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("pretrained", nargs="?", help="model path or hub id (default: the embedded demo model)")
+    parser.add_argument("--model_args", default="", help="HF model arguments as for `--model hf` (no fault keys)")
+    parser.add_argument("--tasks", required=True, help="comma-separated lm-eval tasks; their mean primary metric is the score")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--fault_args", help="a weight fault spec to draw the map from, e.g. p=1e-7,seed=0")
+    source.add_argument("--map", help="a saved fault map (save_map=PATH in model_args, or --save_map here)")
+    parser.add_argument("--fraction", type=float, default=0.5, help="damage = score below this fraction of the clean score")
+    parser.add_argument("--limit", type=float, default=None, help="documents per task (a fraction if < 1)")
+    parser.add_argument("--batch_size", default="32")
+    parser.add_argument("--device", default=None, help="default: cuda where available, else cpu")
+    parser.add_argument("--json", default=None, help="write the bisection (culprits, scores, evaluations) here")
+    parser.add_argument("--save_map", default=None, help="write the culprits' own fault map here")
+
+
+def main(args: argparse.Namespace) -> int:
+    import torch
+
+    from lm_eval_faults.harness.model import FaultyHFLM
+    from lm_eval_faults.study.bisect import bisect
+    from lm_eval_faults.study.runner import evaluation_score
+
+    model_args = parse_arg_string(args.model_args)
+    if args.pretrained:
+        model_args["pretrained"] = args.pretrained
+    tasks = [task.strip() for task in args.tasks.split(",") if task.strip()]
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    spec = to_spec(args.fault_args) if args.fault_args else None
+    if spec is not None and not (spec.active and spec.on_weights):
+        raise FaultSpecError(f"--fault_args {args.fault_args!r} draws no weight faults: bisection needs a map of weight faults")
+    lm = FaultyHFLM.create_from_arg_obj(model_args, {"batch_size": args.batch_size, "device": device})
+    lm.print_report = False
+    fault_map = FaultMap.load(args.map) if args.map else lm.set_faults(spec or FaultSpec()).fault_map()
+
+    def score(subset: FaultMap | None) -> float:
+        lm.replay_faults(subset)
+        return evaluation_score(lm, tasks, args.limit)
+
+    sites = {name: (site.component, site.layer) for site in all_param_sites(lm.model) for name in site.names}
+    print(f"lm-eval-faults bisect: {len(fault_map)} faults; scoring {', '.join(tasks)}", file=sys.stderr)
+    outcome = bisect(fault_map, score, args.fraction, sites)
+    lm.replay_faults(None)
+    print(outcome.format_table())
+    if args.json:
+        Path(args.json).write_text(json.dumps(outcome.to_dict(), indent=2) + "\n")
+    if args.save_map:
+        fault_map.subset(outcome.indices).save(args.save_map)
+    return 0

@@ -1,0 +1,28 @@
+"""`lm-eval-faults drift CLEAN_DIR FAULTY_DIR`: per-sample drift of a faulted run against the clean one."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+
+from lm_eval_faults.study.drift import drift, format_drift_table
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("clean_dir", help="lm-eval --output_path of the clean run (made with --log_samples)")
+    parser.add_argument("faulty_dir", help="lm-eval --output_path of the faulted run (made with --log_samples)")
+    parser.add_argument("--json", default=None, help="also write the report, with every per-sample record, to this JSON file")
+
+
+def main(args: argparse.Namespace) -> int:
+    """Print the per-task drift table (and optionally write JSON); missing or unreadable
+    directories raise OSError/ValueError, which the command reports in one line."""
+    report = drift(args.clean_dir, args.faulty_dir)
+    print("\n".join(format_drift_table(report)))
+    if args.json:
+        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+        with open(args.json, "w", encoding="utf-8") as handle:
+            json.dump(report.to_dict(), handle, indent=2)
+            handle.write("\n")
+    return 0

@@ -1,0 +1,156 @@
+"""Bisection to the culprit faults: a minimal subset of a damaging fault map that still does the damage.
+
+A damaged run answers "did the score drop?"; bisection answers "which faults did it?". Given a
+map (hundreds of flipped words) whose replay degrades a task beyond a threshold, delta debugging
+(Zeller and Hildebrandt's ddmin) searches subsets of the map, replaying each on the one loaded
+model with O(k) restore between trials, until no single fault can be removed without losing the
+damage (a 1-minimal subset). Several faults may each do the damage alone: the search then
+repeats on the faults not yet blamed until they no longer degrade the task, so that replaying
+the rest is shown harmless. With c independent culprits among k faults it takes about
+O(c log k) evaluations; faults that only do damage together are found together.
+
+Each trial is one evaluation; identical subsets are evaluated once.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+
+from lm_eval_faults.core.fault_map import FaultMap
+from lm_eval_faults.core.formats import LAYOUTS, word_value
+
+
+def minimal_failing_subset(indices: np.ndarray, fails: Callable[[np.ndarray], bool]) -> np.ndarray:
+    """ddmin over fault `indices`: a 1-minimal subset on which `fails` holds.
+
+    `fails(indices)` must hold for the whole set. Tries each of n chunks, then each complement;
+    keeps the first that still fails; otherwise doubles n. Sorted indices are returned.
+    """
+    current = np.sort(np.asarray(indices))
+    chunks = 2
+    while len(current) >= 2:
+        parts = np.array_split(current, min(chunks, len(current)))
+        reduced = next((part for part in parts if fails(part)), None)
+        if reduced is not None:
+            current, chunks = reduced, 2
+            continue
+        if len(parts) > 2:
+            complement = next((np.setdiff1d(current, part) for part in parts if fails(np.setdiff1d(current, part))), None)
+            if complement is not None:
+                current, chunks = complement, max(chunks - 1, 2)
+                continue
+        if len(parts) == len(current):
+            break
+        chunks = min(len(current), 2 * chunks)
+    return np.sort(current)
+
+
+@dataclass
+class Culprit:
+    """One fault of the minimal subset, where it sits, what it did, and what it does alone."""
+
+    param: str
+    component: str
+    layer: int | None
+    index: int
+    bits: list[int]
+    old_value: float
+    new_value: float
+    score_alone: float
+
+
+@dataclass
+class Bisection:
+    """The outcome: culprits, scores of the clean model, the whole map, the culprits and the rest."""
+
+    faults: int
+    clean_score: float
+    full_score: float
+    threshold: float
+    indices: list[int] = field(default_factory=list)
+    """The culprits' positions in the map: `fault_map.subset(indices)` replays just them."""
+    culprits: list[Culprit] = field(default_factory=list)
+    culprits_score: float = float("nan")
+    rest_score: float = float("nan")
+    evaluations: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def format_table(self) -> str:
+        lines = [
+            f"{len(self.culprits)} culprit(s) among {self.faults} faults, found in {self.evaluations} evaluations "
+            f"(clean {self.clean_score:.4g}, all faults {self.full_score:.4g}, threshold < {self.threshold:.4g}; "
+            f"culprits alone {self.culprits_score:.4g}, all but the culprits {self.rest_score:.4g})"
+        ]
+        for c in self.culprits:
+            layer = "-" if c.layer is None else str(c.layer)
+            lines.append(
+                f"  {c.component:<18} layer {layer:<3} {c.param}[{c.index}] bits {c.bits}: "
+                f"{c.old_value:.6g} -> {c.new_value:.6g}; score with this fault alone {c.score_alone:.4g}"
+            )
+        return "\n".join(lines)
+
+
+def bisect(
+    fault_map: FaultMap,
+    score: Callable[[FaultMap | None], float],
+    fraction: float,
+    sites: dict[str, tuple[str, int | None]],
+) -> Bisection:
+    """Find a 1-minimal subset of `fault_map` whose replay scores below `fraction` x the clean score.
+
+    `score(map)` evaluates the model with exactly that map's faults replayed (None: clean) and
+    returns the task score; `sites` maps parameter names to (component, layer) for the report.
+    """
+    if not 0.0 < fraction < 1.0:
+        raise ValueError(f"fraction {fraction} is invalid: damage is a score below a fraction in (0, 1) of the clean score")
+    memo: dict[bytes, float] = {}
+
+    def subset_score(indices: np.ndarray) -> float:
+        key = np.sort(indices).tobytes()
+        if key not in memo:
+            memo[key] = score(fault_map.subset(indices))
+        return memo[key]
+
+    clean = score(None)
+    threshold = fraction * clean
+    everything = np.arange(len(fault_map))
+    outcome = Bisection(len(fault_map), clean, subset_score(everything), threshold)
+    if not outcome.full_score < threshold:
+        raise ValueError(f"the whole map scores {outcome.full_score:.4g}, not below the threshold {threshold:.4g}: nothing to bisect")
+
+    def degrades(indices: np.ndarray) -> bool:
+        return subset_score(indices) < threshold
+
+    found = np.empty(0, dtype=np.int64)
+    rest = everything
+    while len(rest) and degrades(rest):  # until what is left is harmless
+        group = minimal_failing_subset(rest, degrades)
+        found, rest = np.union1d(found, group), np.setdiff1d(rest, group)
+    outcome.indices = found.tolist()
+    outcome.culprits_score = subset_score(found)
+    outcome.rest_score = subset_score(rest)
+    for fault in found:
+        info = fault_map.params[int(fault_map.param[fault])]
+        layout = next(layout for layout in LAYOUTS.values() if layout.name == info.dtype)
+        old, new = int(fault_map.old[fault]), int(fault_map.new[fault])
+        component, layer = sites.get(info.name, ("?", None))
+        outcome.culprits.append(
+            Culprit(
+                param=info.name,
+                component=component,
+                layer=layer,
+                index=int(fault_map.index[fault]),
+                bits=[bit for bit in range(layout.width) if (old ^ new) >> bit & 1],
+                old_value=word_value(old, layout),
+                new_value=word_value(new, layout),
+                score_alone=subset_score(np.array([fault])),
+            )
+        )
+    outcome.evaluations = len(memo) + 1  # every distinct subset, plus the clean run
+    return outcome

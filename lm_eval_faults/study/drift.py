@@ -1,0 +1,620 @@
+"""Drift of a faulted run against the clean model, sample by sample.
+
+Why: a task's accuracy hides how a fault acts. Two runs can score the same while half their
+answers changed, and a model whose logits collapsed scores chance level by lm-eval's first-index
+tie-break rather than by guessing. Comparing the per-sample outputs of a clean and a faulted run
+(lm-eval's `--log_samples` files) shows the flips, the size of the log-likelihood changes, the
+ties, and where generated text starts to differ.
+
+Works on any two lm-eval output directories (`drift`) and on in-memory sample lists
+(`compare_samples`), e.g. the `samples` lm-eval's `evaluate()` returns.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from lm_eval_faults.core.text_table import Column, text_table
+
+SAMPLES_RE = re.compile(r"^samples_(?P<task>.+)_(?P<stamp>[^_]+)\.jsonl$")
+"""lm-eval's `samples_<task>_<date_id>.jsonl`; the date_id (`2026-01-31T12-00-00.123456`) has no underscore."""
+
+LOGLIKELIHOOD_TYPES = ("multiple_choice", "loglikelihood")
+ROLLING = "loglikelihood_rolling"
+GENERATIVE = "generate_until"
+PERPLEXITY_UNITS = (("word_perplexity", "word"), ("byte_perplexity", "byte"))
+"""Per-sample metrics of rolling tasks whose value is the pair (log-likelihood, count of units)."""
+
+TOKEN_RE = re.compile(r"\w+|[^\w\s]")
+
+
+# ---------------------------------------------------------------------------------------------
+# Results
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class SampleDrift:
+    """One matched (clean, faulted) sample pair; fields that do not apply to its output type stay None."""
+
+    doc_id: Any
+    filter: str
+    index: int = 0
+    """Occurrence of this (filter, doc_id) in its run: repeated requests are matched in order."""
+    finite: bool = True
+    clean_choice: int | None = None
+    faulty_choice: int | None = None
+    flipped: bool | None = None
+    tied: bool | None = None
+    abs_delta_ll: float | None = None
+    kl: float | None = None
+    greedy_changed: bool | None = None
+    identical: bool | None = None
+    first_divergent_token: int | None = None
+    perplexity_ratio: float | None = None
+    metric_deltas: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class TaskDrift:
+    """Aggregate drift of one task (one filter of it), with its per-sample records."""
+
+    task: str
+    output_type: str
+    filter: str = "none"
+    matched: int = 0
+    only_clean: int = 0
+    only_faulty: int = 0
+    mismatched: int = 0
+    """Matched pairs that cannot be compared (different numbers of choices): left out of every figure."""
+    doc_hash_differs: int = 0
+    nonfinite: int = 0
+    """Matched samples with a NaN or infinite log-likelihood in either run (left out of |Δ|, KL, ratios)."""
+    flips: int | None = None
+    agreement: float | None = None
+    ties: int | None = None
+    mean_abs_delta_ll: float | None = None
+    mean_kl: float | None = None
+    greedy_changes: int | None = None
+    exact_agreement: float | None = None
+    diverged: int | None = None
+    mean_first_divergence: float | None = None
+    perplexity_ratio: float | None = None
+    perplexity_unit: str | None = None
+    metric_deltas: dict[str, float] = field(default_factory=dict)
+    requests: int | None = None
+    degenerate_requests: int | None = None
+    nonfinite_requests: int | None = None
+    notes: list[str] = field(default_factory=list)
+    samples: list[SampleDrift] = field(default_factory=list)
+
+    @property
+    def label(self) -> str:
+        """The task's name, with the filter when it is not lm-eval's default one."""
+        return self.task if self.filter == "none" else f"{self.task}/{self.filter}"
+
+    def to_dict(self, samples: bool = True) -> dict[str, Any]:
+        """Everything as JSON-ready values (non-finite floats stay NaN/Infinity, as in lm-eval's files)."""
+        data = asdict(self)
+        if not samples:
+            data.pop("samples")
+        return data
+
+
+@dataclass
+class DriftReport:
+    """The drift of every task present in both runs, and what could not be matched."""
+
+    clean_dir: str
+    faulty_dir: str
+    tasks: list[TaskDrift] = field(default_factory=list)
+    only_clean_tasks: list[str] = field(default_factory=list)
+    only_faulty_tasks: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    def to_dict(self, samples: bool = True) -> dict[str, Any]:
+        """The report as JSON-ready values; `samples=False` keeps only the aggregates."""
+        return {
+            "clean_dir": self.clean_dir,
+            "faulty_dir": self.faulty_dir,
+            "tasks": [task.to_dict(samples) for task in self.tasks],
+            "only_clean_tasks": list(self.only_clean_tasks),
+            "only_faulty_tasks": list(self.only_faulty_tasks),
+            "notes": list(self.notes),
+        }
+
+
+# ---------------------------------------------------------------------------------------------
+# Per-sample arithmetic
+# ---------------------------------------------------------------------------------------------
+
+
+def tokens(text: str) -> list[str]:
+    """Words and single punctuation marks (`\\w+|[^\\w\\s]`).
+
+    A tokenizer-independent token: the two runs may come from models with different tokenizers,
+    and the position must mean the same thing for any model, so it is not the model's own token."""
+    return TOKEN_RE.findall(text)
+
+
+def first_divergent_token(clean: str, faulty: str) -> int | None:
+    """Index of the first differing token (see `tokens`); None when the token lists are identical,
+    the shorter length when one is a prefix of the other."""
+    a, b = tokens(clean), tokens(faulty)
+    for position, (x, y) in enumerate(zip(a, b, strict=False)):
+        if x != y:
+            return position
+    return None if len(a) == len(b) else min(len(a), len(b))
+
+
+def log_softmax(values: Sequence[float]) -> list[float]:
+    """log p over the choices, through the log-sum-exp so large log-likelihoods do not overflow."""
+    top = max(values)
+    total = top + math.log(sum(math.exp(value - top) for value in values))
+    return [value - total for value in values]
+
+
+def kl_divergence(clean: Sequence[float], faulty: Sequence[float]) -> float:
+    """KL(clean ‖ faulty) of the softmax over the choices' log-likelihoods (finite inputs only):
+    how much the faulted model's choice distribution departs from the clean one, in nats."""
+    p, q = log_softmax(clean), log_softmax(faulty)
+    return max(0.0, sum(math.exp(lp) * (lp - lq) for lp, lq in zip(p, q, strict=True)))
+
+
+def lm_eval_argmax(values: Sequence[float]) -> int:
+    """The choice lm-eval scores (`np.argmax`): the first maximum, and the first NaN if any, so that
+    a flip here is a changed answer in lm-eval's own accuracy."""
+    for index, value in enumerate(values):
+        if math.isnan(value):
+            return index
+    return max(range(len(values)), key=lambda index: (values[index], -index))
+
+
+def is_tied(values: Sequence[float]) -> bool:
+    """Whether the largest non-NaN log-likelihood is shared by two or more choices (exact equality:
+    a collapsed model returns bit-identical values, and lm-eval then silently picks the first)."""
+    ordered = [value for value in values if not math.isnan(value)]
+    return len(ordered) > 1 and ordered.count(max(ordered)) > 1
+
+
+def safe_exp(value: float) -> float:
+    """exp that returns inf instead of raising on overflow (a faulted perplexity can be astronomical)."""
+    try:
+        return math.exp(value)
+    except OverflowError:
+        return math.inf
+
+
+def _mean(values: Iterable[float]) -> float | None:
+    """Mean of the finite values, None when there are none."""
+    kept = [value for value in values if math.isfinite(value)]
+    return sum(kept) / len(kept) if kept else None
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading samples (files written by lm-eval are stringified; in-memory samples are not)
+# ---------------------------------------------------------------------------------------------
+
+
+def _as_bool(value: Any) -> bool:
+    """lm-eval writes `is_greedy` as the string "True"/"False" in its files, a bool in memory."""
+    return value is True or value == "True"
+
+
+def _pairs(sample: Mapping[str, Any]) -> list[tuple[float, bool]]:
+    """The (log-likelihood, is_greedy) pair of each choice; float() reads "nan", "-inf", "-Infinity"."""
+    return [(float(pair[0]), _as_bool(pair[1])) for pair in _filtered(sample)]
+
+
+def _filtered(sample: Mapping[str, Any]) -> list[Any]:
+    """The sample's filtered responses, one per request."""
+    responses = sample.get("filtered_resps")
+    if not isinstance(responses, (list, tuple)):
+        raise ValueError(f"sample doc_id={sample.get('doc_id')!r} has no filtered_resps list (was the run made with --log_samples?)")
+    return list(responses)
+
+
+def _text(sample: Mapping[str, Any]) -> str:
+    """A generative sample's output: the first filtered response (the first of several if a filter kept a list)."""
+    responses = _filtered(sample)
+    value: Any = responses[0] if responses else ""
+    while isinstance(value, (list, tuple)):
+        value = value[0] if value else ""
+    return str(value)
+
+
+def _rolling(sample: Mapping[str, Any]) -> tuple[float, float | None, str | None]:
+    """A rolling sample's summed log-likelihood and its (units, unit name) when a metric carries them."""
+    loglikelihood = float(_text(sample))
+    for metric, unit in PERPLEXITY_UNITS:
+        value = sample.get(metric)
+        if isinstance(value, (list, tuple)) and len(value) == 2:
+            return loglikelihood, float(value[1]), unit
+    return loglikelihood, None, None
+
+
+def _numeric_metrics(sample: Mapping[str, Any]) -> dict[str, float]:
+    """The sample's per-sample metric values that are plain numbers (pairs such as perplexity's are not)."""
+    names = sample.get("metrics") or []
+    return {name: float(sample[name]) for name in names if isinstance(sample.get(name), (int, float))}
+
+
+def infer_output_type(samples: Sequence[Mapping[str, Any]]) -> str:
+    """The output type from the samples' shape, for runs whose results JSON is missing."""
+    if not samples:
+        return GENERATIVE
+    sample = samples[0]
+    responses = _filtered(sample)
+    if responses and isinstance(responses[0], (list, tuple)) and len(responses[0]) == 2:
+        return "multiple_choice" if len(responses) > 1 else "loglikelihood"
+    if any(metric in (sample.get("metrics") or []) for metric, _ in PERPLEXITY_UNITS):
+        return ROLLING
+    return GENERATIVE
+
+
+# ---------------------------------------------------------------------------------------------
+# Comparing
+# ---------------------------------------------------------------------------------------------
+
+
+def _keyed(samples: Iterable[Mapping[str, Any]]) -> dict[tuple[str, str, int], Mapping[str, Any]]:
+    """Samples by (filter, doc_id, occurrence): repeated requests of a document match in order."""
+    keyed: dict[tuple[str, str, int], Mapping[str, Any]] = {}
+    seen: dict[tuple[str, str], int] = {}
+    for sample in samples:
+        base = (str(sample.get("filter", "none")), json.dumps(sample.get("doc_id"), sort_keys=True))
+        keyed[(base[0], base[1], seen.get(base, 0))] = sample
+        seen[base] = seen.get(base, 0) + 1
+    return keyed
+
+
+def _compare_loglikelihood(record: SampleDrift, clean: Mapping[str, Any], faulty: Mapping[str, Any]) -> bool:
+    """Fill the choice figures; False when the pair has different numbers of choices."""
+    clean_pairs, faulty_pairs = _pairs(clean), _pairs(faulty)
+    if len(clean_pairs) != len(faulty_pairs) or not clean_pairs:
+        return False
+    lc, lf = [pair[0] for pair in clean_pairs], [pair[0] for pair in faulty_pairs]
+    record.clean_choice, record.faulty_choice = lm_eval_argmax(lc), lm_eval_argmax(lf)
+    record.flipped = record.clean_choice != record.faulty_choice
+    record.tied = is_tied(lf)
+    record.greedy_changed = any(c[1] != f[1] for c, f in zip(clean_pairs, faulty_pairs, strict=True))
+    record.finite = all(math.isfinite(value) for value in lc + lf)
+    if record.finite:
+        record.abs_delta_ll = sum(abs(f - c) for c, f in zip(lc, lf, strict=True)) / len(lc)
+        record.kl = kl_divergence(lc, lf)
+    return True
+
+
+def _compare_generative(record: SampleDrift, clean: Mapping[str, Any], faulty: Mapping[str, Any]) -> None:
+    """Fill exact agreement and the first divergent token of the generated text."""
+    clean_text, faulty_text = _text(clean), _text(faulty)
+    record.identical = clean_text == faulty_text
+    record.first_divergent_token = None if record.identical else first_divergent_token(clean_text, faulty_text)
+
+
+def _compare_rolling(
+    record: SampleDrift, clean: Mapping[str, Any], faulty: Mapping[str, Any]
+) -> tuple[float, float, float | None, str | None]:
+    """Fill the sample's perplexity ratio; return (ll clean, ll faulted, units, unit) for the aggregate."""
+    ll_clean, units, unit = _rolling(clean)
+    ll_faulty, _, _ = _rolling(faulty)
+    record.finite = math.isfinite(ll_clean) and math.isfinite(ll_faulty)
+    if record.finite and units:
+        record.perplexity_ratio = safe_exp((ll_clean - ll_faulty) / units)
+    return ll_clean, ll_faulty, units, unit
+
+
+def _metric_deltas(clean: Mapping[str, Any], faulty: Mapping[str, Any]) -> dict[str, float]:
+    """faulted − clean for each numeric per-sample metric both samples carry."""
+    a, b = _numeric_metrics(clean), _numeric_metrics(faulty)
+    return {name: b[name] - a[name] for name in a if name in b}
+
+
+def _rolling_ratio(rows: list[tuple[float, float, float | None, str | None]]) -> tuple[float | None, str | None]:
+    """Perplexity(faulted) / perplexity(clean) over the finite samples.
+
+    With units (words, bytes) this is exp((Σ ll_clean − Σ ll_faulted) / Σ units), the ratio of
+    lm-eval's own word (or byte) perplexities. Without them it is exp(mean ll_clean − mean ll_faulted),
+    the ratio of per-document exp(−mean log-likelihood), labelled "document"."""
+    finite = [row for row in rows if math.isfinite(row[0]) and math.isfinite(row[1])]
+    if not finite:
+        return None, None
+    if all(row[2] for row in finite):
+        units = sum(row[2] or 0.0 for row in finite)
+        return safe_exp(sum(row[0] - row[1] for row in finite) / units), finite[0][3]
+    return safe_exp(sum(row[0] - row[1] for row in finite) / len(finite)), "document"
+
+
+def compare_samples(
+    clean_samples: Sequence[Mapping[str, Any]],
+    faulty_samples: Sequence[Mapping[str, Any]],
+    output_type: str | None = None,
+    task: str = "",
+) -> TaskDrift:
+    """Drift of `faulty_samples` against `clean_samples` of one task (lm-eval sample dicts, as read
+    from `samples_*.jsonl` or as returned in memory). `output_type` is lm-eval's
+    (multiple_choice, loglikelihood, loglikelihood_rolling, generate_until); None infers it."""
+    output_type = output_type or infer_output_type(clean_samples or faulty_samples)
+    clean, faulty = _keyed(clean_samples), _keyed(faulty_samples)
+    filters = sorted({key[0] for key in (*clean, *faulty)})
+    result = TaskDrift(task=task, output_type=output_type, filter=filters[0] if len(filters) == 1 else "+".join(filters))
+    result.only_clean = sum(key not in faulty for key in clean)
+    result.only_faulty = sum(key not in clean for key in faulty)
+    rolling_rows: list[tuple[float, float, float | None, str | None]] = []
+    for key in (key for key in clean if key in faulty):
+        pair = clean[key], faulty[key]
+        record = SampleDrift(doc_id=pair[0].get("doc_id"), filter=key[0], index=key[2])
+        if output_type in LOGLIKELIHOOD_TYPES:
+            if not _compare_loglikelihood(record, *pair):
+                result.mismatched += 1
+                continue
+        elif output_type == ROLLING:
+            rolling_rows.append(_compare_rolling(record, *pair))
+        else:
+            _compare_generative(record, *pair)
+        record.metric_deltas = _metric_deltas(*pair)
+        result.doc_hash_differs += pair[0].get("doc_hash") != pair[1].get("doc_hash")
+        result.samples.append(record)
+    _aggregate(result, rolling_rows)
+    return result
+
+
+def _aggregate(result: TaskDrift, rolling_rows: list[tuple[float, float, float | None, str | None]]) -> None:
+    """The task's figures from its per-sample records."""
+    samples = result.samples
+    result.matched = len(samples)
+    result.nonfinite = sum(not sample.finite for sample in samples)
+    names = sorted({name for sample in samples for name in sample.metric_deltas})
+    result.metric_deltas = {
+        name: mean
+        for name in names
+        if (mean := _mean(sample.metric_deltas[name] for sample in samples if name in sample.metric_deltas)) is not None
+    }
+    if result.output_type in LOGLIKELIHOOD_TYPES:
+        _aggregate_loglikelihood(result)
+    elif result.output_type == ROLLING:
+        result.perplexity_ratio, result.perplexity_unit = _rolling_ratio(rolling_rows)
+    else:
+        result.exact_agreement = sum(bool(sample.identical) for sample in samples) / len(samples) if samples else None
+        divergences = [sample.first_divergent_token for sample in samples if sample.first_divergent_token is not None]
+        result.diverged = sum(sample.identical is False for sample in samples)
+        result.mean_first_divergence = sum(divergences) / len(divergences) if divergences else None
+    _add_notes(result)
+
+
+def _aggregate_loglikelihood(result: TaskDrift) -> None:
+    """Flips, strict agreement, ties, and the means over finite samples."""
+    samples = result.samples
+    result.flips = sum(bool(sample.flipped) for sample in samples)
+    result.ties = sum(bool(sample.tied) for sample in samples)
+    result.greedy_changes = sum(bool(sample.greedy_changed) for sample in samples)
+    agreeing = sum(not sample.flipped and not sample.tied and sample.finite for sample in samples)
+    result.agreement = agreeing / len(samples) if samples else None
+    result.mean_abs_delta_ll = _mean(sample.abs_delta_ll for sample in samples if sample.abs_delta_ll is not None)
+    result.mean_kl = _mean(sample.kl for sample in samples if sample.kl is not None)
+
+
+def _add_notes(result: TaskDrift) -> None:
+    """Say what the figures leave out."""
+    if result.only_clean or result.only_faulty:
+        result.notes.append(f"{result.only_clean} sample(s) only in the clean run, {result.only_faulty} only in the faulted run")
+    if result.mismatched:
+        result.notes.append(f"{result.mismatched} matched sample(s) have different numbers of choices: left out")
+    if result.doc_hash_differs:
+        result.notes.append(f"{result.doc_hash_differs} matched sample(s) have a different doc_hash: not the same documents?")
+    if result.nonfinite:
+        result.notes.append(f"{result.nonfinite} sample(s) with a non-finite log-likelihood: left out of the means and ratios")
+    if result.perplexity_unit == "document":
+        result.notes.append("no word/byte counts in the samples: the perplexity ratio is exp(mean ll_clean − mean ll_faulted) per document")
+
+
+# ---------------------------------------------------------------------------------------------
+# lm-eval output directories
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RunFiles:
+    """One lm-eval output directory: the newest samples file of each task and the notes on the choice."""
+
+    samples: dict[str, Path]
+    notes: list[str]
+
+
+def find_sample_files(directory: str | Path) -> RunFiles:
+    """`samples_<task>_<date_id>.jsonl` anywhere under `directory` (lm-eval adds a model-named level);
+    the newest date_id per task, chosen by name as lm-eval itself does, not by file time."""
+    root = Path(directory)
+    if not root.is_dir():
+        raise FileNotFoundError(f"{root} is not a directory")
+    found: dict[str, list[tuple[str, Path]]] = {}
+    for path in sorted(root.rglob("samples_*.jsonl")):
+        match = SAMPLES_RE.match(path.name)
+        if match:
+            found.setdefault(match["task"], []).append((match["stamp"], path))
+    if not found:
+        raise FileNotFoundError(f"no samples_<task>_<timestamp>.jsonl under {root}: was lm-eval run with --output_path and --log_samples?")
+    chosen = {task: max(files)[1] for task, files in found.items()}
+    notes = [
+        f"{task}: {len(files)} sample files under {root}, using the newest, {chosen[task].relative_to(root)}"
+        for task, files in sorted(found.items())
+        if len(files) > 1
+    ]
+    return RunFiles(samples=chosen, notes=notes)
+
+
+def read_samples(path: Path) -> list[dict[str, Any]]:
+    """The samples of one JSONL file (Python's json reads lm-eval's NaN and -Infinity)."""
+    samples = []
+    with path.open(encoding="utf-8") as handle:
+        for number, line in enumerate(handle, 1):
+            if line.strip():
+                try:
+                    samples.append(json.loads(line))
+                except json.JSONDecodeError as error:
+                    raise ValueError(f"{path}:{number}: not JSON ({error.msg})") from None
+    return samples
+
+
+def read_results(samples_path: Path) -> dict[str, Any]:
+    """The results JSON written with a samples file: the sibling `*_<same date_id>.json`; {} if none."""
+    match = SAMPLES_RE.match(samples_path.name)
+    stamp = match["stamp"] if match else ""
+    for path in sorted(samples_path.parent.glob(f"*_{stamp}.json"), key=lambda p: not p.name.startswith("results_")):
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError):
+            continue
+        if isinstance(data, dict) and "results" in data:
+            return data
+    return {}
+
+
+def _output_type(task: str, results: Mapping[str, Any]) -> str | None:
+    """The task's output_type from the results JSON's configs."""
+    config = (results.get("configs") or {}).get(task) or {}
+    value = config.get("output_type")
+    return value if isinstance(value, str) else None
+
+
+def _fault_counts(task: str, results: Mapping[str, Any]) -> tuple[int | None, int | None, int | None]:
+    """(requests, degenerate, non-finite) of `task` in a faulty_hf run's results; None where absent."""
+    injection = (results.get("config") or {}).get("fault_injection") or {}
+
+    def count(key: str) -> int | None:
+        value = (injection.get(key) or {}).get(task)
+        return int(value) if isinstance(value, (int, float)) else None
+
+    return count("requests"), count("degenerate_requests"), count("nonfinite_requests")
+
+
+def _by_filter(samples: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
+    """Samples per lm-eval filter: a task with several filters writes one line per document and filter."""
+    groups: dict[str, list[dict[str, Any]]] = {}
+    for sample in samples:
+        groups.setdefault(str(sample.get("filter", "none")), []).append(sample)
+    return groups
+
+
+def _task_drifts(task: str, clean_path: Path, faulty_path: Path) -> list[TaskDrift]:
+    """One TaskDrift per filter of `task`."""
+    clean_results, faulty_results = read_results(clean_path), read_results(faulty_path)
+    output_type = _output_type(task, faulty_results) or _output_type(task, clean_results)
+    clean, faulty = _by_filter(read_samples(clean_path)), _by_filter(read_samples(faulty_path))
+    drifts = []
+    for name in sorted(set(clean) | set(faulty)):
+        drift_ = compare_samples(clean.get(name, []), faulty.get(name, []), output_type, task=task)
+        drift_.filter = name
+        if output_type is None:
+            drift_.notes.append(f"no output_type in a results JSON: inferred {drift_.output_type} from the samples")
+        drift_.requests, drift_.degenerate_requests, drift_.nonfinite_requests = _fault_counts(task, faulty_results)
+        drifts.append(drift_)
+    return drifts
+
+
+def drift(clean_dir: str | Path, faulty_dir: str | Path) -> DriftReport:
+    """Per-sample drift of every task found in both lm-eval output directories (`--log_samples`)."""
+    clean_files, faulty_files = find_sample_files(clean_dir), find_sample_files(faulty_dir)
+    common = sorted(set(clean_files.samples) & set(faulty_files.samples))
+    if not common:
+        raise ValueError(f"no task in common: clean has {sorted(clean_files.samples)}, faulted has {sorted(faulty_files.samples)}")
+    report = DriftReport(
+        clean_dir=str(clean_dir),
+        faulty_dir=str(faulty_dir),
+        only_clean_tasks=sorted(set(clean_files.samples) - set(common)),
+        only_faulty_tasks=sorted(set(faulty_files.samples) - set(common)),
+        notes=clean_files.notes + faulty_files.notes,
+    )
+    for task in common:
+        report.tasks.extend(_task_drifts(task, clean_files.samples[task], faulty_files.samples[task]))
+    return report
+
+
+# ---------------------------------------------------------------------------------------------
+# Text
+# ---------------------------------------------------------------------------------------------
+
+SHORT_TYPES = {"multiple_choice": "mc", "loglikelihood": "ll", ROLLING: "rolling", GENERATIVE: "gen"}
+
+
+def _cell(value: float | str | None) -> float | str:
+    """A table cell: numbers as they are, '-' for what does not apply or is unknown."""
+    return "-" if value is None else value
+
+
+def _row(task: TaskDrift) -> list[Any]:
+    """One table row."""
+    n = task.matched
+    changed = task.flips if task.flips is not None else task.diverged
+    flips = None if changed is None else f"{changed}/{n}"
+    ties = None if task.ties is None else f"{task.ties}/{n}"
+    agreement = task.exact_agreement if task.agreement is None else task.agreement
+    return [
+        task.label,
+        SHORT_TYPES.get(task.output_type, task.output_type),
+        n,
+        task.only_clean + task.only_faulty,
+        _cell(flips),
+        _cell(agreement),
+        _cell(ties),
+        _cell(task.mean_abs_delta_ll),
+        _cell(task.mean_kl),
+        task.nonfinite,
+        _cell(task.mean_first_divergence),
+        _cell(task.perplexity_ratio),
+        _cell(task.degenerate_requests),
+        _cell(task.nonfinite_requests),
+    ]
+
+
+def format_drift_table(report: DriftReport) -> list[str]:
+    """The per-task table, then the metric changes and the notes, as lines for a terminal."""
+    width = max([len("task"), *(len(task.label) for task in report.tasks)]) + 2
+    columns = [
+        Column("task", width, align="<"),
+        Column("type", 8, align="<"),
+        Column("n", 6, ","),
+        Column("unmatched", 10, ","),
+        Column("flips/diff", 11),
+        Column("agree", 7, ".3f"),
+        Column("ties", 10),
+        Column("|Δll|", 10, ".4g"),
+        Column("KL", 10, ".4g"),
+        Column("nonfinite", 10, ","),
+        Column("1st div", 8, ".3g"),
+        Column("ppl ratio", 10, ".4g"),
+        Column("degen req", 10, ","),
+        Column("nonfin req", 11, ","),
+    ]
+    lines = text_table(columns, [_row(task) for task in report.tasks])
+    lines.extend(_metric_lines(report))
+    lines.extend(_note_lines(report))
+    return lines
+
+
+def _metric_lines(report: DriftReport) -> list[str]:
+    """Mean per-sample change of each task metric (faulted − clean)."""
+    lines = []
+    for task in report.tasks:
+        if task.metric_deltas:
+            changes = ", ".join(f"{name} {value:+.4g}" for name, value in task.metric_deltas.items())
+            lines.append(f"  {task.label}: {changes}")
+    return ["", "metric change (faulted − clean, mean over matched samples):", *lines] if lines else []
+
+
+def _note_lines(report: DriftReport) -> list[str]:
+    """The report's and the tasks' notes."""
+    notes = list(report.notes)
+    notes += [f"task only in the clean run: {name}" for name in report.only_clean_tasks]
+    notes += [f"task only in the faulted run: {name}" for name in report.only_faulty_tasks]
+    notes += [f"{task.label}: {note}" for task in report.tasks for note in task.notes]
+    if any(task.perplexity_unit not in (None, "document") for task in report.tasks):
+        units = sorted({task.perplexity_unit for task in report.tasks if task.perplexity_unit})
+        notes.append(f"ppl ratio = perplexity(faulted) / perplexity(clean), per {'/'.join(units)}")
+    return ["", "notes:", *(f"  {note}" for note in notes)] if notes else []
