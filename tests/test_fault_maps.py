@@ -136,3 +136,4 @@ def test_bisect_finds_every_planted_culprit_on_a_model():
     assert all(c.bits == [30] and c.component == "mlp" and abs(c.new_value) > 1e30 for c in outcome.culprits)
     assert outcome.evaluations <= 2 * (2 * math.ceil(math.log2(202)) + 4)
     assert "2 culprit(s) among 202 faults" in outcome.format_table()
+    assert outcome.fault_bits[0] == 200 and outcome.fault_bits[30] == 2 and sum(outcome.fault_bits) == 202

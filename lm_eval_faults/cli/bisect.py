@@ -35,6 +35,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def main(args: argparse.Namespace) -> int:
     import torch
+    from lm_eval.tasks import TaskManager
 
     from lm_eval_faults.harness.model import FaultyHFLM
     from lm_eval_faults.study.bisect import bisect
@@ -52,9 +53,16 @@ def main(args: argparse.Namespace) -> int:
     lm.print_report = False
     fault_map = FaultMap.load(args.map) if args.map else lm.set_faults(spec or FaultSpec()).fault_map()
 
+    task_manager = TaskManager()
+    trials = 0
+
     def score(subset: FaultMap | None) -> float:
+        nonlocal trials
+        trials += 1
         lm.replay_faults(subset)
-        return evaluation_score(lm, tasks, args.limit)
+        value = evaluation_score(lm, tasks, task_manager, args.limit)
+        print(f"lm-eval-faults bisect: trial {trials}: {0 if subset is None else len(subset)} faults -> {value:.4g}", file=sys.stderr)
+        return value
 
     sites = {name: (site.component, site.layer) for site in all_param_sites(lm.model) for name in site.names}
     print(f"lm-eval-faults bisect: {len(fault_map)} faults; scoring {', '.join(tasks)}", file=sys.stderr)

@@ -73,6 +73,8 @@ class Bisection:
     threshold: float
     indices: list[int] = field(default_factory=list)
     """The culprits' positions in the map: `fault_map.subset(indices)` replays just them."""
+    fault_bits: list[int] = field(default_factory=list)
+    """Flipped bits per bit position over the whole map: what the culprits' bits compare against."""
     culprits: list[Culprit] = field(default_factory=list)
     culprits_score: float = float("nan")
     rest_score: float = float("nan")
@@ -120,7 +122,9 @@ def bisect(
     clean = score(None)
     threshold = fraction * clean
     everything = np.arange(len(fault_map))
+    flipped = fault_map.flipped
     outcome = Bisection(len(fault_map), clean, subset_score(everything), threshold)
+    outcome.fault_bits = [int(np.count_nonzero(flipped >> bit & 1)) for bit in range(32)]
     if not outcome.full_score < threshold:
         raise ValueError(f"the whole map scores {outcome.full_score:.4g}, not below the threshold {threshold:.4g}: nothing to bisect")
 

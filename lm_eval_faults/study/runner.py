@@ -120,14 +120,15 @@ def evaluate_point(lm: FaultyHFLM, point: SweepPoint, config: SweepConfig, task_
     }
 
 
-def evaluation_score(lm: FaultyHFLM, tasks: list[str], limit: float | None = None) -> float:
-    """Evaluate `lm` as it stands (faults included) on `tasks`: their mean primary metric."""
+def evaluation_score(lm: FaultyHFLM, tasks: list[str], task_manager: TaskManager, limit: float | None = None) -> float:
+    """Evaluate `lm` as it stands (faults included) on `tasks`: their mean primary metric.
+    `task_manager` is built once by the caller: indexing lm-eval's tasks takes seconds."""
     import lm_eval
 
     from lm_eval_faults.study.metrics import record_score
 
     with quiet_lm_eval():
-        results = lm_eval.simple_evaluate(model=lm, tasks=tasks, limit=limit, log_samples=False)
+        results = lm_eval.simple_evaluate(model=lm, tasks=tasks, limit=limit, task_manager=task_manager, log_samples=False)
     return record_score({"metrics": task_metrics(results["results"])}, tasks)
 
 
