@@ -126,3 +126,33 @@ def test_hook_extends_lm_eval_when_it_is_imported(tmp_path):
     ours = default[0]
     assert Path(ours).name == "tasks" and (Path(ours) / "faults_demo").is_dir()
     assert default == [ours] and one == ["mine", ours] and several == ["mine", ours]
+
+
+def test_command_line_model_args_are_checked_as_written():
+    """lm-eval's `--model_args` parser keeps the last of a duplicated key and turns 1e-400 into 0;
+    the hook records the items as typed so `faulty_hf` refuses both (before any model loads)."""
+    import argparse
+
+    import pytest
+    from lm_eval._cli.utils import MergeDictAction
+    from lm_eval_faults.core.spec import FaultSpecError
+    from lm_eval_faults.harness import autoload
+    from lm_eval_faults.harness.preflight import check_as_written
+
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--model_args", nargs="+", action=MergeDictAction)
+    for typed, message in [
+        (["p=1e-3,p=1e-4"], "given twice"),
+        (["p=1e-3", "target=mlp", "p=1e-4"], "given twice"),
+        (["pretrained=x,p=1e-400"], "underflows"),
+        (['{"p": 1e-400, "seed": 1}'], "underflows"),
+    ]:
+        autoload.COMMAND_LINE_MODEL_ARGS.clear()
+        parser.parse_args(["--model_args", *typed])
+        with pytest.raises(FaultSpecError, match=message):
+            check_as_written(autoload.COMMAND_LINE_MODEL_ARGS)
+    autoload.COMMAND_LINE_MODEL_ARGS.clear()
+    parser.parse_args(["--model_args", "p=1e-3,target=attention", "chat_template_args={a: 1, b: 2}"])
+    check_as_written(autoload.COMMAND_LINE_MODEL_ARGS)
+    assert ("p", "1e-3") in autoload.COMMAND_LINE_MODEL_ARGS
+    autoload.COMMAND_LINE_MODEL_ARGS.clear()

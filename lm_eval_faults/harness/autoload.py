@@ -7,7 +7,10 @@ is imported. Only then does it add, lazily:
 
 - the model name `faulty_hf` as a registry placeholder `lm_eval_faults.harness.model:FaultyHFLM`
   (torch and transformers load only when someone asks for that model);
-- this package's task directory to every `TaskManager`, so `--tasks faults_demo` just works.
+- this package's task directory to every `TaskManager`, so `--tasks faults_demo` just works;
+- a record of `--model_args` as typed on lm-eval's command line (`COMMAND_LINE_MODEL_ARGS`):
+  lm-eval's parser turns `p=1e-400` into 0 and keeps the last of a duplicated key, so
+  `faulty_hf` checks the words the user wrote, not what the parser made of them.
 
 It imports nothing at all at start-up (`os` and `sys` are already loaded by then; no
 `__future__`, `typing`, `types` or `importlib`), so that unrelated Python processes pay nothing:
@@ -63,9 +66,49 @@ def add_task_dir_to_task_manager(tasks_module: "ModuleType") -> None:
     manager_cls.__init__ = __init__
 
 
+COMMAND_LINE_MODEL_ARGS: "list[tuple[str, object]]" = []
+"""(key, value as written) of every `--model_args` item lm-eval's command line parsed, in order."""
+
+
+def record_command_line_model_args(cli_utils: "ModuleType") -> None:
+    """Wrap lm-eval's `MergeDictAction` so `--model_args` items are recorded as written."""
+    action = cli_utils.MergeDictAction
+    if getattr(action.__call__, "_lm_eval_faults", False):
+        return
+    original_call = action.__call__
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        if self.dest == "model_args" and values:
+            COMMAND_LINE_MODEL_ARGS.extend(_written_pairs(values, cli_utils.split_top_level))
+        return original_call(self, parser, namespace, values, option_string)
+
+    __call__._lm_eval_faults = True  # type: ignore[attr-defined]
+    action.__call__ = __call__
+
+
+def _written_pairs(values, split_top_level) -> "list[tuple[str, object]]":
+    """(key, value) pairs with numbers kept as the text typed (JSON or key=value items)."""
+    import json
+
+    text = values[0] if isinstance(values, (list, tuple)) else values
+    if isinstance(text, str) and text.lstrip().startswith("{"):
+        try:
+            return list(json.loads(text, parse_float=str, parse_int=str, object_pairs_hook=list))
+        except ValueError:
+            return []
+    pairs = []
+    for value in values if isinstance(values, (list, tuple)) else [values]:
+        for item in split_top_level(value):
+            key, sep, written = item.partition("=")
+            if sep:
+                pairs.append((key.strip(), written.strip()))
+    return pairs
+
+
 _AFTER_IMPORT: "dict[str, Callable[[ModuleType], None]]" = {
     "lm_eval.models": register_model_placeholder,
     "lm_eval.tasks": add_task_dir_to_task_manager,
+    "lm_eval._cli.utils": record_command_line_model_args,
 }
 
 
@@ -95,9 +138,9 @@ class _RunAfterExec:
 
 
 class _LmEvalWatcher:
-    """Finds nothing itself; wraps the loader of the two lm-eval modules we extend.
+    """Finds nothing itself; wraps the loader of the lm-eval modules we extend.
 
-    A plain meta-path finder (only `find_spec` is required). For the two names it watches it
+    A plain meta-path finder (only `find_spec` is required). For the names it watches it
     asks the finders after it, so lm-eval is found however it is installed.
     """
 

@@ -30,12 +30,9 @@ from lm_eval_faults.core.injection import Injection
 from lm_eval_faults.core.report import FaultReport, SiteStats
 from lm_eval_faults.core.spec import FaultSpec, parse_arg_string, parse_fault_args
 from lm_eval_faults.core.streams import request_key, row_keys
+from lm_eval_faults.harness.autoload import COMMAND_LINE_MODEL_ARGS
 from lm_eval_faults.harness.package_data import demo_model_dir
-from lm_eval_faults.harness.preflight import (
-    check_against_config,
-    check_keys,
-    read_config,
-)
+from lm_eval_faults.harness.preflight import check_against_config, check_as_written, check_keys, read_config
 from lm_eval_faults.harness.request_cache import CountedCache, cache_table
 from lm_eval_faults.harness.request_counts import RequestCounts, tied_choices
 
@@ -77,6 +74,7 @@ class FaultyHFLM(HFLM):
         if pretrained is None:
             pretrained = str(demo_model_dir())
             print(f"lm_eval_faults: no `pretrained` given; using the embedded demo model at {pretrained}", file=sys.stderr)
+        check_as_written(COMMAND_LINE_MODEL_ARGS)
         config = read_config({**hf_kwargs, "pretrained": pretrained})
         check_keys(hf_kwargs, HFLM_ARGUMENTS, config)
         check_against_config(spec, hf_kwargs, config)

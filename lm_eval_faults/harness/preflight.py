@@ -125,6 +125,18 @@ def check_keys(keys: Iterable[str], accepted: Iterable[str], config: Any | None)
         )
 
 
+def check_as_written(pairs: Iterable[tuple[str, Any]]) -> None:
+    """`--model_args` as typed on lm-eval's command line: a key given twice is an error, and fault
+    values are validated as written (lm-eval's parser keeps the last duplicate silently and turns
+    `p=1e-400` into 0)."""
+    seen: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in seen:
+            raise FaultSpecError(f"model_args key {key!r} is given twice ({seen[key]!r} and {value!r}); give it once")
+        seen[key] = value
+    FaultSpec(**{key: value for key, value in seen.items() if key in FAULT_KEYS})
+
+
 def check_against_config(spec: FaultSpec, model_args: Mapping[str, Any], config: Any | None) -> None:
     """`layers=` against the layer count and `bits=` against the run dtype's width."""
     if config is None:
