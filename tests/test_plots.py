@@ -6,7 +6,7 @@ import json
 import re
 
 import pytest
-from lm_eval_faults.study import plots
+from lm_eval_faults.study import plots, sweep_report
 from lm_eval_faults.study.metrics import build_series
 from lm_eval_faults.study.sweep_report import (
     REPORT_FILE,
@@ -209,3 +209,66 @@ def test_report_marks_collapsed_points_and_old_records_as_unknown(tmp_path):
     assert mlp_row.endswith("| 1 of 2 |")
     norm_row = next(line for line in text.splitlines() if line.startswith("| bitflip | weights | norm |"))
     assert norm_row.endswith("| — |")
+
+
+def with_drift(records):
+    """The synthetic records with a drift entry on every faulty point: flips and KL grow with p,
+    a generative task counts its changed outputs, and the norm series never moves (zero drift)."""
+    for r in records:
+        if r["baseline"]:
+            continue
+        step = P_GRID.index(r["p"])
+        moved = 0 if r["target"] == "norm" else step + 1
+        r["drift"] = {
+            "task_a": {"output_type": "multiple_choice", "matched": 40, "nonfinite": 0, "flips": 4 * moved, "mean_kl": 0.1 * moved},
+            "task_b": {"output_type": "generate_until", "matched": 10, "nonfinite": 0, "flips": None, "diverged": moved, "mean_kl": None},
+        }
+    return records
+
+
+def test_drift_figure_sits_under_the_score_and_its_axes_say_which_way_is_damage():
+    records = with_drift(synthetic_records())
+    baseline, series = build_series(records)
+    by_id = {r["point_id"]: r for r in records}
+    components = [s for s in series if s.key.layers == "all"]
+    curves = [sweep_report.drift_curve(s, by_id) for s in components]
+    mlp = next(c for c in curves if c.key.target == "mlp")
+    # Pooled over tasks: (4 + 1) of 50 answers at the first rate, both seeds alike.
+    assert mlp.flip_rate[0].mean == pytest.approx(0.1) and mlp.flip_rate[0].ci_low < 0.1 < mlp.flip_rate[0].ci_high
+    assert mlp.kl[2].mean == pytest.approx(0.3) and (mlp.kl[2].ci_low, mlp.kl[2].ci_high) == pytest.approx((0.3, 0.3))
+    norm = next(c for c in curves if c.key.target == "norm")
+    assert [st.mean for st in norm.flip_rate] == [0.0, 0.0, 0.0] and [st.mean for st in norm.kl] == [0.0, 0.0, 0.0]
+    figure = plots.drift_figure(components, curves, baseline, chance=0.25, title="components")
+    assert [ax.get_ylabel() for ax in figure.axes] == [plots.ACCURACY_LABEL, plots.FLIP_LABEL, plots.KL_LABEL]
+    assert "0 = none" in plots.FLIP_LABEL and "KL(clean ‖ faulted) over choices" in plots.KL_LABEL
+    assert figure.axes[2].get_yscale() == "log" and figure.axes[2].get_xscale() == "log"
+
+
+def test_report_draws_drift_beside_the_score_and_tabulates_the_flip_rate(tmp_path):
+    records = with_drift(synthetic_records())
+    (tmp_path / "results.jsonl").write_text("\n".join(json.dumps(r) for r in records) + "\n", encoding="utf-8")
+    text = build_report(tmp_path).read_text(encoding="utf-8")
+    images = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", text)
+    assert len(images) == 9  # the 7 of an old sweep plus one drift figure per family
+    drift_images = [rel for rel in images if "drift_vs_p__" in rel]
+    assert drift_images == [
+        "figures/drift_vs_p__bitflip_weights_components.png",
+        "figures/drift_vs_p__bitflip_weights_target_all_layer_groups.png",
+    ]
+    for rel in drift_images:
+        assert_png(tmp_path / rel)
+    assert images.index(drift_images[0]) == images.index("figures/accuracy_vs_p__bitflip_weights_components.png") + 1
+    assert "| flip rate vs clean | KL vs clean |" in text
+    assert "| 15/50 (0.3) | 0.3 |" in text  # attention or mlp at the largest rate
+    assert "| 0/50 (0) | 0 |" in text  # norm: no answer moved
+    baseline_row = next(line for line in text.splitlines() if line.startswith("| baseline |"))
+    assert "| ref | ref |" in baseline_row
+
+
+def test_records_without_drift_still_report(run_dir):
+    with pytest.warns(UserWarning, match="partial last line"):
+        text = build_report(run_dir).read_text(encoding="utf-8")
+    assert "Not drawn: no point of this family recorded drift" in text
+    assert not (run_dir / "figures" / "drift_vs_p__bitflip_weights_components.png").exists()
+    row = next(line for line in text.splitlines() if line.startswith("| mlp\\|0.001\\|0 |"))
+    assert "| — | — |" in row

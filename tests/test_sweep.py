@@ -38,6 +38,7 @@ from lm_eval_faults.study.run_dir import RunDir, append_line
 from lm_eval_faults.study.runner import run_sweep
 
 TASK = "tiny_colors_ppl"
+MC_TASK = "tiny_colors_choice"
 
 
 # --------------------------------------------------------------------------- grid syntax
@@ -251,6 +252,11 @@ def setup(tmp_path_factory, tiny_llama_dir, tiny_task_dir):
         'test_split: test\noutput_type: loglikelihood_rolling\ndoc_to_text: ""\ndoc_to_target: "{{question}}"\n'
         "metric_list:\n  - metric: word_perplexity\n  - metric: bits_per_byte\n"
     )
+    (tasks_dir / f"{MC_TASK}.yaml").write_text(
+        f"task: {MC_TASK}\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    test: {tiny_task_dir / 'tiny_colors.jsonl'}\n"
+        'test_split: test\noutput_type: multiple_choice\ndoc_to_text: "question : {{question}} answer :"\n'
+        "doc_to_choice: choices\ndoc_to_target: answer\nmetric_list:\n  - metric: acc\n"
+    )
     from lm_eval.tasks import TaskManager
 
     base = {"model_args": f"pretrained={model_dir}", "tasks": TASK, "device": "cpu", "include_path": str(tasks_dir), "limit": 4}
@@ -318,8 +324,11 @@ def test_records_follow_the_metrics_schema(setup, tmp_path):
         "requests",
         "metrics",
         "samples",
+        "drift",
         "elapsed_s",
     }
+    assert "drift" not in baseline and set(point["drift"]) == {TASK}
+    assert set(point["drift"][TASK]) == {*runner.DRIFT_FIELDS, "metric_deltas"} and point["drift"][TASK]["matched"] == 4
     assert point["samples"] == {TASK: 4} and set(point["degenerate"]["requests"]) <= {TASK}
     assert baseline["baseline"] and baseline["p"] == 0 and baseline["injected"] == {"elements": 0, "bits": 0}
     assert (point["site"], point["target"], point["layers"], point["p"]) == ("weights+activations", "mlp", "all", 0.01)
@@ -427,3 +436,84 @@ def test_command_line_runs_resumes_and_reports(setup, tmp_path, monkeypatch, cap
     assert "0 points run, 3 already done" in capsys.readouterr().err
     assert main(parser.parse_args(argv("1e-3:5e-3"))) == 2
     assert "whole number of decades" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------- drift against the baseline
+
+NO_FAULT_P, HEAVY_P = 1e-12, 1e-3
+"""A rate at which no fault lands in the tiny model (~10^6 bits), and one that moves every answer (~800 faults in mlp)."""
+
+
+def _drift_config(setup, **kwargs):
+    return SweepConfig(**{**setup["base"], "tasks": f"{MC_TASK},{TASK}"}, p=f"{NO_FAULT_P},{HEAVY_P}", targets="mlp", **kwargs)
+
+
+def _assert_no_drift(record):
+    """A point where no fault landed must give exactly zero drift on every task."""
+    assert record["injected"] == {"elements": 0, "bits": 0}
+    choice, rolling = record["drift"][MC_TASK], record["drift"][TASK]
+    assert (choice["matched"], choice["flips"], choice["ties"], choice["nonfinite"]) == (4, 0, 0, 0)
+    assert choice["mean_kl"] == 0.0 and choice["mean_abs_delta_ll"] == 0.0 and choice["agreement"] == 1.0
+    assert choice["metric_deltas"] == {"acc": 0.0}
+    assert rolling["perplexity_ratio"] == 1.0 and rolling["flips"] is None and rolling["mean_kl"] is None
+
+
+def _assert_damaged(record):
+    choice = record["drift"][MC_TASK]
+    assert record["injected"]["elements"] > 0 and choice["matched"] == 4
+    assert choice["flips"] > 0 or (choice["mean_kl"] or 0) > 0
+
+
+def test_every_faulty_record_carries_its_drift_and_the_report_plots_it(setup, tmp_path):
+    config = _drift_config(setup)
+    with pytest.warns(UserWarning, match="NO FAULTS"):
+        run = _sweep(setup, tmp_path, config)
+    baseline, quiet, heavy = load_records(tmp_path / "results.jsonl")
+    assert baseline["baseline"] and "drift" not in baseline
+    assert (quiet["p"], heavy["p"]) == (NO_FAULT_P, HEAVY_P)
+    _assert_no_drift(quiet)
+    _assert_damaged(heavy)
+    assert "samples" not in json.dumps(heavy["drift"])  # aggregates only: no per-sample lists
+    text = (tmp_path / "results.jsonl").read_text()
+    assert "NaN" not in text.split('"drift"')[-1] and "Infinity" not in text.split('"drift"')[-1]
+    saved = json.loads((tmp_path / runner.BASELINE_SAMPLES_FILE).read_text())
+    assert saved["output_types"][MC_TASK] == "multiple_choice" and len(saved["samples"][MC_TASK]) == 4
+    assert "doc" not in saved["samples"][MC_TASK][0]  # stripped to what drift reads
+
+    assert run.report is not None
+    report = run.report.read_text()
+    figure = tmp_path / "figures" / "drift_vs_p__bitflip_weights_components.png"
+    assert figure.is_file() and "](figures/drift_vs_p__bitflip_weights_components.png)" in report
+    assert "| flip rate vs clean | KL vs clean |" in report
+    quiet_id = quiet["point_id"].replace("|", "\\|")
+    quiet_row = next(line for line in report.splitlines() if line.startswith(f"| {quiet_id} |"))
+    assert "| 0/4 (0) | 0 |" in quiet_row
+
+
+def test_a_resumed_sweep_compares_with_the_saved_baseline_samples(setup, tmp_path, capsys):
+    config = _drift_config(setup)
+
+    def kill_after(count):
+        def hook(record):
+            if len(_ids(tmp_path / "results.jsonl")) == count:
+                raise Killed
+
+        return hook
+
+    with pytest.raises(Killed):
+        _sweep(setup, tmp_path, config, on_point=kill_after(1), report=False)
+    assert (tmp_path / runner.BASELINE_SAMPLES_FILE).is_file()
+    capsys.readouterr()
+    with pytest.raises(Killed), pytest.warns(UserWarning, match="NO FAULTS"):
+        _sweep(setup, tmp_path, config, on_point=kill_after(2), report=False)
+    assert "evaluating the clean model again" not in capsys.readouterr().err
+    _assert_no_drift(load_records(tmp_path / "results.jsonl")[1])  # exactly zero against the samples read back from disk
+
+    # A run directory from before drift was recorded has no samples file: the baseline is evaluated again, once.
+    (tmp_path / runner.BASELINE_SAMPLES_FILE).unlink()
+    resumed = _sweep(setup, tmp_path, config, report=False)
+    assert "baseline_samples.json is missing" in capsys.readouterr().err
+    assert len(resumed.ran) == 1 and (tmp_path / runner.BASELINE_SAMPLES_FILE).is_file()
+    records = load_records(tmp_path / "results.jsonl")
+    assert _ids(tmp_path / "results.jsonl").count("baseline") == 1 and len(records) == 3
+    _assert_damaged(records[2])

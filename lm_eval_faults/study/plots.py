@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -30,6 +31,13 @@ ACCURACY_LABEL = "accuracy (higher is better)"
 """Y label of score plots: says which way is good, since the relative-change plots run the other way."""
 RELCHANGE_LABEL = "relative accuracy loss (1 = all lost, 0 = none, < 0 = gain)"
 """Y label of relative-change plots: (baseline - faulty) / baseline, so up means accuracy lost."""
+
+FLIP_LABEL = "answer flips vs clean (0 = none, 1 = all)"
+"""Y label of the flip-rate panel: the share of answers the faults changed, so up means damage."""
+KL_LABEL = "KL(clean ‖ faulted) over choices, nats"
+"""Y label of the KL panel (log scale): 0 means the faulted model's choice distribution is the clean one."""
+FLIP_BAND = "band: 95% interval (seeds, documents)"
+KL_BAND = "band: min to max over seeds; KL = 0 not drawn (log axis)"
 
 SCORE_LIMITS = (0.0, 1.0)
 """Scores are accuracies or exact-match rates."""
@@ -145,6 +153,107 @@ def plot_layer_bars(
     return _save(fig, ax, out_path, title, legend=False)
 
 
+@dataclass(frozen=True)
+class DriftCurve:
+    """One series' drift from the clean model at each fault rate it ran, aggregated over seeds.
+
+    `flip_rate` carries a 95% interval; `kl` carries the min and max over seeds as its "interval",
+    since a KL is not a proportion the bootstrap could redraw."""
+
+    key: SeriesKey
+    p: np.ndarray
+    flip_rate: tuple[SeedStats, ...]
+    kl: tuple[SeedStats, ...]
+
+    def has_flips(self) -> bool:
+        """Whether any grid point has a flip rate (tasks with choices or generated text)."""
+        return any(math.isfinite(st.mean) for st in self.flip_rate)
+
+    def has_kl(self) -> bool:
+        """Whether any grid point has a KL (tasks with choices)."""
+        return any(math.isfinite(st.mean) for st in self.kl)
+
+
+def plot_drift_vs_p(
+    series: Sequence[Series],
+    curves: Sequence[DriftCurve],
+    baseline: float,
+    out_path: str | Path,
+    *,
+    chance: float | None = None,
+    title: str | None = None,
+) -> Path:
+    """Score, then drift from the clean model, against fault rate; see `drift_figure`."""
+    fig = drift_figure(series, curves, baseline, chance=chance, title=title)
+    return _write(fig, out_path)
+
+
+def drift_figure(
+    series: Sequence[Series],
+    curves: Sequence[DriftCurve],
+    baseline: float,
+    *,
+    chance: float | None = None,
+    title: str | None = None,
+) -> Figure:
+    """Panels sharing the p axis: the score on top, the answer-flip rate and the mean KL (log
+    scale) under it, each present when some curve has it. Drift moves where the score cannot
+    (a model at chance level), so reading them together tells "no effect" from "no signal".
+    A series keeps its colour in every panel; the legend is on the score panel."""
+    panels = 1 + any(c.has_flips() for c in curves) + any(c.has_kl() for c in curves)
+    fig = Figure(figsize=(7, 2.8 * panels + 0.6), layout="constrained")
+    FigureCanvasAgg(fig)
+    axes = list(np.atleast_1d(fig.subplots(panels, 1, sharex=True)))
+    colors = {s.key: f"C{i}" for i, s in enumerate(series)}
+    colors.update({c.key: f"C{len(colors) + i}" for i, c in enumerate(c for c in curves if c.key not in colors)})
+    score_ax = axes.pop(0)
+    for s, label in zip(series, series_labels([s.key for s in series]), strict=True):
+        _mean_with_band(score_ax, s.p, [g.score for g in s.grid], label, limits=SCORE_LIMITS, color=colors[s.key])
+    score_ax.axhline(baseline, color="black", linestyle="--", linewidth=1, label="baseline (p=0)")
+    if chance is not None:
+        score_ax.axhline(chance, color="grey", linestyle=":", linewidth=1, label="chance")
+    score_ax.set_ylabel(ACCURACY_LABEL)
+    if any(c.has_flips() for c in curves):
+        _drift_panel(axes.pop(0), curves, colors, "flip_rate", FLIP_LABEL, FLIP_BAND)
+    if any(c.has_kl() for c in curves):
+        _drift_panel(axes.pop(0), curves, colors, "kl", KL_LABEL, KL_BAND, log=True)
+    all_axes = fig.axes
+    all_axes[0].set_xscale("log")
+    all_axes[-1].set_xlabel("fault rate p")
+    for ax in all_axes:
+        ax.grid(True, which="major", alpha=0.3)
+    if title:
+        all_axes[0].set_title(title)
+    if score_ax.get_legend_handles_labels()[0]:
+        score_ax.legend(fontsize="small")
+    return fig
+
+
+def _drift_panel(
+    ax: Axes,
+    curves: Sequence[DriftCurve],
+    colors: dict[SeriesKey, str],
+    quantity: str,
+    ylabel: str,
+    band: str,
+    *,
+    log: bool = False,
+) -> None:
+    """One drift quantity of every curve, with its band; on a log axis only positive values, and
+    on a linear one when every value is 0 (a sweep whose faults never moved the choices)."""
+    log = log and any(st.mean > 0 for curve in curves for st in getattr(curve, quantity))  # all zero: a log axis has no room
+    for curve in curves:
+        stats: tuple[SeedStats, ...] = getattr(curve, quantity)
+        limits = (0.0, math.inf) if log else (0.0, 1.0)
+        _mean_with_band(ax, curve.p, stats, "", limits=limits, color=colors[curve.key], positive=log)
+    if log:
+        ax.set_yscale("log")
+    else:
+        ax.set_ylim(bottom=-0.02)
+    ax.set_ylabel(ylabel)
+    ax.text(0.01, 0.97, band, transform=ax.transAxes, fontsize="x-small", va="top", color="dimgrey")
+
+
 def grid_point_at(series: Series, p: float) -> GridPoint | None:
     """The grid point of `series` at fault rate `p`, or None if that rate was not run."""
     for g in series.grid:
@@ -160,12 +269,20 @@ def _new_axes() -> tuple[Figure, Axes]:
 
 
 def _mean_with_band(
-    ax: Axes, x: np.ndarray, stats: Sequence[SeedStats], label: str, limits: tuple[float, float] = (-math.inf, math.inf)
+    ax: Axes,
+    x: np.ndarray,
+    stats: Sequence[SeedStats],
+    label: str,
+    limits: tuple[float, float] = (-math.inf, math.inf),
+    *,
+    color: str | None = None,
+    positive: bool = False,
 ) -> None:
-    """Seed-mean line with markers and a shaded 95% band where the interval exists.
+    """Seed-mean line with markers and a shaded band where the interval exists.
 
     The bootstrap intervals already respect the metric's bounds (see `metrics`); clipping to
-    `limits` is kept as a guard for results analysed with other intervals.
+    `limits` is kept as a guard for results analysed with other intervals. `positive` drops
+    values <= 0, which have no place on a log axis.
     """
     x = np.asarray(x, dtype=float)
     mean = np.array([st.mean for st in stats])
@@ -174,8 +291,8 @@ def _mean_with_band(
         limits = (-math.inf, math.inf)  # not the metric the limits describe (e.g. a perplexity)
     low = np.clip(np.array([st.ci_low for st in stats]), *limits)
     high = np.clip(np.array([st.ci_high for st in stats]), *limits)
-    shown = (x > 0) & np.isfinite(mean)
-    (line,) = ax.plot(x[shown], mean[shown], marker="o", markersize=3, label=label)
+    shown = (x > 0) & np.isfinite(mean) & ((mean > 0) if positive else True)
+    (line,) = ax.plot(x[shown], mean[shown], marker="o", markersize=3, label=label or None, color=color)
     band = shown & np.isfinite(low) & np.isfinite(high)
     if band.any():
         ax.fill_between(x[band], low[band], high[band], color=line.get_color(), alpha=0.2)
@@ -201,6 +318,11 @@ def _save(fig: Figure, ax: Axes, out_path: str | Path, title: str | None, *, leg
     if legend and ax.get_legend_handles_labels()[0]:
         ax.legend(fontsize="small")
     ax.grid(True, which="major", alpha=0.3)
+    return _write(fig, out_path)
+
+
+def _write(fig: Figure, out_path: str | Path) -> Path:
+    """Save `fig` as a PNG, creating its folder."""
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out_path, format="png", dpi=120)

@@ -10,12 +10,20 @@ with one load and one `TaskManager`. The run directory
 
 The grid is the product faults x sites x targets x layer groups x p x seeds, plus one clean
 baseline (p=0). Each record follows the schema documented in `lm_eval_faults.study.metrics`.
+
+Every point is evaluated with lm-eval's per-sample outputs, and each faulty record carries a
+`"drift"` entry: per task, how far its answers moved from the clean model's (`drift.py`), which
+shows damage even where accuracy cannot move (a small model at chance on MMLU). The clean
+model's samples are kept in `baseline_samples.json` so a resumed sweep need not re-run it.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
+import math
+import os
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -24,6 +32,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from lm_eval_faults.core.spec import FaultSpec
+from lm_eval_faults.study.drift import TaskDrift, compare_samples
 from lm_eval_faults.study.grid import (
     SweepConfig,
     SweepConfigError,
@@ -89,13 +98,51 @@ def quiet_lm_eval() -> Iterator[None]:
             setattr(evaluator, name, function)
 
 
-def evaluate_point(lm: FaultyHFLM, point: SweepPoint, config: SweepConfig, task_manager: TaskManager) -> dict[str, Any]:
-    """Inject `point`'s faults (restoring the previous point's first) and evaluate: one record."""
+@dataclass
+class PointResult:
+    """One evaluated point: its record, and for the baseline the clean samples later points are compared with."""
+
+    record: dict[str, Any]
+    clean: CleanSamples | None = None
+
+
+def evaluate_point(
+    lm: FaultyHFLM,
+    point: SweepPoint,
+    config: SweepConfig,
+    task_manager: TaskManager,
+    clean: CleanSamples | None = None,
+) -> PointResult:
+    """Inject `point`'s faults (restoring the previous point's first) and evaluate: one record.
+
+    A faulty point's record gets its drift against `clean` (none when `clean` is None); the
+    point's own samples are dropped on return, so memory stays flat over a long sweep."""
+    started = time.perf_counter()
+    results = _evaluate(lm, point.spec, config, task_manager)
+    record = {
+        "point_id": point.point_id,
+        "baseline": point.baseline,
+        **point.labels(),
+        **record_fault_counts(lm, point.spec),
+        "metrics": task_metrics(results["results"]),
+        "samples": task_samples(results),
+    }
+    if point.baseline:
+        outcome = PointResult(record, clean_samples_of(results))
+    else:
+        if clean is not None:
+            record["drift"] = point_drift(clean, results)
+        outcome = PointResult(record)
+    record["elapsed_s"] = round(time.perf_counter() - started, 3)
+    return outcome
+
+
+def _evaluate(lm: FaultyHFLM, spec: FaultSpec, config: SweepConfig, task_manager: TaskManager) -> dict[str, Any]:
+    """lm-eval's results for `spec`, with the per-sample outputs that drift is computed from."""
     import lm_eval
 
-    started = time.perf_counter()
-    lm.set_faults(point.spec)
-    results = lm_eval.simple_evaluate(
+    lm.set_faults(spec)
+    return lm_eval.simple_evaluate(
         model=lm,
         tasks=list(config.tasks),
         num_fewshot=config.num_fewshot,
@@ -107,17 +154,154 @@ def evaluate_point(lm: FaultyHFLM, point: SweepPoint, config: SweepConfig, task_
         system_instruction=config.system_instruction,
         bootstrap_iters=config.bootstrap_iters,
         random_seed=config.random_seed,
-        log_samples=False,
+        log_samples=True,
     )
-    return {
-        "point_id": point.point_id,
-        "baseline": point.baseline,
-        **point.labels(),
-        **record_fault_counts(lm, point.spec),
-        "metrics": task_metrics(results["results"]),
-        "samples": task_samples(results),
-        "elapsed_s": round(time.perf_counter() - started, 3),
-    }
+
+
+# --------------------------------------------------------------------------- drift against the baseline
+
+BASELINE_SAMPLES_FILE = "baseline_samples.json"
+"""The clean model's per-sample outputs in a run directory: a resumed sweep compares with them."""
+
+SAMPLE_KEYS = ("doc_id", "filter", "filtered_resps", "doc_hash", "metrics")
+"""What `compare_samples` reads of a sample (plus the per-sample metric values): docs, prompts and
+raw responses are left out, which keeps the baseline file a fraction of lm-eval's own."""
+
+DRIFT_FIELDS = (
+    "output_type",
+    "filter",
+    "matched",
+    "only_clean",
+    "only_faulty",
+    "mismatched",
+    "nonfinite",
+    "flips",
+    "agreement",
+    "ties",
+    "greedy_changes",
+    "mean_abs_delta_ll",
+    "mean_kl",
+    "exact_agreement",
+    "diverged",
+    "mean_first_divergence",
+    "perplexity_ratio",
+    "perplexity_unit",
+)
+"""The `TaskDrift` aggregates a record keeps per task (plus `metric_deltas`); None = does not apply."""
+
+
+@dataclass
+class CleanSamples:
+    """The baseline's samples per task, stripped to what drift needs, with each task's output type."""
+
+    samples: dict[str, list[dict[str, Any]]]
+    output_types: dict[str, str] = field(default_factory=dict)
+
+
+def strip_sample(sample: dict[str, Any]) -> dict[str, Any]:
+    """The parts of an lm-eval sample that `compare_samples` reads."""
+    kept = {key: sample[key] for key in SAMPLE_KEYS if key in sample}
+    kept.update({name: sample[name] for name in sample.get("metrics") or [] if name in sample})
+    return kept
+
+
+def clean_samples_of(results: dict[str, Any]) -> CleanSamples:
+    """The stripped samples and output types of a `simple_evaluate(..., log_samples=True)` result."""
+    samples = {task: [strip_sample(sample) for sample in task_list] for task, task_list in (results.get("samples") or {}).items()}
+    return CleanSamples(samples, output_types(results))
+
+
+def output_types(results: dict[str, Any]) -> dict[str, str]:
+    """Each task's lm-eval output_type from the results' configs, so drift need not infer it."""
+    types = {}
+    for task, task_config in (results.get("configs") or {}).items():
+        value = (task_config or {}).get("output_type")
+        if isinstance(value, str):
+            types[task] = value
+    return types
+
+
+def point_drift(clean: CleanSamples, results: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Aggregate drift of every task the point and the baseline both sampled (no per-sample lists)."""
+    types = {**output_types(results), **clean.output_types}
+    drift = {}
+    for task, samples in (results.get("samples") or {}).items():
+        if task in clean.samples:
+            drift[task] = drift_summary(compare_samples(clean.samples[task], samples, types.get(task), task=task))
+    return drift
+
+
+def drift_summary(task: TaskDrift) -> dict[str, Any]:
+    """A task's drift as strict JSON: the aggregates of `DRIFT_FIELDS` and the metric changes,
+    non-finite floats (an overflowing perplexity ratio) as None, so any JSON reader takes it."""
+    summary = {name: _json_number(getattr(task, name)) for name in DRIFT_FIELDS}
+    summary["metric_deltas"] = {name: _json_number(value) for name, value in task.metric_deltas.items()}
+    return summary
+
+
+def _json_number(value: Any) -> Any:
+    """`value`, except a non-finite float, which becomes None."""
+    return None if isinstance(value, float) and not math.isfinite(value) else value
+
+
+def save_clean_samples(path: Path, clean: CleanSamples) -> None:
+    """Write the baseline's samples atomically (temporary file, fsync, rename): a kill leaves the
+    old file or the new one, never half of one."""
+    data = json.dumps({"output_types": clean.output_types, "samples": clean.samples}, default=_jsonable).encode("utf-8")
+    temporary = path.with_name(path.name + ".tmp")
+    with open(temporary, "wb") as handle:
+        handle.write(data)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(temporary, path)
+
+
+def _jsonable(value: Any) -> Any:
+    """numpy scalars and arrays as Python values; anything else as its text."""
+    return value.tolist() if hasattr(value, "tolist") else str(value)
+
+
+def load_clean_samples(path: Path) -> CleanSamples | None:
+    """The baseline samples saved in a run directory; None when absent or unreadable."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as error:
+        print(f"lm-eval-faults sweep: ignoring unreadable {path} ({error})", file=sys.stderr)
+        return None
+    if not isinstance(data, dict) or not isinstance(data.get("samples"), dict):
+        return None
+    return CleanSamples(data["samples"], dict(data.get("output_types") or {}))
+
+
+def resume_clean_samples(
+    directory: RunDir,
+    points: list[SweepPoint],
+    done: set[str],
+    lm: FaultyHFLM,
+    config: SweepConfig,
+    task_manager: TaskManager,
+) -> CleanSamples | None:
+    """The clean samples a resumed sweep compares with: the saved file, else (a run directory from
+    before drift was recorded) the baseline evaluated again, once, without a second record. None
+    while the baseline has still to run (it will provide them) or when no faulty point is left."""
+    baseline = next((point for point in points if point.baseline), None)
+    if baseline is None or baseline.point_id not in done:
+        return None
+    path = directory.path / BASELINE_SAMPLES_FILE
+    clean = load_clean_samples(path)
+    if clean is not None or all(point.point_id in done for point in points):
+        return clean
+    print(
+        f"lm-eval-faults sweep: {path.name} is missing; evaluating the clean model again once for its samples "
+        "(the baseline record is kept), so the remaining points get drift figures",
+        file=sys.stderr,
+    )
+    with quiet_lm_eval():
+        clean = clean_samples_of(_evaluate(lm, baseline.spec, config, task_manager))
+    save_clean_samples(path, clean)
+    return clean
 
 
 def evaluation_score(lm: FaultyHFLM, tasks: list[str], task_manager: TaskManager, limit: float | None = None) -> float:
@@ -220,6 +404,7 @@ def run_sweep(
         task_manager = task_manager or _task_manager(config)
         outcome.skipped = [point.point_id for point in points if point.point_id in done]
         pending = [point for point in points if point.point_id not in done]
+        clean = resume_clean_samples(directory, points, done, lm, config, task_manager)
         bar = tqdm(
             total=len(points), initial=len(outcome.skipped), desc="sweep points", unit="point", disable=not progress, file=sys.stderr
         )
@@ -227,7 +412,11 @@ def run_sweep(
             for point in pending:
                 bar.set_postfix_str(point.point_id)
                 with quiet_lm_eval():
-                    record = evaluate_point(lm, point, config, task_manager)
+                    result = evaluate_point(lm, point, config, task_manager, clean)
+                if result.clean is not None:
+                    clean = result.clean
+                    save_clean_samples(directory.path / BASELINE_SAMPLES_FILE, clean)
+                record = result.record
                 directory.append(record)
                 outcome.ran.append(point.point_id)
                 bar.update()

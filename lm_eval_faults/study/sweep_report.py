@@ -15,6 +15,7 @@ import math
 import re
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +25,7 @@ from lm_eval_faults.study import plots
 from lm_eval_faults.study.metrics import (
     ALL_LAYERS,
     BOOTSTRAP_REPLICATES,
+    BOOTSTRAP_SEED,
     RANK_KEYS,
     RESULTS_FILE,
     WEIGHTINGS,
@@ -36,8 +38,10 @@ from lm_eval_faults.study.metrics import (
     Weighting,
     baseline_records,
     baseline_tasks,
+    bootstrap_scores,
     build_series,
     load_records,
+    percentile_interval,
     rankings,
     record_score,
     relative_change,
@@ -82,7 +86,8 @@ def build_report(
     tasks = baseline_tasks(records)
     baseline, series = build_series(records, tasks=tasks, count=count)
     summaries = [summarize_series(s, weighting=weighting, fraction=fraction) for s in series]
-    figures = _draw_figures(series, baseline, run_dir / FIGURES_DIR, p_for_layer_bars, fraction, count, chance)
+    by_id = {str(r["point_id"]): r for r in records}
+    figures = _draw_figures(series, baseline, run_dir / FIGURES_DIR, p_for_layer_bars, fraction, count, chance, by_id)
     text = "\n".join(
         [
             _header(records, series, tasks, baseline, weighting, fraction, count, sampling_of(records, tasks)),
@@ -132,12 +137,16 @@ def _draw_figures(
     fraction: float,
     count: CountUnit,
     chance: float | None,
+    by_id: Mapping[str, Mapping[str, Any]],
 ) -> list[tuple[str, Path | str]]:
     """All figures as (caption, path), or (caption, reason) where a figure could not be drawn."""
     figures: list[tuple[str, Path | str]] = []
     for title, members in figure_families(series).items():
         slug = _slug(title)
         accuracy = plots.plot_accuracy_vs_p(members, baseline, out_dir / f"accuracy_vs_p__{slug}.png", chance=chance, title=title)
+        figures.append((f"{title}: score vs p", accuracy))
+        drift = _drift_figure(members, by_id, baseline, out_dir / f"drift_vs_p__{slug}.png", chance, title)
+        figures.append((f"{title}: score and drift from the clean model vs p", drift))
         by_p = plots.plot_relchange_vs_p(members, out_dir / f"relchange_vs_p__{slug}.png", fraction=fraction, title=title)
         by_count = plots.plot_relchange_vs_count(
             members,
@@ -147,13 +156,29 @@ def _draw_figures(
             title=title,
         )
         figures += [
-            (f"{title}: score vs p", accuracy),
             (f"{title}: relative change vs p", by_p),
             (f"{title}: relative change vs injected {count}", by_count),
         ]
         if members[0].key.layers != ALL_LAYERS:
             figures.append(_layer_bars(members, title, slug, out_dir, p_for_layer_bars, fraction))
     return figures
+
+
+def _drift_figure(
+    members: Sequence[Series],
+    by_id: Mapping[str, Mapping[str, Any]],
+    baseline: float,
+    path: Path,
+    chance: float | None,
+    title: str,
+) -> Path | str:
+    """The score-and-drift figure of one family, or why there is none."""
+    curves = [drift_curve(s, by_id) for s in members]
+    if not any(record_drift(by_id.get(pt.point_id, {})) for s in members for pt in s.points):
+        return "no point of this family recorded drift (a sweep from before drift was recorded)"
+    if not any(c.has_flips() or c.has_kl() for c in curves):
+        return "its tasks have no answers to flip and no choices for a KL (e.g. rolling log-likelihood); see `drift` in the results"
+    return plots.plot_drift_vs_p(members, curves, baseline, path, chance=chance, title=title)
 
 
 def _layer_bars(
@@ -179,6 +204,86 @@ def _layer_bars(
 def _slug(text: str) -> str:
     """A file-name-safe form of a figure title."""
     return re.sub(r"[^A-Za-z0-9.-]+", "_", text).strip("_")
+
+
+# --------------------------------------------------------------------------- drift
+
+
+@dataclass(frozen=True)
+class PointDrift:
+    """A record's drift from the clean model, pooled over its tasks.
+
+    `changed` counts answers the faults changed among `compared` samples: a different choice
+    for tasks with choices, different generated text for generative ones. `kl` is the mean
+    KL(clean ‖ faulted) over the choices, over every finite choice sample of every task."""
+
+    changed: int
+    compared: int
+    kl: float | None
+
+    @property
+    def flip_rate(self) -> float | None:
+        """Share of compared answers that changed; None when nothing could be compared."""
+        return self.changed / self.compared if self.compared else None
+
+
+def record_drift(record: Mapping[str, Any]) -> PointDrift | None:
+    """The pooled drift of a record; None for a record without `drift` (the baseline, old sweeps)."""
+    drift = record.get("drift")
+    if not isinstance(drift, Mapping):
+        return None
+    changed = compared = 0
+    kl_sum = kl_weight = 0.0
+    for task in drift.values():
+        n = int(task.get("matched") or 0)
+        answers = task.get("flips") if task.get("flips") is not None else task.get("diverged")
+        if answers is not None and n:
+            changed, compared = changed + int(answers), compared + n
+        finite = n - int(task.get("nonfinite") or 0)
+        if isinstance(task.get("mean_kl"), (int, float)) and finite > 0:
+            kl_sum, kl_weight = kl_sum + float(task["mean_kl"]) * finite, kl_weight + finite
+    return PointDrift(changed, compared, kl_sum / kl_weight if kl_weight else None)
+
+
+def drift_curve(series: Series, by_id: Mapping[str, Mapping[str, Any]]) -> plots.DriftCurve:
+    """A series' flip rate (seed mean, two-level bootstrap interval) and KL (seed mean, min to
+    max over seeds) at each of its grid rates."""
+    by_p: dict[float, list[PointDrift]] = defaultdict(list)
+    for pt in series.points:
+        drift = record_drift(by_id.get(pt.point_id, {}))
+        if drift is not None:
+            by_p[pt.p].append(drift)
+    grid = [g.p for g in series.grid]
+    return plots.DriftCurve(
+        key=series.key,
+        p=np.array(grid, dtype=float),
+        flip_rate=tuple(flip_rate_stats(by_p.get(p, [])) for p in grid),
+        kl=tuple(kl_stats(by_p.get(p, [])) for p in grid),
+    )
+
+
+def flip_rate_stats(drifts: Sequence[PointDrift]) -> SeedStats:
+    """Seed-mean flip rate with the accuracy's interval machinery: a flip rate is a proportion of
+    the compared documents, so seeds are resampled and each rate redrawn as Binomial(n, rate)/n."""
+    rates = [d.flip_rate for d in drifts if d.flip_rate is not None]
+    if not rates:
+        return SeedStats(math.nan, math.nan, math.nan, 0)
+    n = max(d.compared for d in drifts)
+    sampling = Sampling(("flips",), np.array([n]), np.array([0.0]))
+    values = np.array(rates, dtype=float)[:, None, None]
+    replicates = bootstrap_scores(values, sampling, np.random.default_rng(BOOTSTRAP_SEED))[:, 0]
+    return percentile_interval(replicates, float(np.mean(rates)), len(rates), (0.0, 1.0))
+
+
+def kl_stats(drifts: Sequence[PointDrift]) -> SeedStats:
+    """Seed-mean KL with the min and max over seeds in place of an interval (a KL is no
+    proportion to redraw); no band with a single seed."""
+    values = [d.kl for d in drifts if d.kl is not None]
+    if not values:
+        return SeedStats(math.nan, math.nan, math.nan, 0)
+    if len(values) == 1:
+        return SeedStats(values[0], math.nan, math.nan, 1)
+    return SeedStats(float(np.mean(values)), min(values), max(values), len(values))
 
 
 # --------------------------------------------------------------------------- sections
@@ -229,6 +334,13 @@ def _header(
             "They respect the bounds: accuracy in [0, 1], relative change in [1 − 1/baseline, 1]. "
             "With one seed they cover document sampling only; n/a where nothing can be redrawn. "
             "See docs/sweep_intervals.md."
+        ),
+        (
+            "- **Drift** from the clean model, sample by sample (figures `drift_vs_p__*`, points table): "
+            "the **flip rate** is the share of answers the faults changed (another choice, or other "
+            "generated text), pooled over tasks, with the interval above; **KL** is the mean "
+            "KL(clean ‖ faulted) of the softmax over the choices, its band the min to max over seeds. "
+            "Both are 0 when no fault changed anything, and they move even where accuracy sits at chance."
         ),
         "",
         "## Baseline",
@@ -322,7 +434,7 @@ def _points_section(
         headers.append(f"injected {unit}")
         if has_expected:
             headers.append(f"expected {unit}")
-    headers += ["non-finite weights", "non-finite requests", "degenerate requests", "elapsed s"]
+    headers += ["flip rate vs clean", "KL vs clean", "non-finite weights", "non-finite requests", "degenerate requests", "elapsed s"]
     ordered = sorted(
         records,
         key=lambda r: (not r.get("baseline"), series_key(r), float(r.get("p", 0)), r.get("seed", 0)),
@@ -343,6 +455,7 @@ def _points_section(
                 row.append(_value((r.get("expected") or {}).get(unit)))
         nonfinite = r.get("nonfinite") or {}
         row += [
+            *_drift_cells(r),
             _value(nonfinite.get("weights")),
             _requests(nonfinite.get("requests")),
             _degenerate(r),
@@ -353,9 +466,22 @@ def _points_section(
         f"Counts are as recorded; thresholds and AWRCL above use `{count}`. "
         "Activation-site counts are totals over the run. Degenerate requests had flat logits or "
         "tied choices; a point is **collapsed** when most of its requests are, so its accuracy is "
-        'the first-choice tie-break, not chance and not knowledge. "—": not recorded (older sweeps).'
+        "the first-choice tie-break, not chance and not knowledge. Flip rate: answers changed of "
+        'those compared (share); the baseline is the reference ("ref"). "—": not recorded (older sweeps) '
+        "or not applicable (no choices for a KL)."
     )
     return "\n".join(["## Points", "", note, "", _table(headers, rows), ""])
+
+
+def _drift_cells(record: Mapping[str, Any]) -> list[str]:
+    """Flip-rate and KL cells: ``3/40 (0.075)``, "ref" for the baseline, "—" when not recorded."""
+    if record.get("baseline"):
+        return ["ref", "ref"]
+    drift = record_drift(record)
+    if drift is None:
+        return ["—", "—"]
+    flips = f"{drift.changed}/{drift.compared} ({_num(drift.flip_rate)})" if drift.compared else "—"
+    return [flips, _value(drift.kl)]
 
 
 # --------------------------------------------------------------------------- formatting
