@@ -200,10 +200,16 @@ def test_report_marks_collapsed_points_and_old_records_as_unknown(tmp_path):
         elif r["point_id"] == "mlp|1e-05|0":
             r["degenerate"] = {"requests": {"task_a": 1, "task_b": 0}}
             r["requests"] = {"task_a": 40, "task_b": 10}
+        elif r["point_id"] == "attention|0.001|0":  # NaN everywhere: the tie-break again, not chance
+            r["degenerate"] = {"requests": {"task_a": 0, "task_b": 0}}
+            r["requests"] = {"task_a": 40, "task_b": 10}
+            r["nonfinite"] = {**r.get("nonfinite", {}), "requests": {"task_a": 40, "task_b": 10}}
+    mlp_nonfinite = sum(next(r for r in records if r["point_id"] == "mlp|0.001|0").get("nonfinite", {}).get("requests", {}).values())
     (tmp_path / "results.jsonl").write_text("\n".join(json.dumps(r) for r in records) + "\n", encoding="utf-8")
     text = build_report(tmp_path).read_text(encoding="utf-8")
     assert "| degenerate requests |" in text and "| collapsed points |" in text
-    assert "**collapsed** (35 of 50 degenerate)" in text
+    assert f"**collapsed** (35 degenerate, {mlp_nonfinite} non-finite of 50)" in text
+    assert "**collapsed** (0 degenerate, 50 non-finite of 50)" in text
     assert "1 (task_a: 1, task_b: 0)" in text
     mlp_row = next(line for line in text.splitlines() if line.startswith("| bitflip | weights | mlp |"))
     assert mlp_row.endswith("| 1 of 2 |")

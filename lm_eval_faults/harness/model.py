@@ -57,7 +57,7 @@ class NonFiniteLogitsGuard(LogitsProcessor):
         bad_rows = ~finite.all(dim=-1)
         flat_rows = scores.amax(dim=-1) == scores.amin(dim=-1)  # a constant next-token distribution
         self.flagged = bad_rows if self.flagged is None else self.flagged | bad_rows
-        self.flat = flat_rows if self.flat is None else self.flat | flat_rows
+        self.flat = flat_rows if self.flat is None else self.flat & flat_rows  # flat at every step
         safe = torch.nan_to_num(scores, nan=0.0, posinf=torch.finfo(scores.dtype).max, neginf=-math.inf)
         hopeless = torch.isneginf(safe).all(dim=-1, keepdim=True)
         return torch.where(hopeless, torch.zeros_like(safe), safe)  # type: ignore[return-value]
@@ -117,7 +117,7 @@ class FaultyHFLM(HFLM):
 
     def _reset_counts(self) -> None:
         self._counts = RequestCounts()
-        self._flat_inputs: set[tuple[int, ...]] = set()
+        self._flat_positions: dict[tuple[int, ...], np.ndarray] = {}
         self._rank_merged: tuple[dict[str, SiteStats], RequestCounts] | None = None
 
     def _inject(self, spec: FaultSpec) -> Injection:
@@ -139,18 +139,27 @@ class FaultyHFLM(HFLM):
 
     def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, override_bs: int | None = None):
         """Remember each request's model input, so `_model_call` can tell padding from tokens; flag
-        requests whose scoring forward gave a flat (constant) next-token distribution."""
+        requests whose every scored position got a flat (constant) next-token distribution."""
         if not self.spec.active:
             return super()._loglikelihood_tokens(requests, disable_tqdm=disable_tqdm, override_bs=override_bs)
         # The input lm-eval builds for each request: (context + continuation), left-truncated, last token dropped.
         inputs = [tuple((context + continuation)[-(self.max_length + 1) :][:-1]) for _, context, continuation in requests]
-        self._known_inputs, self._flat_inputs = set(inputs), set()
+        self._known_inputs, self._flat_positions = set(inputs), {}
         try:
             results = super()._loglikelihood_tokens(requests, disable_tqdm=disable_tqdm, override_bs=override_bs)
         finally:
             self._known_inputs = set()
-        self._last_flat = [model_input in self._flat_inputs for model_input in inputs]
+        self._last_flat = [
+            self._scored_positions_flat(model_input, len(continuation))
+            for model_input, (_, _, continuation) in zip(inputs, requests, strict=True)
+        ]
         return results
+
+    def _scored_positions_flat(self, model_input: tuple[int, ...], scored: int) -> bool:
+        """Whether every position scoring the continuation (the input's last `scored`) was flat:
+        the model then said nothing about this answer. A flat context position alone does not count."""
+        flat = self._flat_positions.get(model_input)
+        return flat is not None and bool(flat[len(model_input) - scored :].all())
 
     def _model_call(self, inps: torch.Tensor, attn_mask=None, labels=None) -> torch.Tensor:
         """One scoring forward. With activation faults, each row draws its own faults, keyed by
@@ -160,16 +169,16 @@ class FaultyHFLM(HFLM):
         rows = inps.tolist()
         lengths = [self._real_length(row) for row in rows]
         if self._faults_activations:
-            keys = np.array([request_key(row[:length]) for row, length in zip(rows, lengths, strict=False)], dtype=np.uint64)
+            keys = np.array([request_key(row[:length]) for row, length in zip(rows, lengths, strict=True)], dtype=np.uint64)
             self.injection.next_forward(Rows(keys, np.zeros(len(rows), dtype=np.int64), np.array(lengths, dtype=np.int64), inps.shape[1]))
         try:
             logits = super()._model_call(inps)
         finally:
             self.injection.next_forward(None)
-        flat = (logits.amax(dim=-1) == logits.amin(dim=-1)).cpu()
-        for row, length, row_flat in zip(rows, lengths, flat, strict=False):
-            if bool(row_flat[:length].any()):
-                self._flat_inputs.add(tuple(row[:length]))
+        flat = (logits.amax(dim=-1) == logits.amin(dim=-1)).cpu().numpy()
+        for row, length, row_flat in zip(rows, lengths, flat, strict=True):
+            if row_flat[:length].any():  # kept only for rows with a flat position: rare unless collapsed
+                self._flat_positions[tuple(row[:length])] = row_flat[:length]
         return logits
 
     def _real_length(self, row: list[int]) -> int:

@@ -465,8 +465,8 @@ def _points_section(
     note = (
         f"Counts are as recorded; thresholds and AWRCL above use `{count}`. "
         "Activation-site counts are totals over the run. Degenerate requests had flat logits or "
-        "tied choices; a point is **collapsed** when most of its requests are, so its accuracy is "
-        "the first-choice tie-break, not chance and not knowledge. Flip rate: answers changed of "
+        "tied choices; a point is **collapsed** when most of its requests are degenerate or non-finite, "
+        "so its accuracy is the first-choice tie-break, not chance and not knowledge. Flip rate: answers changed of "
         'those compared (share); the baseline is the reference ("ref"). "—": not recorded (older sweeps) '
         "or not applicable (no choices for a KL)."
     )
@@ -548,12 +548,13 @@ def degenerate_requests(record: Mapping[str, Any]) -> tuple[int, int] | None:
 
 
 def is_collapsed(record: Mapping[str, Any]) -> bool | None:
-    """Whether most of a point's requests were degenerate (None when not recorded): its
-    accuracy then measures the tie-break, not the model."""
+    """Whether most of a point's requests were degenerate or non-finite (None when not recorded):
+    its accuracy then measures the tie-break (NaN log-likelihoods included), not the model."""
     counts = degenerate_requests(record)
     if counts is None:
         return None
-    return counts[1] > 0 and 2 * counts[0] > counts[1]
+    nonfinite = sum(((record.get("nonfinite") or {}).get("requests") or {}).values())
+    return counts[1] > 0 and 2 * (counts[0] + nonfinite) > counts[1]
 
 
 def _degenerate(record: Mapping[str, Any]) -> str:
@@ -562,7 +563,8 @@ def _degenerate(record: Mapping[str, Any]) -> str:
     if counts is None:
         return "—"
     if is_collapsed(record):
-        return f"**collapsed** ({counts[0]} of {counts[1]} degenerate)"
+        nonfinite = sum(((record.get("nonfinite") or {}).get("requests") or {}).values())
+        return f"**collapsed** ({counts[0]} degenerate, {nonfinite} non-finite of {counts[1]})"
     return _requests(record["degenerate"]["requests"])
 
 
