@@ -14,8 +14,10 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import time
 from collections import defaultdict
+from pathlib import Path
 
 import torch
 import transformers
@@ -27,6 +29,16 @@ PS = (1e-9, 1e-7, 1e-5)
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 THRESHOLDS = {"max/2": None, ">=1024": math.nextafter(1024.0, 0.0)}
 STUDY_N = 1.3e8
+REPO = Path(__file__).resolve().parents[1]
+DEFAULT_SMOLLM = REPO.parent / "shared" / "models" / "smollm2-135m-instruct"
+
+
+def shown(path: Path) -> str:
+    """The path relative to the repository root where possible (no machine paths in printed records)."""
+    try:
+        return os.path.relpath(path.resolve(), REPO)
+    except ValueError:
+        return str(path)
 
 
 def load_smollm(directory: str) -> torch.nn.Module:
@@ -114,9 +126,14 @@ def print_study() -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--smollm", default="/work/shared/models/smollm2-135m-instruct")
+    parser.add_argument(
+        "--smollm",
+        default=str(DEFAULT_SMOLLM),
+        help="model directory (default: ../shared/models/smollm2-135m-instruct beside the repository)",
+    )
     args = parser.parse_args()
     start = time.time()
+    print(f"SmolLM2 from {shown(Path(args.smollm))}")
     smollm = load_smollm(args.smollm)
     reference = component_values(smollm)
     describe_values("SmolLM2-135M-Instruct (float32 from Q4_1)", reference)

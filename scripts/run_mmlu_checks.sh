@@ -5,7 +5,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 OMP_NUM_THREADS=1
-SHARED=$(cd .. && pwd)/shared
+SHARED=../shared  # relative to the repository root, so sweep.json records no machine path
 export MMLU_DIR=$SHARED/data/mmlu
 SMOL="pretrained=$SHARED/models/smollm2-135m-instruct,gguf_file=SmolLM2-135M-Instruct.Q4_1.gguf,dtype=float32"
 out=docs/mmlu_checks
