@@ -158,29 +158,33 @@ class SiteCounts:
     def add_to(self, stats: list[SiteStats]) -> None:
         """Add each site's counts to its running stats (activations add one batch per call)."""
         columns = [getattr(self, name).tolist() for name in FAULT_COUNT_FIELDS]
-        for site in np.flatnonzero(self.hit_elements).tolist():
+        for site in np.flatnonzero(self.hit_elements | self.changed_elements).tolist():
             target = stats[site]
             for name, column in zip(FAULT_COUNT_FIELDS, columns, strict=True):
                 setattr(target, name, getattr(target, name) + column[site])
             target.bit_histogram = add_lists(target.bit_histogram, self.bit_histogram[site].tolist())
 
 
-def count_by_site(batch: FaultBatch, sites: int, layout: BitLayout) -> SiteCounts:
-    """Per-site counts of a batch in a few vectorised passes (bincounts), never a loop over hits."""
-    site = batch.hits.site
-    diff = batch.old ^ batch.new
+def count_by_site(batch: FaultBatch, sites: int, layout: BitLayout, read: FaultBatch | None = None) -> SiteCounts:
+    """Per-site counts of a batch in a few vectorised passes (bincounts), never a loop over hits.
 
-    def per_site(weights: np.ndarray | None = None) -> np.ndarray:
-        return np.bincount(site, weights=weights, minlength=sites).astype(np.int64)
+    Hits and fault bits count the faults drawn (`batch`); changes count what the model reads
+    (`read`: the batch after protection, by default the batch itself).
+    """
+    read = batch if read is None else read
+    site = read.hits.site
+    diff = read.old ^ read.new
 
-    histogram = _bit_histograms(site, diff, sites, layout.width)
+    def per_site(where: np.ndarray, weights: np.ndarray | None = None) -> np.ndarray:
+        return np.bincount(where, weights=weights, minlength=sites).astype(np.int64)
+
     return SiteCounts(
-        hit_elements=per_site(),
-        fault_bits=per_site(np.bitwise_count(batch.fault_bits)),
-        changed_elements=per_site((diff != 0).astype(np.float64)),
-        flipped_bits=per_site(np.bitwise_count(diff)),
-        nonfinite_created=per_site(_becomes_nonfinite(batch.old, batch.new, layout).astype(np.float64)),
-        bit_histogram=histogram,
+        hit_elements=per_site(batch.hits.site),
+        fault_bits=per_site(batch.hits.site, np.bitwise_count(batch.fault_bits)),
+        changed_elements=per_site(site, (diff != 0).astype(np.float64)),
+        flipped_bits=per_site(site, np.bitwise_count(diff)),
+        nonfinite_created=per_site(site, _becomes_nonfinite(read.old, read.new, layout).astype(np.float64)),
+        bit_histogram=_bit_histograms(site, diff, sites, layout.width),
     )
 
 

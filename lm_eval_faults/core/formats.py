@@ -37,7 +37,7 @@ class BitLayout:
         """Bit positions of a named field, with an error that lists what this dtype has."""
         fields = {"all": tuple(range(self.width)), "sign": self.sign}
         if self.is_float:
-            fields.update(exponent=self.exponent, mantissa=self.mantissa)
+            fields.update(exponent=self.exponent, exponent_msb=self.exponent[-1:], mantissa=self.mantissa)
         if name not in fields:
             raise ValueError(f"bits={name!r} does not exist in {self.name}; valid fields: {', '.join(fields)}")
         return fields[name]

@@ -15,6 +15,7 @@ words that the later injection logged as its own originals).
 from __future__ import annotations
 
 import contextlib
+import warnings
 import weakref
 from collections.abc import Iterator, Mapping
 from typing import Any
@@ -23,6 +24,8 @@ from torch import nn
 
 from lm_eval_faults.core.activations import ActivationInjector, Rows
 from lm_eval_faults.core.fault_map import FaultMap
+from lm_eval_faults.core.protection import protection_gaps
+from lm_eval_faults.core.range_restriction import ActivationBounds, ActivationClamp, MissingBoundsError, clamp_sites
 from lm_eval_faults.core.report import FaultReport
 from lm_eval_faults.core.spec import FaultSpec, to_spec
 from lm_eval_faults.core.targets import all_param_sites, select_modules, select_params
@@ -39,7 +42,9 @@ class Injection:
     every forward call while the hooks are attached. `restore()` undoes both in O(faults).
     """
 
-    def __init__(self, model: nn.Module, spec: FaultSpec, replaying: bool = False) -> None:
+    def __init__(
+        self, model: nn.Module, spec: FaultSpec, replaying: bool = False, activation_bounds: ActivationBounds | None = None
+    ) -> None:
         """A handle that has not touched the model yet; `apply` injects."""
         self.model = model
         self.spec = spec
@@ -51,10 +56,28 @@ class Injection:
         module_sites = select_modules(model, spec) if spec.on_activations else []
         self._weights = WeightInjector(spec, weight_sites)
         self._activations = ActivationInjector(spec, module_sites)
+        self._clamp: ActivationClamp | None = None
+        if "activations" in spec.clamp and spec.active:
+            if activation_bounds is None:
+                raise MissingBoundsError(
+                    "clamp=activations needs output bounds calibrated on clean data: pass activation_bounds= "
+                    "(see range_restriction.record_bounds); under lm-eval, faulty_hf calibrates on the task's own requests"
+                )
+            self._clamp = ActivationClamp(clamp_sites(model, spec), activation_bounds)
+            self.report.clamp_counts = self._clamp.counts
+            self.report.activation_bound_bits = self._clamp.bound_bits
+        self.report.protection_notes = protection_gaps(spec, weight_sites, module_sites)
         self.applied = False
 
     @classmethod
-    def apply(cls, model: nn.Module, spec: FaultSpec, progress: bool = False, fault_map: FaultMap | None = None) -> Injection:
+    def apply(
+        cls,
+        model: nn.Module,
+        spec: FaultSpec,
+        progress: bool = False,
+        fault_map: FaultMap | None = None,
+        activation_bounds: ActivationBounds | None = None,
+    ) -> Injection:
         """Inject `spec` into `model` (or replay `fault_map`, or the map file `spec.replay`).
 
         If anything fails partway (a tensor that can't be written, a hook that can't be
@@ -64,18 +87,24 @@ class Injection:
         """
         if fault_map is None and spec.replay is not None:
             fault_map = FaultMap.load(spec.replay)
-        injection = cls(model, spec, replaying=fault_map is not None)
+        injection = cls(model, spec, replaying=fault_map is not None, activation_bounds=activation_bounds)
         if not spec.active and fault_map is None:
             return injection
+        for note in injection.report.protection_notes:
+            warnings.warn(f"lm_eval_faults: {note}", stacklevel=2)
         try:
             if fault_map is not None:
                 injection.report.weights = injection._weights.apply_map(fault_map)
             else:
                 injection.report.weights = injection._weights.apply(progress=progress)
             injection._activations.attach()
+            if injection._clamp is not None:
+                injection._clamp.attach()  # after the fault hooks: it clamps what they corrupted
         except BaseException:
             injection._weights.restore()
             injection._activations.detach()
+            if injection._clamp is not None:
+                injection._clamp.detach()
             raise
         injection.report.activations = injection._activations.stats
         injection.applied = True
@@ -107,6 +136,8 @@ class Injection:
             )
         self._weights.restore()
         self._activations.detach()
+        if self._clamp is not None:
+            self._clamp.detach()
         self.applied = False
         if stack:
             stack.pop()
@@ -133,7 +164,10 @@ def inject(
     spec: FaultSpec | str | Mapping[str, Any] | None = None,
     *,
     progress: bool = False,
+    activation_bounds: ActivationBounds | None = None,
     **fields: Any,
 ) -> Injection:
-    """Inject faults into `model` (in place) and return the handle with `.report` and `.restore()`."""
-    return Injection.apply(model, to_spec(spec, **fields), progress=progress)
+    """Inject faults into `model` (in place) and return the handle with `.report` and `.restore()`.
+
+    `activation_bounds` are the clean output bounds `clamp=activations` needs (`record_bounds`)."""
+    return Injection.apply(model, to_spec(spec, **fields), progress=progress, activation_bounds=activation_bounds)

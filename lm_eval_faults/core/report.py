@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 import warnings
 from collections import defaultdict
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -24,7 +24,15 @@ SILENT_NO_OP_EXPECTATION = 10.0
 FAULT_COUNT_FIELDS = ("hit_elements", "fault_bits", "changed_elements", "flipped_bits", "nonfinite_created")
 """What an injection did at a site (as opposed to the site's size and expectations)."""
 
-_TOTAL_FIELDS = ("elements", "eligible_bits", "expected_elements", "expected_bits", *FAULT_COUNT_FIELDS)
+PROTECTION_COUNT_FIELDS = ("check_bit_faults", "masked_bits", "corrected", "detected", "miscorrected", "undetected", "clamped")
+"""What protection did at a site (see `protection.py`). ECC outcomes count SECDED words (64 data
+bits) or parity elements; `masked_bits` counts bits a fault would have changed in backed-up or
+protected storage; `clamped` counts elements that range restriction changed. The fault counts
+above them (changed, flipped, non-finite) count what the model reads, after protection."""
+
+PROTECTION_FIELDS = ("protection_bits", *PROTECTION_COUNT_FIELDS)
+
+_TOTAL_FIELDS = ("elements", "stored_bits", "eligible_bits", "expected_elements", "expected_bits", *FAULT_COUNT_FIELDS, *PROTECTION_FIELDS)
 """The counts that add up across sites and calls."""
 
 
@@ -45,6 +53,15 @@ class SiteStats:
     changed_elements: int = 0
     flipped_bits: int = 0
     nonfinite_created: int = 0
+    stored_bits: int = 0
+    protection_bits: int = 0
+    check_bit_faults: int = 0
+    masked_bits: int = 0
+    corrected: int = 0
+    detected: int = 0
+    miscorrected: int = 0
+    undetected: int = 0
+    clamped: int = 0
     bit_histogram: list[int] = field(default_factory=list)
     shared_with: list[str] = field(default_factory=list)
     calls: int = 0
@@ -54,6 +71,16 @@ class SiteStats:
         for name in (*_TOTAL_FIELDS, "calls"):
             setattr(self, name, getattr(self, name) + getattr(other, name))
         self.bit_histogram = add_lists(self.bit_histogram, other.bit_histogram)
+
+
+def _with_overhead(row: dict[str, float]) -> dict[str, float | None]:
+    """A component's protection counts and its overhead (extra bits over its stored bits)."""
+    counts: dict[str, float | None] = {name: row[name] for name in PROTECTION_FIELDS}
+    return {
+        **counts,
+        "stored_bits": row["stored_bits"],
+        "overhead": row["protection_bits"] / row["stored_bits"] if row["stored_bits"] else None,
+    }
 
 
 def add_lists(a: list[int], b: list[int]) -> list[int]:
@@ -106,6 +133,33 @@ class FaultReport:
     nonfinite_requests: dict[str, int] = field(default_factory=dict)
     degenerate_requests: dict[str, int] = field(default_factory=dict)
     cached_requests: dict[str, int] = field(default_factory=dict)
+    clamp_counts: Callable[[], dict[str, int]] | None = None
+    """Range restriction on activations: reads per module the output elements clamped so far."""
+    activation_bound_bits: int = 0
+    """Storage of the calibrated activation bounds (two values per clamped module)."""
+    protection_notes: list[str] = field(default_factory=list)
+    """Why a chosen scheme protects nothing under this spec (also warned when injecting)."""
+
+    @property
+    def activation_clamps(self) -> dict[str, int]:
+        """Per module, the output elements range restriction clamped over all calls so far."""
+        return self.clamp_counts() if self.clamp_counts is not None else {}
+
+    @property
+    def protected(self) -> bool:
+        return any(key in self.spec for key in ("protect", "ecc", "clamp"))
+
+    def protection_summary(self) -> dict[str, Any]:
+        """Overhead (extra bits over the protected weights' bits) and what protection did, in total."""
+        totals = self.totals("weights")
+        extra = totals["protection_bits"] + self.activation_bound_bits
+        return {
+            "overhead": extra / totals["stored_bits"] if totals["stored_bits"] else None,
+            "extra_bits": int(extra),
+            "stored_bits": int(totals["stored_bits"]),
+            **{name: int(totals[name]) for name in PROTECTION_COUNT_FIELDS},
+            "activations_clamped": int(sum(self.activation_clamps.values())),
+        }
 
     def set_request_counts(
         self, requests: dict[str, int], nonfinite: dict[str, int], degenerate: dict[str, int], cached: dict[str, int]
@@ -162,6 +216,16 @@ class FaultReport:
             "degenerate_requests": dict(self.degenerate_requests),
             "cached_requests": dict(self.cached_requests),
         }
+        if self.protected:
+            data["protection"] = {
+                **self.protection_summary(),
+                "by_component": {name: _with_overhead(row) for name, row in self.by_component("weights").items()},
+                "activation_clamps": dict(self.activation_clamps),
+                "notes": list(self.protection_notes),
+            }
+        else:
+            for name in PROTECTION_FIELDS:
+                _drop_key(data, name)
         if self.spec.get("fault") in ELEMENT_FAULTS:
             _drop_key(data, "expected_bits")
         return data
@@ -196,6 +260,8 @@ class FaultReport:
                 for component, row in self.by_component(part).items()
             ]
             lines.extend(text_table(columns, rows))
+        if self.protected:
+            lines.extend(self._protection_table())
         for task, total in sorted(self.requests.items()):
             cached = self.cached_requests.get(task, 0)
             lines.append(
@@ -204,6 +270,39 @@ class FaultReport:
                 + (f", {cached} answered from the request cache" if cached else "")
             )
         return "\n".join(lines)
+
+    def _protection_table(self) -> list[str]:
+        summary = self.protection_summary()
+        overhead = "n/a" if summary["overhead"] is None else f"{100 * summary['overhead']:.2f}%"
+        lines = [f"Protection: {self.spec.get('description', '').partition('protection: ')[2]} (storage overhead {overhead})"]
+        columns = [
+            Column("component", 22, align="<"),
+            Column("overhead", 10, align=">"),
+            Column("masked bits", 12, ","),
+            Column("check faults", 12, ","),
+            Column("corrected", 10, ","),
+            Column("detected", 10, ","),
+            Column("miscorrected", 12, ","),
+            Column("undetected", 10, ","),
+            Column("clamped", 10, ","),
+        ]
+        rows = [
+            (
+                component,
+                f"{100 * row['protection_bits'] / row['stored_bits']:.2f}%" if row["stored_bits"] else "n/a",
+                *(
+                    int(row[name])
+                    for name in ("masked_bits", "check_bit_faults", "corrected", "detected", "miscorrected", "undetected", "clamped")
+                ),
+            )
+            for component, row in self.by_component("weights").items()
+        ]
+        if rows:
+            lines.extend(text_table(columns, rows))
+        if self.clamp_counts is not None:
+            lines.append(f"range restriction clamped {summary['activations_clamped']:,} activation elements")
+        lines.extend(f"WARNING: {note}" for note in self.protection_notes)
+        return lines
 
     def check_not_silent(self, part: str) -> None:
         """Shout when faults were asked for on `part` and none landed (the RRAM study shipped such a no-op).

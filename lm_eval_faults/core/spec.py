@@ -36,6 +36,14 @@ TARGET_ALIASES = {
     "head": "lm_head",
 }
 ACT_SCOPES = ("leaf", "all")
+ECC_SCHEMES = {
+    "none": "no error-correcting code",
+    "secded": "SECDED(72,64): 8 check bits per 64-bit word of the tensor's bytes; 1 error corrected, 2 detected",
+    "parity": "one parity bit per element: an odd number of errors is detected and the element zeroed",
+}
+ECC_POLICIES = ("zero", "keep")
+"""What a SECDED word that is detected but uncorrectable reads as: all zeros, or its corrupted data."""
+CLAMP_SITES = ("none", "weights", "activations", "weights+activations")
 
 
 class FaultSpecError(ValueError):
@@ -97,14 +105,14 @@ def parse_layers(value: Any) -> tuple[int, ...] | None:
     return tuple(sorted(indices))
 
 
-def parse_targets(value: Any) -> tuple[str, ...]:
+def parse_targets(value: Any, key: str = "target") -> tuple[str, ...]:
     """`"attention+mlp"` -> ("attention", "mlp"); "all" stays ("all",)."""
     names = [TARGET_ALIASES.get(n.strip().lower(), n.strip().lower()) for n in str(value).split("+")]
     if "all" in names:
         return ("all",)
     for name in names:
         if name not in COMPONENTS:
-            raise _error("target", value, f"components are all, {', '.join(COMPONENTS)} (join several with '+')")
+            raise _error(key, value, f"components are all, {', '.join(COMPONENTS)} (join several with '+')")
     return tuple(sorted(set(names)))
 
 
@@ -148,6 +156,11 @@ class FaultSpec:
     act_scope: str = "leaf"
     replay: str | None = None
     save_map: str | None = None
+    protect: tuple[str, ...] = ()
+    protect_bits: str = "none"
+    ecc: str = "none"
+    ecc_policy: str = "zero"
+    clamp: str = "none"
 
     def __post_init__(self) -> None:
         def set_(name: str, value: object) -> None:
@@ -189,6 +202,32 @@ class FaultSpec:
             raise _error("save_map", self.save_map, "maps hold weight faults; use site=weights or weights+activations")
         if self.act_scope not in ACT_SCOPES:
             raise _error("act_scope", self.act_scope, "choose leaf (module outputs of leaf modules) or all (every module, nested)")
+        self._validate_protection()
+
+    def _validate_protection(self) -> None:
+        """The protection keys: checked here so that a typo fails before any model loads."""
+
+        def set_(name: str, value: object) -> None:
+            object.__setattr__(self, name, value)  # the dataclass is frozen
+
+        protect = self.protect if isinstance(self.protect, str) else "+".join(self.protect)
+        set_("protect", () if protect.strip().lower() in ("", "none") else parse_targets(protect, key="protect"))
+        set_("protect_bits", str(self.protect_bits).strip().lower())
+        if self.protect_bits != "none":
+            _validate_bits_syntax(self.protect_bits, key="protect_bits")
+        if self.ecc not in ECC_SCHEMES:
+            raise _error("ecc", self.ecc, "choose one of " + ", ".join(ECC_SCHEMES))
+        if self.ecc_policy not in ECC_POLICIES:
+            raise _error("ecc_policy", self.ecc_policy, "a detected, uncorrectable SECDED word reads as zero or keep (its corrupted data)")
+        if self.clamp not in CLAMP_SITES:
+            raise _error("clamp", self.clamp, "range restriction applies to " + ", ".join(CLAMP_SITES))
+        if self.replay is not None and self.protected:
+            raise _error("replay", self.replay, "a map holds the words as written, after any protection; replay it without protection keys")
+
+    @property
+    def protected(self) -> bool:
+        """Whether any protection scheme is chosen (faults are drawn the same either way)."""
+        return bool(self.protect) or self.protect_bits != "none" or self.ecc != "none" or self.clamp != "none"
 
     @property
     def asymmetric(self) -> bool:
@@ -228,6 +267,10 @@ class FaultSpec:
         data["target"] = "+".join(self.target)
         data["layers"] = None if self.layers is None else layers_label(self.layers)
         data["value_range"] = list(self.value_range)
+        data["protect"] = "+".join(self.protect) or "none"
+        if not self.protected:  # unprotected specs keep the fingerprints and records they had before protection existed
+            for key in PROTECTION_KEYS:
+                data.pop(key)
         return data
 
     def fingerprint(self) -> str:
@@ -246,7 +289,23 @@ class FaultSpec:
         rate = f"p01={self.p01 or 0:g},p10={self.p10 or 0:g}" if self.asymmetric else f"p={self.p:g}"
         unit = "bit" if self.per_bit else "element"
         layers = "all layers" if self.layers is None else f"layers {layers_label(self.layers)}"
-        return f"{self.fault} {rate} per {unit} on {self.site} of {'+'.join(self.target)} ({layers}, bits={self.bits}, seed={self.seed})"
+        text = f"{self.fault} {rate} per {unit} on {self.site} of {'+'.join(self.target)} ({layers}, bits={self.bits}, seed={self.seed})"
+        return f"{text}; protection: {self.describe_protection()}" if self.protected else text
+
+    def describe_protection(self) -> str:
+        """The chosen protection schemes in words ("none" when there are none)."""
+        parts = []
+        if self.protect:
+            parts.append(f"backed-up {'+'.join(self.protect)}")
+        if self.protect_bits != "none":
+            parts.append(f"protected bits {self.protect_bits}")
+        if self.ecc == "secded":
+            parts.append(f"SECDED(72,64), detected words {'zeroed' if self.ecc_policy == 'zero' else 'kept'}")
+        elif self.ecc == "parity":
+            parts.append("parity per element, detected elements zeroed")
+        if self.clamp != "none":
+            parts.append(f"range restriction on {self.clamp}")
+        return ", ".join(parts) or "none"
 
 
 def layers_label(layers: Iterable[int]) -> str:
@@ -263,16 +322,20 @@ def layers_label(layers: Iterable[int]) -> str:
     return "+".join(f"{r[0]}-{r[-1]}" if len(r) > 1 else str(r[0]) for r in parts)
 
 
-def _validate_bits_syntax(bits: str) -> None:
+def _validate_bits_syntax(bits: str, key: str = "bits") -> None:
     for part in bits.split("+"):
         part = part.strip()
-        if not re.fullmatch(r"all|sign|exponent|mantissa|\d+(-\d+)?", part):
-            raise _error("bits", bits, "use all, sign, exponent, mantissa, or bit positions like 0-6+15 (bit 0 = least significant)")
+        if not re.fullmatch(r"all|sign|exponent_msb|exponent|mantissa|\d+(-\d+)?", part):
+            raise _error(
+                key, bits, "use all, sign, exponent, mantissa, exponent_msb, or bit positions like 0-6+15 (bit 0 = least significant)"
+            )
         if any(int(n) > MAX_BIT_POSITION for n in re.findall(r"\d+", part)):
-            raise _error("bits", bits, f"bit positions run 0-{MAX_BIT_POSITION} at most (float32; 0-15 for 16-bit dtypes)")
+            raise _error(key, bits, f"bit positions run 0-{MAX_BIT_POSITION} at most (float32; 0-15 for 16-bit dtypes)")
 
 
 FAULT_KEYS: tuple[str, ...] = tuple(f.name for f in fields(FaultSpec))
+PROTECTION_KEYS = ("protect", "protect_bits", "ecc", "ecc_policy", "clamp")
+"""The keys that choose protection schemes rather than faults: a sweep's protection axis sets them."""
 
 
 def parse_fault_args(model_args: Mapping[str, Any], passthrough: Iterable[str] = ()) -> tuple[FaultSpec, dict[str, Any]]:

@@ -10,6 +10,7 @@ is written down (the README's copy of these tables points here):
 | `WEIGHTS` | none | the persistent faults of one parameter tensor |
 | `CALL` | forward call c, output tensor t | activation faults of a module outside lm-eval (plain `inject`) |
 | `REQUEST` | call c of the module within the forward, output tensor t; then per row, the row's request key (`row_keys`) | activation faults of one lm-eval request row: independent of batching |
+| `CHECK_BITS` | none | faults in the check bits that protect one parameter tensor (SECDED: 8 per 64-bit word; parity: 1 per element) |
 
 | purpose | index | what it draws |
 |---|---|---|
@@ -48,9 +49,10 @@ class StreamKind(IntEnum):
     WEIGHTS = 0
     CALL = 1
     REQUEST = 2
+    CHECK_BITS = 3
 
 
-STREAM_INDICES = {StreamKind.WEIGHTS: 0, StreamKind.CALL: 2, StreamKind.REQUEST: 2}
+STREAM_INDICES = {StreamKind.WEIGHTS: 0, StreamKind.CALL: 2, StreamKind.REQUEST: 2, StreamKind.CHECK_BITS: 0}
 """How many 64-bit indices each stream kind takes."""
 
 

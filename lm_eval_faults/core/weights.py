@@ -15,8 +15,10 @@ import torch
 from tqdm.auto import tqdm
 
 from lm_eval_faults.core.fault_map import FaultMap, FaultMapError, ParamInfo
+from lm_eval_faults.core.device_faults import device_path_wanted, fault_tensors
 from lm_eval_faults.core.faults import FaultBatch, count_by_site, draw_faults
 from lm_eval_faults.core.formats import BitLayout, layout_of, resolve_bits
+from lm_eval_faults.core.protection import WeightProtection, protection_bits
 from lm_eval_faults.core.report import SiteStats
 from lm_eval_faults.core.sampling import Hits, element_rate
 from lm_eval_faults.core.spec import FaultSpec
@@ -58,6 +60,7 @@ class WeightInjector:
         self.spec = spec
         self.sites = sites
         self._spec_key = spec_key(spec.seed, spec.sampling_key())
+        self._protection = WeightProtection(spec, self._spec_key) if spec.protected else None
         self._undo: list[UndoEntry] = []
 
     def apply(self, progress: bool = False) -> list[SiteStats]:
@@ -95,6 +98,8 @@ class WeightInjector:
             expected_bits=expected_bits,
             bit_histogram=[0] * layout.width,
             shared_with=list(site.names[1:]),
+            stored_bits=numel * layout.width,
+            protection_bits=protection_bits(self.spec, site, layout) if self.spec.protected else 0,
         )
 
     def _eligible(self, layout: BitLayout) -> tuple[int, ...]:
@@ -125,24 +130,41 @@ class WeightInjector:
         numels = np.array([stats[i].elements for i in members], dtype=np.int64)
         access: dict[int, WordAccess] = {}
 
+        def words_of(site: int) -> WordAccess:
+            if site not in access:
+                access[site] = WordAccess(sites[site].param, layout)
+            return access[site]
+
         def read_words(hits: Hits) -> np.ndarray:
             old = np.empty(len(hits), dtype=np.int64)
             for site, where in hits.by_site():
-                access[site] = WordAccess(sites[site].param, layout)
-                old[where] = access[site].read(hits.position[where])
+                old[where] = words_of(site).read(hits.position[where])
             return old
 
-        batch = draw_faults(numels, keys, read_words, self.spec, layout, self._eligible(layout))
-        if not len(batch):
+        tensors = [site.param for site in sites]
+        wanted = self._protection is None and device_path_wanted(tensors)  # protection rewrites batches on the host
+        on_device = fault_tensors(numels, keys, tensors, self.spec, layout, self._eligible(layout)) if wanted else None
+        batch = draw_faults(numels, keys, read_words, self.spec, layout, self._eligible(layout)) if on_device is None else on_device.batch
+        read = batch
+        if self._protection is not None:
+            protected = self._protection.apply(batch, sites, layout, words_of)
+            read = protected.batch
+            for name, column in protected.counts.items():
+                for site, count in zip(members, column.tolist(), strict=True):
+                    setattr(stats[site], name, getattr(stats[site], name) + count)
+        if not len(batch) and not len(read):
             return
-        changed = batch.only_changed()
+        changed = read.only_changed()
         for site, where in changed.hits.by_site():
             positions = changed.hits.position[where]
             self._undo.append(
-                UndoEntry(members[site], access[site], positions, changed.old[where], changed.new[where])
+                UndoEntry(members[site], words_of(site), positions, changed.old[where], changed.new[where])
             )  # logged before written
-            access[site].write(positions, changed.new[where])
-        count_by_site(batch, len(members), layout).add_to([stats[i] for i in members])
+            if on_device is None:
+                access[site].write(positions, changed.new[where])
+        if on_device is not None:
+            on_device.write()
+        count_by_site(batch, len(members), layout, read=read).add_to([stats[i] for i in members])
 
     def fault_map(self, spec: dict[str, Any], version: str) -> FaultMap:
         """The changed words of this injection, as a map that replays them exactly."""

@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 from lm_eval.api.instance import Instance
+from lm_eval.api.model import CacheHook
 from lm_eval.api.registry import register_model
 from lm_eval.models.huggingface import HFLM
 from transformers import LogitsProcessor, LogitsProcessorList
@@ -27,10 +28,12 @@ from transformers import LogitsProcessor, LogitsProcessorList
 from lm_eval_faults.core.activations import Rows
 from lm_eval_faults.core.fault_map import FaultMap
 from lm_eval_faults.core.injection import Injection
+from lm_eval_faults.core.range_restriction import ActivationBounds
 from lm_eval_faults.core.report import FaultReport, SiteStats
 from lm_eval_faults.core.spec import FaultSpec, parse_arg_string, parse_fault_args
 from lm_eval_faults.core.streams import request_key, row_keys
 from lm_eval_faults.harness.autoload import COMMAND_LINE_MODEL_ARGS
+from lm_eval_faults.harness.calibration import bounds_key, calibrated_bounds, swapped
 from lm_eval_faults.harness.package_data import demo_model_dir
 from lm_eval_faults.harness.preflight import check_against_config, check_as_written, check_keys, read_config
 from lm_eval_faults.harness.request_cache import CountedCache, cache_table
@@ -85,6 +88,8 @@ class FaultyHFLM(HFLM):
         self._known_inputs: set[tuple[int, ...]] = set()
         self._last_flat: list[bool] = []
         self.print_report = True
+        self._activation_bounds: ActivationBounds | None = None
+        self._pending: FaultSpec | None = None
         self._inject(spec)
 
     @classmethod
@@ -99,7 +104,7 @@ class FaultyHFLM(HFLM):
 
     @property
     def spec(self) -> FaultSpec:
-        return self.injection.spec
+        return self._pending or self.injection.spec
 
     def set_faults(self, spec: FaultSpec) -> Injection:
         """Restore the clean weights (O(k)) and inject `spec` instead: sweeps never reload."""
@@ -121,10 +126,27 @@ class FaultyHFLM(HFLM):
         self._rank_merged: tuple[dict[str, SiteStats], RequestCounts] | None = None
 
     def _inject(self, spec: FaultSpec) -> Injection:
-        """Inject `spec` into the (clean) model, with fresh request counters."""
+        """Inject `spec` into the (clean) model, with fresh request counters. Range restriction on
+        activations waits, with the model clean, for the first requests to calibrate on."""
         self._reset_counts()
-        self.injection = Injection.apply(self.model, spec, progress=self.rank == 0)
+        needs_bounds = spec.active and "activations" in spec.clamp and self._activation_bounds is None
+        self._pending = spec if needs_bounds else None
+        self.injection = Injection.apply(
+            self.model, FaultSpec() if needs_bounds else spec, progress=self.rank == 0, activation_bounds=self._activation_bounds
+        )
         return self.injection
+
+    def _calibrate(self, request_type: str, requests: list[Instance]) -> None:
+        """Record clean output bounds on these requests (or read them from the cache), then inject."""
+        if self._pending is None:
+            return
+        pending, self._pending = self._pending, None  # the calibration pass runs the clean model
+        key = bounds_key(self.model_identity(), request_type, requests)
+        with swapped(self, "cache_hook", CacheHook(None)):
+            self._activation_bounds = calibrated_bounds(
+                self.model, key, lambda: getattr(HFLM, request_type)(self, requests, disable_tqdm=self.rank != 0)
+            )
+        self._inject(pending)
 
     @property
     def _faults_activations(self) -> bool:
@@ -204,6 +226,7 @@ class FaultyHFLM(HFLM):
     # -- request types: count non-finite and degenerate results per task -----------------------
 
     def loglikelihood(self, requests: list[Instance], disable_tqdm: bool = False) -> list[tuple[float, bool]]:
+        self._calibrate("loglikelihood", requests)
         self._last_flat = []
         results = super().loglikelihood(requests, disable_tqdm=disable_tqdm)
         logprobs = [logprob for logprob, _ in results]
@@ -215,11 +238,13 @@ class FaultyHFLM(HFLM):
         return results
 
     def loglikelihood_rolling(self, requests: list[Instance], disable_tqdm: bool = False) -> list[float]:
+        self._calibrate("loglikelihood_rolling", requests)
         results = super().loglikelihood_rolling(requests, disable_tqdm=disable_tqdm)
         self._count("loglikelihood_rolling", requests, [not math.isfinite(x) for x in results], [False] * len(requests))
         return results
 
     def generate_until(self, requests: list[Instance], disable_tqdm: bool = False) -> list[str]:
+        self._calibrate("generate_until", requests)
         if not self.spec.active:
             clean = super().generate_until(requests, disable_tqdm=disable_tqdm)
             self._count("generate_until", requests, [False] * len(requests), [False] * len(requests))

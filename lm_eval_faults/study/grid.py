@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 from lm_eval_faults.core.spec import (
     FAULT_KEYS,
     FAULT_KINDS,
+    PROTECTION_KEYS,
     SITES,
     FaultSpec,
     FaultSpecError,
@@ -152,6 +153,40 @@ def parse_target_series(value: str | tuple[str, ...] | list[str]) -> tuple[str, 
         raise SweepConfigError(f"--targets {value!r}: {err}") from None
 
 
+NO_PROTECTION = "none"
+
+
+def parse_protections(value: str | tuple[str, ...] | list[str]) -> tuple[str, ...]:
+    """Protection schemes of the grid, separated by `;`, each a set of protection keys:
+    `none;protect_bits=exponent_msb;ecc=secded,ecc_policy=keep`. Each is checked on a spec."""
+    items = [item.strip() for item in (value.split(";") if isinstance(value, str) else value) if item.strip()]
+    schemes: list[str] = []
+    for item in items or [NO_PROTECTION]:
+        if item.lower() == NO_PROTECTION:
+            scheme = NO_PROTECTION
+        else:
+            try:
+                args = parse_arg_string(item)
+                wrong = [key for key in args if key not in PROTECTION_KEYS]
+                if wrong:
+                    raise SweepConfigError(
+                        f"--protections item {item!r}: {', '.join(wrong)} not protection keys (those are {', '.join(PROTECTION_KEYS)})"
+                    )
+                FaultSpec(**args)
+            except FaultSpecError as err:
+                raise SweepConfigError(f"--protections item {item!r}: {err}") from None
+            scheme = ",".join(f"{key}={value}" for key, value in args.items())
+        if scheme in schemes:
+            raise SweepConfigError(f"--protections lists {scheme!r} twice")
+        schemes.append(scheme)
+    return tuple(schemes)
+
+
+def protection_fields(scheme: str) -> dict[str, Any]:
+    """The spec fields of one `--protections` item."""
+    return {} if scheme == NO_PROTECTION else parse_arg_string(scheme)
+
+
 def parse_layer_groups(value: str | tuple[str, ...] | list[str]) -> tuple[str, ...]:
     """Check the syntax of `--layers` items (`all`, `groups:N`, `0-3`, `28-31+0`), keep them as text.
 
@@ -206,6 +241,7 @@ class SweepConfig:
     targets: tuple[str, ...] = ("all",)
     layers: tuple[str, ...] = ("all",)
     seeds: tuple[int, ...] = (0,)
+    protections: tuple[str, ...] = (NO_PROTECTION,)
     fault_args: str = ""
     num_fewshot: int | None = None
     limit: float | None = None
@@ -233,6 +269,7 @@ class SweepConfig:
         set_("targets", parse_target_series(self.targets))
         set_("layers", parse_layer_groups(self.layers))
         set_("seeds", parse_seeds(self.seeds))
+        set_("protections", parse_protections(self.protections))
         set_("include_path", _split_commas(self.include_path))
         set_("batch_size", str(self.batch_size))
         if self.limit is not None:
@@ -244,11 +281,11 @@ class SweepConfig:
     def check_size(self, layer_groups: int) -> None:
         """Refuse a grid of more than `MAX_POINTS` points; `layer_groups` is the number of
         layer groups (known exactly only once `groups:N` meets a model)."""
-        dims = [len(self.faults), len(self.sites), len(self.targets), layer_groups, len(self.p), len(self.seeds)]
+        dims = [len(self.protections), len(self.faults), len(self.sites), len(self.targets), layer_groups, len(self.p), len(self.seeds)]
         total = math.prod(dims)
         if total > MAX_POINTS:
             raise SweepConfigError(
-                f"the grid --faults x --sites x --targets x --layers x --p x --seeds = {' x '.join(map(str, dims))} "
+                f"the grid --protections x --faults x --sites x --targets x --layers x --p x --seeds = {' x '.join(map(str, dims))} "
                 f"= {total} points; at most {MAX_POINTS} are allowed"
             )
 
@@ -277,10 +314,16 @@ class SweepConfig:
             raise SweepConfigError(f"--fault_args: {err}") from None
         if unknown:
             raise SweepConfigError(f"--fault_args: not fault keys: {', '.join(unknown)}")
+        protection = [key for key in args if key in PROTECTION_KEYS]
+        if protection and self.protections != (NO_PROTECTION,):
+            raise SweepConfigError(f"--fault_args sets {', '.join(protection)} while --protections varies them; use one or the other")
         return args
 
     def to_dict(self) -> dict[str, Any]:
-        return {name: list(value) if isinstance(value, tuple) else value for name, value in asdict(self).items()}
+        data = {name: list(value) if isinstance(value, tuple) else value for name, value in asdict(self).items()}
+        if self.protections == (NO_PROTECTION,):
+            del data["protections"]  # run directories from before the protection axis still resume
+        return data
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> SweepConfig:
@@ -298,13 +341,16 @@ class SweepPoint:
     point_id: str
     spec: FaultSpec
     baseline: bool = False
+    protection: str = NO_PROTECTION
 
     def labels(self) -> dict[str, Any]:
         """The record fields that place this point in its series (see `metrics.series_key`)."""
         if self.baseline:
             return {"fault": "none", "site": "none", "target": "none", "layers": "all", "p": 0.0, "seed": 0}
         data = self.spec.to_dict()
+        protection = {} if self.protection == NO_PROTECTION else {"protection": self.protection}
         return {
+            **protection,
             "fault": self.spec.fault,
             "site": self.spec.site,
             "target": data["target"],
@@ -321,14 +367,18 @@ def plan_points(config: SweepConfig, n_layers: int | None) -> list[SweepPoint]:
     points = [SweepPoint(BASELINE_ID, FaultSpec(**fixed), baseline=True)]
     layer_groups = resolve_layer_groups(config.layers, n_layers)
     config.check_size(len(layer_groups))
-    for seed, fault, site, target, layers, p in product(config.seeds, config.faults, config.sites, config.targets, layer_groups, config.p):
+    grid = product(config.seeds, config.protections, config.faults, config.sites, config.targets, layer_groups, config.p)
+    for seed, protection, fault, site, target, layers, p in grid:
+        fields = {**fixed, **protection_fields(protection)}
         try:
-            spec = FaultSpec(p=p, fault=fault, site=site, target=parse_targets(target), layers=layers, seed=seed, **fixed)
+            spec = FaultSpec(p=p, fault=fault, site=site, target=parse_targets(target), layers=layers, seed=seed, **fields)
         except FaultSpecError as err:
-            raise SweepConfigError(f"grid point fault={fault}, site={site}, target={target}: {err}") from None
-        labels = SweepPoint("", spec).labels()
-        point_id = "|".join([labels["fault"], labels["site"], labels["target"], labels["layers"], f"p={p!r}", f"seed={seed}"])
-        points.append(SweepPoint(point_id, spec))
+            raise SweepConfigError(f"grid point fault={fault}, site={site}, target={target}, protection={protection}: {err}") from None
+        labels = SweepPoint("", spec, protection=protection).labels()
+        parts = [labels["fault"], labels["site"], labels["target"], labels["layers"], f"p={p!r}", f"seed={seed}"]
+        if protection != NO_PROTECTION:  # unprotected ids stay as before, so older run directories resume
+            parts.append(f"protection={protection}")
+        points.append(SweepPoint("|".join(parts), spec, protection=protection))
     return points
 
 

@@ -53,6 +53,7 @@ WEIGHTINGS: tuple[str, ...] = ("uniform", "log_p", "p")
 PRIMARY_METRICS: tuple[str, ...] = ("acc", "acc_norm", "exact_match")
 RANK_KEYS: tuple[RankBy, ...] = ("awrcl_p", "awrcl_count", "threshold_p", "threshold_count")
 ALL_LAYERS = "all"
+NO_PROTECTION = "none"
 RESULTS_FILE = "results.jsonl"
 """A sweep run directory's results file: one JSON record per finished point."""
 
@@ -455,11 +456,19 @@ class SeriesKey:
     site: str
     target: str
     layers: str
+    protection: str = NO_PROTECTION
 
     @property
     def label(self) -> str:
         """Short human-readable name, e.g. ``bitflip/weights attention layers=all``."""
-        return f"{self.fault}/{self.site} {self.target} layers={self.layers}"
+        text = f"{self.fault}/{self.site} {self.target} layers={self.layers}"
+        return text if self.protection == NO_PROTECTION else f"{text} [{self.protection}]"
+
+    @property
+    def scope(self) -> str:
+        """The fault model and its protection: what the series of one ranking or figure share."""
+        text = f"{self.fault}/{self.site}"
+        return text if self.protection == NO_PROTECTION else f"{text} [{self.protection}]"
 
 
 @dataclass(frozen=True)
@@ -528,6 +537,7 @@ def series_key(record: Mapping[str, Any]) -> SeriesKey:
         site=str(record.get("site")),
         target=str(record.get("target")),
         layers=str(record.get("layers", ALL_LAYERS)),
+        protection=str(record.get("protection", NO_PROTECTION)),
     )
 
 
@@ -771,9 +781,9 @@ def rankings(summaries: Sequence[SeriesSummary], by: RankBy) -> list[Ranking]:
     families: dict[tuple[str, str, str], list[SeriesSummary]] = defaultdict(list)
     for s in summaries:
         k = s.key
-        families[("component", f"{k.fault}/{k.site}, layers={k.layers}", "target")].append(s)
+        families[("component", f"{k.scope}, layers={k.layers}", "target")].append(s)
         if k.layers != ALL_LAYERS:
-            families[("layer group", f"{k.fault}/{k.site}, target={k.target}", "layers")].append(s)
+            families[("layer group", f"{k.scope}, target={k.target}", "layers")].append(s)
     return [
         Ranking(title=title, kind=kind, by=by, rows=rank(members, by, label))
         for (kind, title, label), members in sorted(families.items())

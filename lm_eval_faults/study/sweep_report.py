@@ -112,9 +112,9 @@ def figure_families(series: Sequence[Series]) -> dict[str, list[Series]]:
     for s in series:
         k = s.key
         if k.layers == ALL_LAYERS:
-            families[f"{k.fault}/{k.site} components"].append(s)
+            families[f"{k.scope} components"].append(s)
         else:
-            families[f"{k.fault}/{k.site} target={k.target} layer groups"].append(s)
+            families[f"{k.scope} target={k.target} layer groups"].append(s)
     return dict(sorted(families.items()))
 
 
