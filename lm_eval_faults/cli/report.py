@@ -15,6 +15,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--weighting", default="uniform", choices=WEIGHTINGS, help="AWRCL weights over the p grid")
     parser.add_argument("--layer_bars_p", type=float, default=None, help="p for the per-layer-group bar chart")
     parser.add_argument("--fraction", type=float, default=0.5, help="relative accuracy drop that defines the threshold")
+    parser.add_argument(
+        "--tolerance", type=float, default=0.05, help="relative drop within which a protection scheme holds (the Pareto chart)"
+    )
 
 
 def main(args: argparse.Namespace) -> int:
@@ -25,7 +28,7 @@ def main(args: argparse.Namespace) -> int:
     try:
         if not results.is_file():
             raise FileNotFoundError(f"{results} does not exist: no sweep point has finished in {args.run_dir}")
-        report = build_report(args.run_dir, args.layer_bars_p, args.weighting, fraction=args.fraction)
+        report = build_report(args.run_dir, args.layer_bars_p, args.weighting, fraction=args.fraction, tolerance=args.tolerance)
     except (OSError, ValueError) as err:
         print(f"lm-eval-faults report: {err}", file=sys.stderr)
         return 2

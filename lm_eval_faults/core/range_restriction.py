@@ -77,7 +77,8 @@ def record_bounds(model: nn.Module, sites: list[ModuleSite] | None = None) -> It
     def recorder(name: str):
         def hook(module: nn.Module, args: tuple, output: Any) -> None:
             for tensor in _float_tensors(output):
-                finite = tensor[torch.isfinite(tensor)]
+                values = tensor.detach()
+                finite = values[torch.isfinite(values)]
                 if finite.numel():
                     low, high = torch.aminmax(finite.float())
                     bounds.update(name, float(low), float(high))

@@ -11,6 +11,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 from matplotlib.axes import Axes
@@ -25,7 +26,10 @@ from lm_eval_faults.study.metrics import (
     layer_sort_key,
 )
 
-_KEY_FIELDS = ("fault", "site", "target", "layers")
+if TYPE_CHECKING:
+    from lm_eval_faults.study.pareto import Tolerance
+
+_KEY_FIELDS = ("fault", "site", "target", "layers", "protection")
 
 ACCURACY_LABEL = "accuracy (higher is better)"
 """Y label of score plots: says which way is good, since the relative-change plots run the other way."""
@@ -260,6 +264,31 @@ def grid_point_at(series: Series, p: float) -> GridPoint | None:
         if math.isclose(g.p, p, rel_tol=1e-6):
             return g
     return None
+
+
+def plot_pareto(rows: Sequence[Tolerance], out_path: str | Path, *, tolerance: float, title: str | None = None) -> Path:
+    """Tolerated fault rate against storage overhead, one marker per scheme, frontier joined."""
+    fig, ax = _new_axes()
+    markers = {"": "o", "≥": "^", "<": "v"}
+    for row in rows:
+        ax.scatter(100 * row.overhead, row.tolerated_p, marker=markers[row.bound], s=40, zorder=3)
+        ax.annotate(row.protection, (100 * row.overhead, row.tolerated_p), textcoords="offset points", xytext=(5, 4), fontsize="x-small")
+    frontier = [r for r in rows if r.frontier]
+    ax.step(
+        [100 * r.overhead for r in frontier],
+        [r.tolerated_p for r in frontier],
+        where="post",
+        color="black",
+        alpha=0.4,
+        label="Pareto frontier",
+    )
+    ax.set_yscale("log")
+    ax.set_xscale("symlog", linthresh=1.0)
+    ax.set_xlabel("storage overhead (% of the protected weights' bits)")
+    ax.set_ylabel(f"highest p within {tolerance:.0%} of clean")
+    ax.plot([], [], "^", color="grey", label="held at every p of the grid (≥)")
+    ax.plot([], [], "v", color="grey", label="failed at the first p (<)")
+    return _save(fig, ax, out_path, title)
 
 
 def _new_axes() -> tuple[Figure, Axes]:

@@ -50,6 +50,7 @@ from lm_eval_faults.study.metrics import (
     summarize_series,
     task_scores,
 )
+from lm_eval_faults.study.pareto import DEFAULT_TOLERANCE, Tolerance, pareto_section, protection_families, tolerances
 
 REPORT_FILE = "report.md"
 FIGURES_DIR = "figures"
@@ -70,6 +71,7 @@ def build_report(
     fraction: float = 0.5,
     count: CountUnit = "elements",
     chance: float | None = None,
+    tolerance: float = DEFAULT_TOLERANCE,
 ) -> Path:
     """Read `run_dir/results.jsonl`, write `run_dir/figures/*.png` and `run_dir/report.md`.
 
@@ -77,7 +79,8 @@ def build_report(
     `default_layer_bar_p` of each layer family. `weighting` is the AWRCL weighting (see
     `metrics.grid_weights`), `fraction` the relative drop that defines the threshold, `count`
     whether injected faults are counted as values ("elements") or bits, and `chance` an
-    optional chance-level line on the accuracy plots. Returns the report's path.
+    optional chance-level line on the accuracy plots, `tolerance` the relative drop within which
+    a protection scheme counts as holding (the Pareto chart). Returns the report's path.
     """
     if weighting not in WEIGHTINGS:
         raise ValueError(f"unknown weighting {weighting!r}; choose one of {WEIGHTINGS}")
@@ -88,11 +91,13 @@ def build_report(
     summaries = [summarize_series(s, weighting=weighting, fraction=fraction) for s in series]
     by_id = {str(r["point_id"]): r for r in records}
     figures = _draw_figures(series, baseline, run_dir / FIGURES_DIR, p_for_layer_bars, fraction, count, chance, by_id)
+    protection_tables = _protection_figures(series, baseline, run_dir / FIGURES_DIR, tolerance, chance, by_id, figures)
     text = "\n".join(
         [
             _header(records, series, tasks, baseline, weighting, fraction, count, sampling_of(records, tasks)),
             _summary_section(series, summaries, fraction, records),
             _ranking_section(summaries, fraction),
+            pareto_section(protection_tables, tolerance),
             _figure_section(figures, run_dir),
             _points_section(records, tasks, baseline, count),
         ]
@@ -103,6 +108,30 @@ def build_report(
 
 
 # --------------------------------------------------------------------------- figures
+
+
+def _protection_figures(
+    series: Sequence[Series],
+    baseline: float,
+    out_dir: Path,
+    tolerance: float,
+    chance: float | None,
+    by_id: Mapping[str, Mapping[str, Any]],
+    figures: list[tuple[str, Path | str]],
+) -> dict[str, list[Tolerance]]:
+    """For series that differ only in protection: score vs p for all schemes in one figure, and
+    the Pareto chart of tolerated p against overhead (appended to `figures`); returns the tables."""
+    tables = {}
+    for title, members in protection_families(series).items():
+        slug = _slug(title)
+        accuracy = plots.plot_accuracy_vs_p(
+            members, baseline, out_dir / f"accuracy_vs_p__protections__{slug}.png", chance=chance, title=title
+        )
+        rows = tolerances(members, by_id, tolerance)
+        pareto = plots.plot_pareto(rows, out_dir / f"pareto__{slug}.png", tolerance=tolerance, title=title)
+        figures += [(f"{title}: score vs p, by protection", accuracy), (f"{title}: tolerated p vs storage overhead", pareto)]
+        tables[title] = rows
+    return tables
 
 
 def figure_families(series: Sequence[Series]) -> dict[str, list[Series]]:
@@ -289,6 +318,12 @@ def kl_stats(drifts: Sequence[PointDrift]) -> SeedStats:
 # --------------------------------------------------------------------------- sections
 
 
+def _retries_note(records: Sequence[Mapping[str, Any]]) -> str:
+    """ " N point(s) evaluated again ..." when a Ray sweep lost points to dead actors (records' `retries`), else ""."""
+    retried = [int(r.get("retries", 0)) for r in records if r.get("retries")]
+    return f" {len(retried)} point(s) evaluated again after a Ray actor died ({sum(retried)} retries)." if retried else ""
+
+
 def _header(
     records: Sequence[Mapping[str, Any]],
     series: Sequence[Series],
@@ -307,7 +342,7 @@ def _header(
         "",
         (
             f"From `{RESULTS_FILE}`: {len(records)} records — {len(records) - n_points} baseline, "
-            f"{n_points} faulty points in {len(series)} series."
+            f"{n_points} faulty points in {len(series)} series." + _retries_note(records)
         ),
         "",
         (
