@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import warnings
 from itertools import combinations
 
@@ -13,6 +14,7 @@ from lm_eval_faults import inject
 from lm_eval_faults.core import ecc
 from lm_eval_faults.core.faults import FaultBatch
 from lm_eval_faults.core.formats import layout_of, resolve_bits
+from lm_eval_faults.core.protected_analysis import expected_nonfinite
 from lm_eval_faults.core.protection import WeightProtection
 from lm_eval_faults.core.range_restriction import MissingBoundsError, record_bounds
 from lm_eval_faults.core.sampling import Hits
@@ -255,3 +257,37 @@ def test_faulty_hf_calibrates_activation_bounds_once_and_caches_them(tiny_llama_
     assert cached[0].stat().st_mtime_ns == stamp  # read, not recalibrated
     assert first["protection"]["activations_clamped"] == second["protection"]["activations_clamped"] > 0
     assert first["activations"]["totals"]["hit_elements"] == second["activations"]["totals"]["hit_elements"] > 0
+
+
+# -- the analytic companion ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "scheme", ["", ",bits=exponent", ",protect_bits=exponent_msb", ",ecc=parity", ",ecc=secded", ",ecc=secded,ecc_policy=keep"]
+)
+def test_expected_nonfinite_under_each_scheme_matches_injected_counts(scheme):
+    """Weights near float32's top (exponents with one or two zero bits) make NaN/Inf common enough
+    to count; the mean over 40 seeds must sit within 4 standard errors of the exact expectation."""
+    model = tiny_model()
+    generator = torch.Generator().manual_seed(0)
+    values = torch.tensor([1.5e38, 3e38, -2e38, 1e38, 4e37, -1.2e38, 0.02])
+    for name, param in model.named_parameters():
+        if "mlp" in name:
+            param.data = values[torch.randint(0, len(values), param.shape, generator=generator)]
+    spec = f"p=2e-3,target=mlp{scheme}"
+    expected = expected_nonfinite(model, spec)
+    counts = []
+    for seed in range(40):
+        with inject(model, f"{spec},seed={seed}") as faults:
+            counts.append(faults.report.totals()["nonfinite_created"])
+    standard_error = max(np.std(counts), math.sqrt(max(expected.total, 0.25))) / math.sqrt(len(counts))
+    assert abs(np.mean(counts) - expected.total) <= 4 * standard_error + expected.remainder, (np.mean(counts), expected.total)
+
+
+def test_expected_nonfinite_is_zero_where_nothing_can_get_through():
+    model = tiny_model()
+    assert expected_nonfinite(model, "p=1e-2,clamp=weights").total == 0
+    assert expected_nonfinite(model, "p=1e-2,protect=all").total == 0
+    assert expected_nonfinite(model, "p=1e-2,protect_bits=exponent").total == 0
+    with pytest.raises(ValueError, match="symmetric bit flips"):
+        expected_nonfinite(model, "p=1e-2,fault=stuck1")

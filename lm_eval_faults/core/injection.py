@@ -53,7 +53,9 @@ class Injection:
         # error whatever p is, so a sweep's clean baseline catches it too. A replay may name any
         # parameter of the model: its map, not the selectors, says which.
         weight_sites = all_param_sites(model) if replaying else select_params(model, spec) if spec.on_weights else []
-        module_sites = select_modules(model, spec) if spec.on_activations else []
+        selected_modules = select_modules(model, spec) if spec.on_activations else []
+        # backed-up components compute and store their outputs fault-free
+        module_sites = [site for site in selected_modules if not ("all" in spec.protect or site.component in spec.protect)]
         self._weights = WeightInjector(spec, weight_sites)
         self._activations = ActivationInjector(spec, module_sites)
         self._clamp: ActivationClamp | None = None
@@ -66,7 +68,7 @@ class Injection:
             self._clamp = ActivationClamp(clamp_sites(model, spec), activation_bounds)
             self.report.clamp_counts = self._clamp.counts
             self.report.activation_bound_bits = self._clamp.bound_bits
-        self.report.protection_notes = protection_gaps(spec, weight_sites, module_sites)
+        self.report.protection_notes = protection_gaps(spec, weight_sites, selected_modules)
         self.applied = False
 
     @classmethod

@@ -11,7 +11,7 @@ tolerated p.
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -38,10 +38,12 @@ class Tolerance:
         return f"{self.bound}{self.tolerated_p:.3g}"
 
 
-def tolerated_p(series: Series, tolerance: float = DEFAULT_TOLERANCE) -> tuple[float, str]:
-    """(highest tolerated grid rate, bound marker) of one series."""
+def tolerated_p(series: Series, tolerance: float = DEFAULT_TOLERANCE, collapsed: Collection[float] = ()) -> tuple[float, str]:
+    """(highest tolerated grid rate, bound marker) of one series. A rate in `collapsed` (most
+    seeds' requests degenerate or non-finite) fails whatever its score: a model answering by
+    tie-break can sit within tolerance of a baseline near chance, and must not count as holding."""
     p, relchange = series.p, series.mean_relchange
-    failed = np.flatnonzero(~(relchange <= tolerance))  # NaN counts as a failure
+    failed = np.flatnonzero(~(relchange <= tolerance) | np.isin(p, list(collapsed)))  # NaN counts as a failure
     if not len(failed):
         return float(p[-1]), "≥"
     first = failed[0]
@@ -69,11 +71,27 @@ def protection_families(series: Sequence[Series]) -> dict[str, list[Series]]:
     return {title: members for title, members in sorted(families.items()) if any(m.key.protection != NO_PROTECTION for m in members)}
 
 
-def tolerances(members: Sequence[Series], by_id: Mapping[str, Mapping[str, Any]], tolerance: float) -> list[Tolerance]:
+def collapsed_rates(
+    series: Series, by_id: Mapping[str, Mapping[str, Any]], is_collapsed: Callable[[Mapping[str, Any]], bool | None]
+) -> set[float]:
+    """The grid rates at which most of the series' seeds collapsed."""
+    votes: dict[float, list[bool]] = defaultdict(list)
+    for point in series.points:
+        if point.point_id in by_id:
+            votes[point.p].append(bool(is_collapsed(by_id[point.point_id])))
+    return {p for p, v in votes.items() if sum(v) * 2 > len(v)}
+
+
+def tolerances(
+    members: Sequence[Series],
+    by_id: Mapping[str, Mapping[str, Any]],
+    tolerance: float,
+    is_collapsed: Callable[[Mapping[str, Any]], bool | None] = lambda record: False,
+) -> list[Tolerance]:
     """Each scheme's overhead and tolerated p, with the Pareto frontier marked."""
     rows = []
     for s in members:
-        p, bound = tolerated_p(s, tolerance)
+        p, bound = tolerated_p(s, tolerance, collapsed_rates(s, by_id, is_collapsed))
         rows.append(Tolerance(s.key.protection, series_overhead(s, by_id), p, bound))
 
     def dominated(row: Tolerance) -> bool:

@@ -127,7 +127,7 @@ def _protection_figures(
         accuracy = plots.plot_accuracy_vs_p(
             members, baseline, out_dir / f"accuracy_vs_p__protections__{slug}.png", chance=chance, title=title
         )
-        rows = tolerances(members, by_id, tolerance)
+        rows = tolerances(members, by_id, tolerance, is_collapsed)
         pareto = plots.plot_pareto(rows, out_dir / f"pareto__{slug}.png", tolerance=tolerance, title=title)
         figures += [(f"{title}: score vs p, by protection", accuracy), (f"{title}: tolerated p vs storage overhead", pareto)]
         tables[title] = rows
