@@ -9,6 +9,7 @@ from dataclasses import fields
 from lm_eval_faults.core.spec import FAULT_KINDS, SITES, FaultSpecError
 from lm_eval_faults.study.grid import SweepConfig, SweepConfigError
 from lm_eval_faults.study.metrics import RESULTS_FILE
+from lm_eval_faults.study.ray_pool import INSTALL_HINT, LOCAL, RayOptions
 from lm_eval_faults.study.runner import run_sweep
 
 
@@ -56,6 +57,34 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--no_report", action="store_true", help="skip building report.md and figures at the end")
     parser.add_argument("--no_progress", action="store_true", help="no progress bar over points")
+    add_ray_arguments(parser)
+
+
+def add_ray_arguments(parser: argparse.ArgumentParser) -> None:
+    """`--ray [ADDRESS]` and how many actors: points run on Ray actors, one model each."""
+    ray = parser.add_argument_group(f"Ray (optional: {INSTALL_HINT})")
+    ray.add_argument(
+        "--ray",
+        nargs="?",
+        const=LOCAL,
+        default=None,
+        metavar="ADDRESS",
+        help="evaluate points on Ray actors, one model each; alone it starts a local Ray instance, "
+        "with an ADDRESS (auto, HOST:6379, ray://HOST:10001) it joins a running cluster",
+    )
+    ray.add_argument(
+        "--ray_actors", type=int, default=None, help="number of actors (default: one per GPU, else one per --ray_actor_cpus CPUs)"
+    )
+    ray.add_argument("--ray_actor_cpus", type=int, default=1, help="CPUs each actor reserves, and its torch threads (default 1)")
+
+
+def ray_options_from_args(args: argparse.Namespace) -> RayOptions | None:
+    """The `RayOptions` named by `--ray*`, or None for a sweep in this process."""
+    if args.ray is None:
+        if args.ray_actors is not None or args.ray_actor_cpus != 1:
+            raise SweepConfigError("--ray_actors and --ray_actor_cpus apply to a sweep on Ray: add --ray [ADDRESS]")
+        return None
+    return RayOptions(address=args.ray, actors=args.ray_actors, cpus_per_actor=args.ray_actor_cpus)
 
 
 def config_from_args(args: argparse.Namespace) -> SweepConfig:
@@ -68,13 +97,16 @@ def main(args: argparse.Namespace) -> int:
     """`lm-eval-faults sweep`: 0 on success, 2 on a configuration error (message on stderr)."""
     try:
         config = config_from_args(args)
-        outcome = run_sweep(args.run_dir, config, report=not args.no_report, progress=not args.no_progress)
+        ray = ray_options_from_args(args)
+        outcome = run_sweep(args.run_dir, config, ray=ray, report=not args.no_report, progress=not args.no_progress)
     except (SweepConfigError, FaultSpecError) as err:  # FaultSpecError: a typo of a fault key in --model_args
         print(f"lm-eval-faults sweep: {err}", file=sys.stderr)
         return 2
     print(
         f"lm-eval-faults sweep: {len(outcome.ran)} points run, {len(outcome.skipped)} already done; "
-        f"results in {outcome.run_dir / RESULTS_FILE}" + (f", report {outcome.report}" if outcome.report else ""),
+        f"results in {outcome.run_dir / RESULTS_FILE}"
+        + (f", report {outcome.report}" if outcome.report else "")
+        + (f"; {outcome.retries} evaluation(s) retried after a Ray actor died" if outcome.retries else ""),
         file=sys.stderr,
     )
     return 0

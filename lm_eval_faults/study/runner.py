@@ -15,6 +15,10 @@ Every point is evaluated with lm-eval's per-sample outputs, and each faulty reco
 `"drift"` entry: per task, how far its answers moved from the clean model's (`drift.py`), which
 shows damage even where accuracy cannot move (a small model at chance on MMLU). The clean
 model's samples are kept in `baseline_samples.json` so a resumed sweep need not re-run it.
+
+Where points are evaluated is a `PointEvaluator`: `LocalEvaluator` (this process, one model) or
+`ray_pool.RayPool` (Ray actors, one model each, `run_sweep(..., ray=RayOptions())`). Either way
+`run_sweep` alone writes the run directory, so lock, fsync and resume do not depend on it.
 """
 
 from __future__ import annotations
@@ -26,10 +30,10 @@ import math
 import os
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from lm_eval_faults.core.spec import FaultSpec
 from lm_eval_faults.study.drift import TaskDrift, compare_samples
@@ -46,6 +50,7 @@ if TYPE_CHECKING:
     from lm_eval.tasks import TaskManager
 
     from lm_eval_faults.harness.model import FaultyHFLM
+    from lm_eval_faults.study.ray_pool import RayOptions
 
 
 def load_clean_model(config: SweepConfig) -> FaultyHFLM:
@@ -275,14 +280,7 @@ def load_clean_samples(path: Path) -> CleanSamples | None:
     return CleanSamples(data["samples"], dict(data.get("output_types") or {}))
 
 
-def resume_clean_samples(
-    directory: RunDir,
-    points: list[SweepPoint],
-    done: set[str],
-    lm: FaultyHFLM,
-    config: SweepConfig,
-    task_manager: TaskManager,
-) -> CleanSamples | None:
+def resume_clean_samples(directory: RunDir, points: list[SweepPoint], done: set[str], evaluator: PointEvaluator) -> CleanSamples | None:
     """The clean samples a resumed sweep compares with: the saved file, else (a run directory from
     before drift was recorded) the baseline evaluated again, once, without a second record. None
     while the baseline has still to run (it will provide them) or when no faulty point is left."""
@@ -298,8 +296,7 @@ def resume_clean_samples(
         "(the baseline record is kept), so the remaining points get drift figures",
         file=sys.stderr,
     )
-    with quiet_lm_eval():
-        clean = clean_samples_of(_evaluate(lm, baseline.spec, config, task_manager))
+    clean = evaluator.clean_samples(baseline)
     save_clean_samples(path, clean)
     return clean
 
@@ -362,6 +359,64 @@ def task_metrics(results: dict[str, dict[str, Any]]) -> dict[str, dict[str, floa
     }
 
 
+class PointEvaluator(Protocol):
+    """Where a sweep's points are evaluated: `LocalEvaluator` (this process) or `ray_pool.RayPool`
+    (Ray actors). `run_sweep` writes every file itself, so the evaluator never decides what is
+    durable; it only turns points into results."""
+
+    def plan(self) -> list[SweepPoint]:
+        """The sweep's points, each checked against the loaded model before anything is written."""
+        ...
+
+    def clean_samples(self, baseline: SweepPoint) -> CleanSamples:
+        """The clean model's samples, evaluated again (a run directory that lost its samples file)."""
+        ...
+
+    def evaluate(self, points: Sequence[SweepPoint], clean: CleanSamples | None) -> Iterator[PointResult]:
+        """Evaluate `points`, yielding each result as soon as it is done, in any order."""
+        ...
+
+    def close(self) -> None:
+        """Release the model(s); a caller's model is left clean."""
+        ...
+
+
+class LocalEvaluator:
+    """The points one after another on one model in this process (also what each Ray actor runs)."""
+
+    def __init__(self, config: SweepConfig, lm: FaultyHFLM | None = None, task_manager: TaskManager | None = None) -> None:
+        self.config = config
+        self.lm = lm if lm is not None else load_clean_model(config)
+        self._task_manager = task_manager
+
+    @property
+    def task_manager(self) -> TaskManager:
+        """Built on first use: indexing lm-eval's tasks takes seconds, which a grid rejected by `plan` need not wait for."""
+        if self._task_manager is None:
+            self._task_manager = _task_manager(self.config)
+        return self._task_manager
+
+    def plan(self) -> list[SweepPoint]:
+        if self.lm.world_size > 1:
+            raise SweepConfigError("sweeps run in one process per model; data-parallel launches are not supported (use --ray)")
+        points = plan_points(self.config, _decoder_stack_size(self.lm))
+        check_selections(points, self.lm)
+        return points
+
+    def clean_samples(self, baseline: SweepPoint) -> CleanSamples:
+        with quiet_lm_eval():
+            return clean_samples_of(_evaluate(self.lm, baseline.spec, self.config, self.task_manager))
+
+    def evaluate(self, points: Sequence[SweepPoint], clean: CleanSamples | None) -> Iterator[PointResult]:
+        for point in points:
+            with quiet_lm_eval():
+                result = evaluate_point(self.lm, point, self.config, self.task_manager, clean)
+            yield result
+
+    def close(self) -> None:
+        self.lm.set_faults(FaultSpec())
+
+
 @dataclass
 class SweepRun:
     """What one call of `run_sweep` did."""
@@ -370,6 +425,8 @@ class SweepRun:
     ran: list[str] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
     report: Path | None = None
+    retries: int = 0
+    """Evaluations started again because the Ray actor running them died (0 in one process)."""
 
 
 def run_sweep(
@@ -378,6 +435,7 @@ def run_sweep(
     *,
     lm: FaultyHFLM | None = None,
     task_manager: TaskManager | None = None,
+    ray: RayOptions | None = None,
     on_point: Callable[[dict[str, Any]], None] | None = None,
     report: bool = True,
     progress: bool = True,
@@ -385,51 +443,77 @@ def run_sweep(
     """Run (or resume) the sweep `config` in `run_dir`; returns which points ran and which were done.
 
     `lm` reuses an already loaded clean `FaultyHFLM` built from the same `model_args` (it is
-    left clean afterwards); `task_manager` reuses an lm-eval `TaskManager`. `on_point` is
-    called with each record once it is safely on disk.
+    left clean afterwards); `task_manager` reuses an lm-eval `TaskManager`. `ray` evaluates the
+    points on Ray actors instead (`ray_pool.RayOptions`; each actor loads its own model, so `lm`
+    and `task_manager` do not apply). `on_point` is called with each record once it is safely on disk.
     """
-    from tqdm.auto import tqdm
-
     directory = RunDir(run_dir)
     outcome = SweepRun(directory.path)
     with directory.claim(config):
         done = directory.finished()
-        lm = lm if lm is not None else load_clean_model(config)
-        if lm.world_size > 1:
-            raise SweepConfigError("sweeps run in one process; data-parallel launches are not supported")
-        stack = _decoder_stack_size(lm)
-        points = plan_points(config, stack)
-        check_selections(points, lm)
-        directory.save_config(config)
-        task_manager = task_manager or _task_manager(config)
-        outcome.skipped = [point.point_id for point in points if point.point_id in done]
-        pending = [point for point in points if point.point_id not in done]
-        clean = resume_clean_samples(directory, points, done, lm, config, task_manager)
-        bar = tqdm(
-            total=len(points), initial=len(outcome.skipped), desc="sweep points", unit="point", disable=not progress, file=sys.stderr
-        )
+        evaluator = _open_evaluator(config, lm, task_manager, ray)
         try:
-            for point in pending:
-                bar.set_postfix_str(point.point_id)
-                with quiet_lm_eval():
-                    result = evaluate_point(lm, point, config, task_manager, clean)
-                if result.clean is not None:
-                    clean = result.clean
-                    save_clean_samples(directory.path / BASELINE_SAMPLES_FILE, clean)
-                record = result.record
-                directory.append(record)
-                outcome.ran.append(point.point_id)
-                bar.update()
-                if on_point is not None:
-                    on_point(record)
+            _run_points(directory, config, evaluator, done, outcome, on_point, progress)
         finally:
-            bar.close()
-            lm.set_faults(FaultSpec())
+            evaluator.close()
     if report:
         from lm_eval_faults.study.sweep_report import build_report
 
         outcome.report = build_report(directory.path)
     return outcome
+
+
+def _open_evaluator(config: SweepConfig, lm: FaultyHFLM | None, task_manager: TaskManager | None, ray: RayOptions | None) -> PointEvaluator:
+    if ray is None:
+        return LocalEvaluator(config, lm, task_manager)
+    if lm is not None or task_manager is not None:
+        raise ValueError("run_sweep: lm and task_manager are for a sweep in this process; each Ray actor loads its own")
+    from lm_eval_faults.study.ray_pool import RayPool
+
+    return RayPool(config, ray)
+
+
+def _run_points(
+    directory: RunDir,
+    config: SweepConfig,
+    evaluator: PointEvaluator,
+    done: set[str],
+    outcome: SweepRun,
+    on_point: Callable[[dict[str, Any]], None] | None,
+    progress: bool,
+) -> None:
+    """Plan, pin the config, then evaluate what is not done: the baseline first, because every
+    other point's drift is measured against its samples, then the rest in whatever order the
+    evaluator finishes them. Each record is appended (fsync) here, by this process only."""
+    from tqdm.auto import tqdm
+
+    points = evaluator.plan()
+    directory.save_config(config)
+    outcome.skipped = [point.point_id for point in points if point.point_id in done]
+    pending = [point for point in points if point.point_id not in done]
+    clean = resume_clean_samples(directory, points, done, evaluator)
+    bar = tqdm(total=len(points), initial=len(outcome.skipped), desc="sweep points", unit="point", disable=not progress, file=sys.stderr)
+
+    def keep(result: PointResult) -> None:
+        record = result.record
+        directory.append(record)
+        outcome.ran.append(record["point_id"])
+        outcome.retries += int(record.get("retries", 0))
+        bar.set_postfix_str(record["point_id"])
+        bar.update()
+        if on_point is not None:
+            on_point(record)
+
+    try:
+        for result in evaluator.evaluate([point for point in pending if point.baseline], None):
+            if result.clean is not None:
+                clean = result.clean
+                save_clean_samples(directory.path / BASELINE_SAMPLES_FILE, clean)
+            keep(result)
+        for result in evaluator.evaluate([point for point in pending if not point.baseline], clean):
+            keep(result)
+    finally:
+        bar.close()
 
 
 def _decoder_stack_size(lm: FaultyHFLM) -> int | None:
