@@ -278,12 +278,12 @@ class FaultReport:
         columns = [
             Column("component", 22, align="<"),
             Column("overhead", 10, align=">"),
-            Column("masked bits", 12, ","),
-            Column("check faults", 12, ","),
-            Column("corrected", 10, ","),
+            Column("masked bits", 13, ","),
+            Column("check faults", 14, ","),
+            Column("corrected", 11, ","),
             Column("detected", 10, ","),
-            Column("miscorrected", 12, ","),
-            Column("undetected", 10, ","),
+            Column("miscorrected", 14, ","),
+            Column("undetected", 12, ","),
             Column("clamped", 10, ","),
         ]
         rows = [
