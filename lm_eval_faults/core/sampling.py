@@ -16,7 +16,8 @@ directly from (the site's 64-bit key, P, i), where the key is a keyed hash of (s
 name, stream). No generator state exists, so the draws of every site of a model are computed in
 one vectorised pass (a clean site costs one hash and a few array lanes, a faulted one a few more),
 and the map is a pure function of (seed, name, spec): the same on CPU and GPU, in every
-data-parallel rank and in every run. Positions move to the device afterwards.
+data-parallel rank and in every run. `device_sampling.py` draws the same positions and masks with
+torch ops on a tensor's own device.
 """
 
 from __future__ import annotations
@@ -195,12 +196,17 @@ def _dense_positions(n: int, q: float, key: np.uint64) -> np.ndarray:
     """Positions where element i's DENSE word falls below q * 2^64: chunked, so memory stays bounded."""
     if q >= 1.0:
         return np.arange(n, dtype=np.int64)
-    threshold = np.uint64(min(int(q * 2.0**64), 2**64 - 1))
+    threshold = np.uint64(dense_threshold(q))
     chunks = []
     for start in range(0, n, DENSE_CHUNK):
         index = np.arange(start, min(n, start + DENSE_CHUNK), dtype=np.uint64)
         chunks.append(np.flatnonzero(random_words(key, Purpose.DENSE, index) < threshold) + start)
     return np.concatenate(chunks).astype(np.int64, copy=False) if chunks else np.empty(0, dtype=np.int64)
+
+
+def dense_threshold(q: float) -> int:
+    """The DENSE word below which an element is hit: q * 2^64, as an unsigned 64-bit integer."""
+    return min(int(q * 2.0**64), 2**64 - 1)
 
 
 def distinct_uniform(numels: np.ndarray, counts: np.ndarray, keys: np.ndarray) -> Hits:
@@ -240,8 +246,13 @@ def _site_of(sort_key: np.ndarray) -> np.ndarray:
 
 def _rejected(words: np.ndarray, n: np.ndarray) -> np.ndarray:
     """Words at or above 2^64 - (2^64 mod n): rejecting them makes `word % n` exactly uniform."""
+    return words > rejection_limit(n)
+
+
+def rejection_limit(n: np.ndarray) -> np.ndarray:
+    """The largest word whose `word % n` is accepted: 2^64 - 1 - (2^64 mod n), per uint64 n."""
     remainder = (np.uint64(0) - n) % n  # 2^64 mod n
-    return words > np.uint64(2**64 - 1) - remainder
+    return np.uint64(2**64 - 1) - remainder
 
 
 def _first_distinct(numels: np.ndarray, counts: np.ndarray, keys: np.ndarray, sites: np.ndarray) -> np.ndarray:

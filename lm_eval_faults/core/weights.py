@@ -14,8 +14,8 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from lm_eval_faults.core.fault_map import FaultMap, FaultMapError, ParamInfo
 from lm_eval_faults.core.device_faults import device_path_wanted, fault_tensors
+from lm_eval_faults.core.fault_map import FaultMap, FaultMapError, ParamInfo
 from lm_eval_faults.core.faults import FaultBatch, count_by_site, draw_faults
 from lm_eval_faults.core.formats import BitLayout, layout_of, resolve_bits
 from lm_eval_faults.core.protection import WeightProtection, protection_bits
