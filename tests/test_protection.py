@@ -291,3 +291,13 @@ def test_expected_nonfinite_is_zero_where_nothing_can_get_through():
     assert expected_nonfinite(model, "p=1e-2,protect_bits=exponent").total == 0
     with pytest.raises(ValueError, match="symmetric bit flips"):
         expected_nonfinite(model, "p=1e-2,fault=stuck1")
+
+
+def test_a_tied_tensor_is_backed_up_when_either_of_its_components_is():
+    model = tiny_model(tie_word_embeddings=True)
+    embedding = model.get_input_embeddings().weight
+    before = embedding.detach().clone()
+    for component in ("embedding", "lm_head"):
+        with inject(model, f"p=1e-2,protect={component}") as faults:
+            assert torch.equal(embedding, before)
+            assert faults.report.to_dict()["protection"]["by_component"]["embedding+lm_head"]["overhead"] == 1.0

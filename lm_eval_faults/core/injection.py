@@ -24,7 +24,7 @@ from torch import nn
 
 from lm_eval_faults.core.activations import ActivationInjector, Rows
 from lm_eval_faults.core.fault_map import FaultMap
-from lm_eval_faults.core.protection import protection_gaps
+from lm_eval_faults.core.protection import backed_up, protection_gaps
 from lm_eval_faults.core.range_restriction import ActivationBounds, ActivationClamp, MissingBoundsError, clamp_sites
 from lm_eval_faults.core.report import FaultReport
 from lm_eval_faults.core.spec import FaultSpec, to_spec
@@ -55,7 +55,7 @@ class Injection:
         weight_sites = all_param_sites(model) if replaying else select_params(model, spec) if spec.on_weights else []
         selected_modules = select_modules(model, spec) if spec.on_activations else []
         # backed-up components compute and store their outputs fault-free
-        module_sites = [site for site in selected_modules if not ("all" in spec.protect or site.component in spec.protect)]
+        module_sites = [site for site in selected_modules if not backed_up(spec, site)]
         self._weights = WeightInjector(spec, weight_sites)
         self._activations = ActivationInjector(spec, module_sites)
         self._clamp: ActivationClamp | None = None

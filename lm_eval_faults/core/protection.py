@@ -63,7 +63,7 @@ def protection_gaps(spec: FaultSpec, weight_sites: list[ParamSite], module_sites
     """Each chosen scheme that can protect nothing under `spec`, with why: said loudly, since a
     protected run that equals the unprotected one would otherwise pass for a robust model."""
     notes = []
-    components = {site.component for site in weight_sites} | {site.component for site in module_sites}
+    components = {part for site in [*weight_sites, *module_sites] for part in site.component.split("+")}
     if spec.protect and "all" not in spec.protect and not components & set(spec.protect):
         notes.append(
             f"protect={'+'.join(spec.protect)} protects nothing: the faulted sites are in {', '.join(sorted(components)) or 'no component'}"
@@ -79,8 +79,10 @@ def protection_gaps(spec: FaultSpec, weight_sites: list[ParamSite], module_sites
     return notes
 
 
-def backed_up(spec: FaultSpec, site: ParamSite) -> bool:
-    return "all" in spec.protect or site.component in spec.protect
+def backed_up(spec: FaultSpec, site: ParamSite | ModuleSite) -> bool:
+    """Whether `site` lives in fault-free storage: a tied tensor ("embedding+lm_head") is backed up
+    when any of its components is."""
+    return "all" in spec.protect or bool(set(site.component.split("+")) & set(spec.protect))
 
 
 def protected_positions(spec: FaultSpec, layout: BitLayout) -> tuple[int, ...]:

@@ -106,6 +106,11 @@ def tolerances(
     return sorted(rows, key=lambda r: (r.overhead, r.tolerated_p))
 
 
+def percent(share: float) -> str:
+    """An overhead as a percentage with three significant digits: 2 values per tensor is 0.000406%, not 0.00%."""
+    return f"{100 * share:.3g}%"
+
+
 def pareto_section(members_by_title: Mapping[str, Sequence[Tolerance]], tolerance: float) -> str:
     """The report's table of schemes: overhead, tolerated p and whether on the frontier."""
     if not members_by_title:
@@ -119,6 +124,6 @@ def pareto_section(members_by_title: Mapping[str, Sequence[Tolerance]], toleranc
     ]
     for title, rows in members_by_title.items():
         lines += [f"### {title}", "", "| protection | overhead | tolerated p | Pareto frontier |", "|---|---|---|---|"]
-        lines += [f"| {r.protection} | {100 * r.overhead:.2f}% | {r.label} | {'yes' if r.frontier else ''} |" for r in rows]
+        lines += [f"| {r.protection} | {percent(r.overhead)} | {r.label} | {'yes' if r.frontier else ''} |" for r in rows]
         lines.append("")
     return "\n".join(lines)
