@@ -3,29 +3,39 @@
     python bench/bench_injection.py                     # ~160M-parameter float32 Llama built from a config
     python bench/bench_injection.py --size small        # a 20M-parameter model, for a quick look
     python bench/bench_injection.py --size 1b --p 1e-9,1e-7,1e-6,1e-5 --no-dense   # TinyLlama-1.1B's shape
+    python bench/bench_injection.py --path numpy,torch  # the host (numpy) path beside the device (torch) path
 
 Everything is measured side by side in one process, so the ratios hold on a noisy machine:
-- ours: `inject(model, p=...)` over all weights (all 32 bits), then `restore()`;
+- ours: `inject(model, p=...)` over all weights (all 32 bits), then `restore()`, by each path of
+  `--path`: `numpy` (the host path, `LM_EVAL_FAULTS_DEVICE_PATH=never`) and `torch` (the device
+  path run on the CPU, `=always`); every path's report must equal the first's, and its fault map
+  too where the map is small enough to compare (under 10M faults);
 - dense: for every bit position a Bernoulli(p) mask over the whole tensor, XOR-ed in (what a
   dropout-mask simulator such as the study's PyTEI extension does);
 - copy: one `copy_` of every parameter into a preallocated buffer: the memory-bandwidth floor
   of any method that touches every weight.
-Prints medians over repeats (copy, inject and restore interleaved) and the ratios ours/copy
-and dense/ours.
+Prints medians over repeats (copy, then each path's inject and restore, interleaved) and the
+ratios ours/copy and dense/ours.
 """
 
 from __future__ import annotations
 
 import argparse
 import math
+import os
 import statistics
 import time
 
 import torch
 from lm_eval_faults import inject
+from lm_eval_faults.core.device_faults import DEVICE_PATH_ENV
 from transformers import LlamaConfig, LlamaForCausalLM
 
 P_VALUES = (1e-9, 1e-7, 1e-5, 1e-3, 1e-1)
+PATHS = {"numpy": "never", "torch": "always"}
+"""`--path` names and the `LM_EVAL_FAULTS_DEVICE_PATH` value that selects each."""
+MAP_CHECK_LIMIT = 10_000_000
+"""Fault maps up to this many faults are compared between paths (a bigger one costs gigabytes)."""
 
 
 CONFIGS = {
@@ -68,13 +78,29 @@ def dense_bitflip(params: list[torch.Tensor], p: float, generator: torch.Generat
         words ^= mask
 
 
+def same_faults(a, b, compare_map: bool) -> bool:
+    """Whether two injections wrote the same faults: the same report, and the same map if asked."""
+    if a.report.weights != b.report.weights:
+        return False
+    if not compare_map:
+        return True
+    map_a, map_b = a.fault_map(), b.fault_map()
+    return map_a.params == map_b.params and all(
+        (getattr(map_a, name) == getattr(map_b, name)).all() for name in ("param", "index", "old", "new")
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", choices=list(CONFIGS), default="default")
     parser.add_argument("--p", type=lambda text: [float(v) for v in text.split(",")], default=list(P_VALUES))
+    parser.add_argument("--path", type=lambda text: text.split(","), default=["numpy"], help="comma-separated: numpy, torch")
     parser.add_argument("--no-dense", action="store_true", help="skip the dense reference (slow on big models)")
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
+    unknown = sorted(set(args.path) - set(PATHS))
+    if unknown:
+        parser.error(f"--path: unknown {', '.join(unknown)}; choose from {', '.join(PATHS)}")
     model = build_model(args.size)
     params = [param.data for param in model.parameters()]
     n = sum(param.numel() for param in params)
@@ -83,27 +109,32 @@ def main() -> None:
     )
     buffers = [torch.empty_like(param) for param in params]
     print(
-        f"{'p':>8}{'faults':>14}{'copy ms':>10}{'inject ms':>12}{'restore ms':>12}{'inject/copy':>13}{'restore/copy':>14}{'dense ms':>12}{'dense/ours':>12}"
+        f"{'p':>8}{'path':>7}{'faults':>14}{'copy ms':>10}{'inject ms':>12}{'restore ms':>12}{'inject/copy':>13}{'restore/copy':>14}"
+        f"{'dense ms':>12}{'dense/ours':>12}{'same':>6}"
     )
     generator = torch.Generator().manual_seed(0)
     for p in args.p:
         state: dict = {}
 
-        def run_inject(p: float = p, state: dict = state) -> None:  # defaults bind this iteration's values
-            state["faults"] = inject(model, p=p, seed=1)
+        def run_inject(path: str, p: float = p, state: dict = state) -> None:  # defaults bind this iteration's values
+            os.environ[DEVICE_PATH_ENV] = PATHS[path]
+            state[path] = inject(model, p=p, seed=1)
 
-        def run_restore(state: dict = state) -> None:
-            state["faults"].restore()
+        def run_restore(path: str, state: dict = state) -> None:
+            state[path].restore()
 
-        # Copy, inject and restore take turns, so each ratio compares like with like: every
-        # injection starts, like one in a sweep, from caches that a pass over the weights flushed.
-        copy_times, inject_times, restore_times = [], [], []
+        # Copy, then each path's inject and restore take turns, so each ratio compares like with
+        # like: every injection starts, like one in a sweep, from caches that a pass over the
+        # weights flushed.
+        copy_times: list[float] = []
+        inject_times: dict[str, list[float]] = {path: [] for path in args.path}
+        restore_times: dict[str, list[float]] = {path: [] for path in args.path}
         for _ in range(args.repeats):
             copy_times.append(median_seconds(lambda: plain_copy(params, buffers), 1))
-            inject_times.append(median_seconds(run_inject, 1))
-            restore_times.append(median_seconds(run_restore, 1))
-        copy_s, inject_s, restore_s = (statistics.median(times) for times in (copy_times, inject_times, restore_times))
-        faults = state["faults"].report.totals()["flipped_bits"]
+            for path in args.path:
+                inject_times[path].append(median_seconds(lambda path=path: run_inject(path), 1))
+                restore_times[path].append(median_seconds(lambda path=path: run_restore(path), 1))
+        copy_s = statistics.median(copy_times)
         dense_s = math.nan
         if not args.no_dense:
             snapshot = [param.clone() for param in params]
@@ -111,10 +142,17 @@ def main() -> None:
             for param, original in zip(params, snapshot, strict=True):
                 param.copy_(original)
             del snapshot
-        print(
-            f"{p:>8.0e}{int(faults):>14,}{copy_s * 1e3:>10.1f}{inject_s * 1e3:>12.2f}{restore_s * 1e3:>12.2f}"
-            f"{inject_s / copy_s:>13.4f}{restore_s / copy_s:>14.4f}{dense_s * 1e3:>12.0f}{dense_s / inject_s:>12.1f}"
-        )
+        reference = state[args.path[0]]
+        compare_map = reference.report.totals()["hit_elements"] <= MAP_CHECK_LIMIT
+        for path in args.path:
+            inject_s, restore_s = statistics.median(inject_times[path]), statistics.median(restore_times[path])
+            faults = state[path].report.totals()["flipped_bits"]
+            same = "yes" if same_faults(state[path], reference, compare_map) else "NO"
+            print(
+                f"{p:>8.0e}{path:>7}{int(faults):>14,}{copy_s * 1e3:>10.1f}{inject_s * 1e3:>12.2f}{restore_s * 1e3:>12.2f}"
+                f"{inject_s / copy_s:>13.4f}{restore_s / copy_s:>14.4f}{dense_s * 1e3:>12.0f}{dense_s / inject_s:>12.1f}{same:>6}"
+            )
+        state.clear()
 
 
 if __name__ == "__main__":
