@@ -270,9 +270,13 @@ def plot_pareto(rows: Sequence[Tolerance], out_path: str | Path, *, tolerance: f
     """Tolerated fault rate against storage overhead, one marker per scheme, frontier joined."""
     fig, ax = _new_axes()
     markers = {"": "o", "≥": "^", "<": "v"}
+    seen: dict[float, int] = {}
     for row in rows:
         ax.scatter(100 * row.overhead, row.tolerated_p, marker=markers[row.bound], s=40, zorder=3)
-        ax.annotate(row.protection, (100 * row.overhead, row.tolerated_p), textcoords="offset points", xytext=(5, 4), fontsize="x-small")
+        stacked = seen.get(row.tolerated_p, 0)  # labels at one height step down, so they don't overprint
+        seen[row.tolerated_p] = stacked + 1
+        offset = (5, 4 - 9 * stacked)
+        ax.annotate(row.protection, (100 * row.overhead, row.tolerated_p), textcoords="offset points", xytext=offset, fontsize="x-small")
     frontier = [r for r in rows if r.frontier]
     ax.step(
         [100 * r.overhead for r in frontier],
