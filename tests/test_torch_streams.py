@@ -281,6 +281,17 @@ def test_injector_takes_the_device_path_with_the_same_log_report_and_map(dtype, 
     assert all(torch.equal(t, clean[n]) for n, t in bits_of(model.state_dict()).items())
 
 
+def test_offloaded_weights_are_refused_as_on_the_host_path():
+    layout, spec = LAYOUTS[torch.float16], FaultSpec(p=0.01)
+    meta = torch.empty(1000, dtype=torch.float16, device="meta")
+    with pytest.raises(ValueError, match="meta device"):
+        device_faults.fault_tensors(np.array([1000]), keys_for(1), [meta], spec, layout, layout.all_bits)
+    with pytest.raises(ValueError, match="meta device"):
+        faults.draw_faults(
+            np.array([1000]), keys_for(1), lambda hits: WordAccess(meta, layout).read(hits.position), spec, layout, layout.all_bits
+        )
+
+
 def test_the_path_is_chosen_by_the_environment(monkeypatch):
     cpu_tensor = torch.zeros(3)
     monkeypatch.delenv(device_faults.DEVICE_PATH_ENV, raising=False)

@@ -182,7 +182,10 @@ def fault_tensors(
             ]
             return torch.cat(parts)
 
-        faults = draw_faults(numels[members], keys[members], read_words, spec, layout, eligible_bits, device)
+        # Nothing can be drawn on the meta device: draw on the CPU, and reading a hit word raises
+        # the host path's error about offloaded weights.
+        draw_on = torch.device("cpu") if device.type == "meta" else device
+        faults = draw_faults(numels[members], keys[members], read_words, spec, layout, eligible_bits, draw_on)
         if faults is not None:
             drawn.append((members, faults))
     return TensorFaults(_merge([(members, faults.to_host()) for members, faults in drawn]), tensors, layout, drawn)
