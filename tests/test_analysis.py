@@ -247,3 +247,119 @@ def test_record_table_json_and_cli(tmp_path, capsys) -> None:
     saved = json.loads(out.read_text())
     assert saved["thresholds"] == {"float16": 65504 / 2}
     assert saved["total"]["elements"] == sum(s["elements"] for s in saved["sites"])
+
+
+# -- the one-pass word statistics ------------------------------------------------------------
+
+
+def _special_words(dtype: torch.dtype, count: int, seed: int = 0) -> torch.Tensor:
+    """Weights-like values mixed with every kind of word the pass must sort: zeros of both signs,
+    subnormals, NaN, +-Inf, values above and below the thresholds, and raw random bit patterns."""
+    generator = torch.Generator().manual_seed(seed)
+    layout = layout_of(dtype)
+    if not layout.is_float:
+        return torch.randint(-128, 128, (count,), generator=generator).to(dtype)
+    values = torch.randn(count, generator=generator) * 0.05
+    values[::7] *= 3e4
+    values[::11] = torch.tensor([0.0, -0.0, float("nan"), float("inf"), -float("inf"), 1e-40, 1.5, -2.5, 99.99, 1024.0, 6e4])[
+        torch.arange(len(values[::11])) % 11
+    ]
+    words = to_unsigned(values.to(dtype).view(layout.int_view), layout)
+    raw = torch.randint(0, 1 << layout.width, (count // 5,), generator=generator)
+    words[: len(raw)] = raw
+    return from_unsigned(words, layout)
+
+
+def _direct_stats(words: torch.Tensor, risk: RiskModel) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
+    """Word by word, no histogram: (key values, key counts, eligible popcount, non-zero words)."""
+    unsigned = to_unsigned(words, risk.layout).numpy()
+    keys, good = risk.keys(unsigned)
+    key_values, key_counts = np.unique(keys[good], return_counts=True)
+    ones = np.bitwise_count(unsigned & sum(1 << b for b in risk.eligible))
+    return key_values, key_counts, np.bincount(ones, minlength=len(risk.eligible) + 1), int((unsigned != 0).sum())
+
+
+@pytest.mark.parametrize(
+    "dtype, bits, threshold",
+    [
+        (torch.float32, "all", None),
+        (torch.float32, "all", math.nextafter(1024.0, 0.0)),  # limit mantissa all ones: no leading bits
+        (torch.float32, "all", math.nextafter(100.0, 0.0)),  # 4 leading mantissa bits decide
+        (torch.float32, "exponent", None),  # every mantissa bit ineligible: only "mantissa != 0" matters
+        (torch.float32, "0-15+23-30", None),  # mantissa ones both eligible and not
+        (torch.float32, "3-9+20-31", math.nextafter(100.0, 0.0)),  # ineligible leading bits
+        (torch.float32, "all", 1000.0),  # limit mantissa ends in 17 zeros: exceeds iff a low bit ends up one
+        (torch.float32, "0-15+23-30", 1024.0),  # limit mantissa all zeros
+        (torch.float32, "0-1+19-30", 1000.0),  # ineligible bits both in the leading bits and below
+        (torch.float32, "all", 1e4),  # limit mantissa ends in 14 zeros: distinct words
+        (torch.float16, "all", None),
+        (torch.bfloat16, "0-3+10-14", 1.5),
+        (torch.int8, "all", 10.0),
+    ],
+)
+@pytest.mark.parametrize("workers, size", [(1, 600_000), (3, 600_000), (2, 3_000)])
+def test_word_stats_equal_a_word_by_word_count(monkeypatch, dtype, bits, threshold, workers, size) -> None:
+    """The pass (whichever path: counted, reduced or distinct words; a histogram filled step by step
+    on one thread or several, or a small tensor's keys sorted) loses nothing: its statistics equal
+    those computed from every word on its own."""
+    from lm_eval_faults.core import analysis
+
+    monkeypatch.setattr(analysis.torch, "get_num_threads", lambda: workers)
+    monkeypatch.setattr(analysis, "SORT_CHUNK", 100_003)
+    layout = layout_of(dtype)
+    risk = RiskModel.build(layout, resolve_bits(layout, bits), threshold)
+    words = _special_words(dtype, size)  # 600,000: several pass steps (and sorts) whatever the path
+    stats = analysis.word_stats(words, risk)
+    key_values, key_counts, eligible_popcount, nonzero = _direct_stats(words, risk)
+    np.testing.assert_array_equal(stats.key_values, key_values)
+    np.testing.assert_array_equal(stats.key_counts, key_counts)
+    np.testing.assert_array_equal(stats.eligible_popcount, eligible_popcount)
+    assert stats.nonzero == nonzero and stats.numel == len(words)
+    assert stats.eligible_ones == int(np.arange(len(eligible_popcount)) @ eligible_popcount)
+    if layout.width == 32 and risk.lead_low >= analysis.MIN_LEAD_LOW:
+        # The reduced path ran: some representatives are stand-ins, not stored words.
+        values, counts = analysis.word_histogram(words, risk)
+        stored = np.sort(to_unsigned(words, layout).numpy())
+        found = stored[np.searchsorted(stored, values).clip(max=len(stored) - 1)] == values
+        assert counts.sum() == len(words) and not found.all()
+
+
+@pytest.mark.parametrize("bits, threshold", [("0+19-29", 1000.0), ("20-30", 1024.0), ("5+19-30", math.nextafter(100.0, 0.0))])
+def test_float32_low_runs_match_mask_enumeration(bits, threshold) -> None:
+    """Thresholds whose limit's mantissa ends in a run of zeros (1000, 1024) or ones (just below
+    100): words at and around the limit, where the bits below the leading ones decide."""
+    layout = layout_of(torch.float32)
+    risk = RiskModel.build(layout, resolve_bits(layout, bits), threshold)
+    near = [1000.0, 1000.0001, 999.9999, -1000.0, 1024.0, 1023.9999, 1536.5, 999.0, 600.0, 99.99999, 100.0, 96.0, 0.3]
+    words = _words(near, torch.float32)
+    for flip0, flip1 in [(0.3, 0.05), (0.0, 0.2)]:
+        nan, inf, huge = risk.word_risks(words, flip0, flip1)
+        expected = _brute_force(words, torch.float32, risk.eligible, flip0, flip1, risk.threshold)
+        np.testing.assert_allclose(huge, expected["huge"], rtol=1e-12, atol=1e-15)
+        np.testing.assert_allclose(nan + inf, expected["nan"] + expected["inf"], rtol=1e-12, atol=1e-15)
+
+
+def test_usual_float32_thresholds_take_the_reduced_pass() -> None:
+    """The bits that decide "above the threshold" start at bit 16 or higher for the default and for
+    round thresholds (their limit's mantissa ends in a long run of ones or zeros), so the pass can
+    reduce float32 words; a limit such as 1e4's (mantissa 0x1C4000) needs distinct words."""
+    from lm_eval_faults.core.analysis import MIN_LEAD_LOW
+
+    layout = layout_of(torch.float32)
+    expected = {None: 23, math.nextafter(1024.0, 0.0): 23, 1024.0: 23, 1000.0: 17, 100.0: 19, math.nextafter(100.0, 0.0): 19, 1e4: 14}
+    for threshold, lead_low in expected.items():
+        assert RiskModel.build(layout, layout.all_bits, threshold).lead_low == lead_low, threshold
+    assert min(expected.values()) < MIN_LEAD_LOW <= sorted(expected.values())[1]
+
+
+def test_rates_as_parameters_give_the_spec_expectation() -> None:
+    """`expect_bit_changes` takes the per-bit rates directly (what a protection scheme would leave
+    uncorrected) and agrees with `expect` for the spec with those rates."""
+    from lm_eval_faults.core.analysis import expect, expect_bit_changes, site_risk, word_stats
+
+    model = tiny_model("llama", torch.float16)
+    spec = FaultSpec(p01=1e-3, p10=4e-4, bits="sign+exponent")
+    for site in select_params(model, spec):
+        risk, words = site_risk(site, spec, None)
+        stats = word_stats(words, risk)
+        assert expect_bit_changes(stats, risk, 1e-3, 4e-4) == expect(stats, risk, spec)
