@@ -301,3 +301,10 @@ def test_a_tied_tensor_is_backed_up_when_either_of_its_components_is():
         with inject(model, f"p=1e-2,protect={component}") as faults:
             assert torch.equal(embedding, before)
             assert faults.report.to_dict()["protection"]["by_component"]["embedding+lm_head"]["overhead"] == 1.0
+
+
+def test_weight_schemes_on_activation_faults_are_called_out():
+    model = tiny_model()
+    for site in ("activations", "weights+activations"):
+        with pytest.warns(UserWarning, match="protect stored weights"):
+            inject(model, f"p=1e-4,site={site},protect_bits=exponent_msb").restore()

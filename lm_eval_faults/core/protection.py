@@ -72,10 +72,18 @@ def protection_gaps(spec: FaultSpec, weight_sites: list[ParamSite], module_sites
         layouts = {layout_of(site.param.dtype) for site in weight_sites}
         if all(not set(protected_positions(spec, layout)) & set(resolve_bits(layout, spec.bits)) for layout in layouts):
             notes.append(f"protect_bits={spec.protect_bits} protects nothing: faults only hit bits={spec.bits}")
-    if spec.on_activations and not spec.on_weights and (spec.ecc != "none" or spec.protect_bits != "none" or "weights" in spec.clamp):
-        notes.append(
-            "ecc, protect_bits and clamp=weights protect stored weights; these faults hit only activations (use clamp=activations)"
+    weight_only = [
+        key
+        for key, on in (
+            ("ecc", spec.ecc != "none"),
+            ("protect_bits", spec.protect_bits != "none"),
+            ("clamp=weights", "weights" in spec.clamp),
         )
+        if on
+    ]
+    if spec.on_activations and weight_only:
+        where = "these faults hit only activations" if not spec.on_weights else "the activation faults of this spec are not covered"
+        notes.append(f"{', '.join(weight_only)} protect stored weights; {where} (use clamp=activations)")
     return notes
 
 
