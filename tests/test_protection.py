@@ -308,3 +308,15 @@ def test_weight_schemes_on_activation_faults_are_called_out():
     for site in ("activations", "weights+activations"):
         with pytest.warns(UserWarning, match="protect stored weights"):
             inject(model, f"p=1e-4,site={site},protect_bits=exponent_msb").restore()
+
+
+def test_analyze_compares_schemes_and_its_unprotected_row_is_todays_analysis():
+    from lm_eval_faults.cli.analyze import protection_table
+    from lm_eval_faults.core.analysis import analyze
+
+    model = tiny_model()
+    table = protection_table(model, {"p": "1e-3"}, ["none", "ecc=secded", "clamp=weights"])
+    rows = {line.split()[0]: float(line.split()[1]) for line in table.splitlines()[2:]}
+    total = analyze(model, "p=1e-3").total().to_dict()
+    assert rows["none"] == pytest.approx(total["nan"] + total["inf"], rel=1e-3)  # the table prints 4 digits
+    assert rows["clamp=weights"] == 0 and 0 < rows["ecc=secded"] < rows["none"]
