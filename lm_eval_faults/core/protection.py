@@ -63,7 +63,8 @@ def protection_gaps(spec: FaultSpec, weight_sites: list[ParamSite], module_sites
     """Each chosen scheme that can protect nothing under `spec`, with why: said loudly, since a
     protected run that equals the unprotected one would otherwise pass for a robust model."""
     notes = []
-    components = {part for site in [*weight_sites, *module_sites] for part in site.component.split("+")}
+    labels = [site.component for site in weight_sites] + [site.component for site in module_sites]
+    components = {part for label in labels for part in label.split("+")}
     if spec.protect and "all" not in spec.protect and not components & set(spec.protect):
         notes.append(
             f"protect={'+'.join(spec.protect)} protects nothing: the faulted sites are in {', '.join(sorted(components)) or 'no component'}"
