@@ -517,3 +517,20 @@ def test_a_resumed_sweep_compares_with_the_saved_baseline_samples(setup, tmp_pat
     records = load_records(tmp_path / "results.jsonl")
     assert _ids(tmp_path / "results.jsonl").count("baseline") == 1 and len(records) == 3
     _assert_damaged(records[2])
+
+
+def test_protection_is_an_axis_with_its_overhead_recorded_and_a_pareto_chart(setup, tmp_path):
+    config = SweepConfig(**{**setup["base"], "tasks": MC_TASK}, p="1e-3,1e-2", protections="none;ecc=parity;protect_bits=sign+exponent")
+    run = _sweep(setup, tmp_path, config)
+    records = load_records(tmp_path / "results.jsonl")
+    by_protection = {r.get("protection", "none"): r for r in records if not r["baseline"] and r["p"] == 1e-3}
+    assert set(by_protection) == {"none", "ecc=parity", "protect_bits=sign+exponent"}
+    assert "protection_counts" not in by_protection["none"]
+    assert by_protection["ecc=parity"]["protection_counts"]["overhead"] == pytest.approx(1 / 32)
+    assert by_protection["protect_bits=sign+exponent"]["protection_counts"]["overhead"] == pytest.approx(9 / 32)
+    assert len({r["injected"]["elements"] for r in by_protection.values()}) == 1  # the same faults drawn under every scheme
+    report = run.report.read_text()
+    assert "## Protection: tolerated fault rate vs storage overhead" in report and "| ecc=parity | 3.12% |" in report
+    assert list((tmp_path / "figures").glob("pareto__*.png"))
+    with pytest.raises(SweepConfigError, match="not protection keys"):
+        SweepConfig(**setup["base"], p="1e-3", protections="none;p=1e-3")

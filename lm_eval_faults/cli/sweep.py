@@ -39,6 +39,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     grid.add_argument("--layers", default="all", help="comma list of layer groups: all, groups:4 (consecutive groups of 4), or 0-3,4-7")
     grid.add_argument("--seeds", default="1", help="repeats (3 = seeds 0,1,2) or explicit seeds (0,1,2 or 5-7)")
+    grid.add_argument(
+        "--protections",
+        default="none",
+        help="protection schemes, one series each, separated by ';': none;protect_bits=exponent_msb;ecc=secded;protect=norm+lm_head",
+    )
     grid.add_argument("--fault_args", default="", help="fault keys fixed across the grid, e.g. bits=exponent or value_range=-1:1")
     evaluation = parser.add_argument_group("lm-eval options")
     evaluation.add_argument("--num_fewshot", type=int, default=None)

@@ -335,6 +335,7 @@ def record_fault_counts(lm: FaultyHFLM, spec: FaultSpec) -> dict[str, Any]:
         },
         "degenerate": {"requests": dict(report.degenerate_requests)},
         "requests": dict(report.requests),
+        **({"protection_counts": report.protection_summary()} if spec.protected else {}),
     }
 
 
