@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import statistics
 import subprocess
 import sys
@@ -37,12 +38,24 @@ RUN_ONLY = ("elapsed_s", "retries")
 CLI = "import sys; from lm_eval_faults.cli import main; sys.exit(main())"
 
 
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+
+
 @dataclass
 class Run:
-    """One command's wall time and the moments its records appeared (seconds from its start)."""
+    """One command's wall time, the moments its records appeared (seconds from its start), and
+    the CPU other users' processes took meanwhile (the machine is shared: a run with others busy
+    cannot show what 2 cores give)."""
 
     total: float
     records: list[float] = field(default_factory=list)
+    foreign_cpu: float = 0.0
+    ray_start: float = 0.0
+    """Seconds `ray.init` took, as the sweep reports it (0 in one process)."""
+
+    @property
+    def foreign_cores(self) -> float:
+        return self.foreign_cpu / self.total
 
     @property
     def first(self) -> float:
@@ -62,14 +75,17 @@ def run_sweep_command(arguments: list[str], run_dir: Path, env: dict[str, str]) 
         command = [sys.executable, "-c", CLI, "sweep", *arguments, "--run_dir", str(run_dir)]
         process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=stderr, env=env)
         seen: list[float] = []
+        foreign = ForeignLoad()
         while process.poll() is None:
             _note_records(results, seen, started)
-            time.sleep(0.05)
+            foreign.sample()
+            time.sleep(0.25)
         total = time.perf_counter() - started
     if process.returncode:
         raise SystemExit(f"sweep failed ({process.returncode}), see {log}:\n{log.read_text()[-3000:]}")
     _note_records(results, seen, started)
-    return Run(total, seen)
+    ray_start = re.search(r"started a local Ray instance in ([0-9.]+) s", log.read_text())
+    return Run(total, seen, foreign.seconds, float(ray_start[1]) if ray_start else 0.0)
 
 
 def _note_records(results: Path, seen: list[float], started: float) -> None:
@@ -78,6 +94,48 @@ def _note_records(results: Path, seen: list[float], started: float) -> None:
         lines = results.read_bytes().count(b"\n")
         now = time.perf_counter() - started
         seen.extend([now] * (lines - len(seen)))
+
+
+class ForeignLoad:
+    """CPU seconds used by processes outside this benchmark's process tree (Ray's daemons and
+    actors descend from the sweep command, so they count as ours), summed between samples."""
+
+    def __init__(self) -> None:
+        self.last = cpu_by_process()
+        self.seconds = 0.0
+
+    def sample(self) -> None:
+        now = cpu_by_process()
+        ours = descendants(now, os.getpid())
+        self.seconds += sum(cpu - self.last.get(pid, (0, 0.0))[1] for pid, (_, cpu) in now.items() if pid not in ours)
+        self.last = now
+
+
+def cpu_by_process() -> dict[int, tuple[int, float]]:
+    """(parent pid, CPU seconds so far) of every process, from /proc."""
+    table = {}
+    for entry in os.scandir("/proc"):
+        if entry.name.isdigit():
+            try:
+                stat = Path(entry.path, "stat").read_text()
+            except OSError:
+                continue
+            fields = stat[stat.rindex(")") + 2 :].split()  # after "pid (comm) ": state, ppid, ..., utime, stime
+            table[int(entry.name)] = (int(fields[1]), (int(fields[11]) + int(fields[12])) / CLOCK_TICKS)
+    return table
+
+
+def descendants(table: dict[int, tuple[int, float]], root: int) -> set[int]:
+    """`root` and every process below it."""
+    children: dict[int, list[int]] = {}
+    for pid, (parent, _) in table.items():
+        children.setdefault(parent, []).append(pid)
+    found, todo = {root}, [root]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.add(child)
+            todo.append(child)
+    return found
 
 
 def load(run_dir: Path) -> dict[str, dict]:
@@ -114,7 +172,7 @@ def main() -> None:
             runs[name].append(run)
             print(
                 f"repeat {repeat}: {name:16s} total {run.total:6.1f} s, first record {run.first:5.1f} s, "
-                f"points phase {run.points_phase:6.1f} s ({len(run.records)} records), load average after {os.getloadavg()[0]:.1f}",
+                f"points phase {run.points_phase:6.1f} s ({len(run.records)} records), other processes used {run.foreign_cores:.2f} cores",
                 flush=True,
             )
 
@@ -130,6 +188,7 @@ def main() -> None:
     rows = [
         ("total", median([r.total for r in single]), median([r.total for r in ray])),
         ("start-up + baseline (first record)", median([r.first for r in single]), median([r.first for r in ray])),
+        ("of which starting Ray", 0.0, median([r.ray_start for r in ray])),
         (f"the other {n - 1} points", median([r.points_phase for r in single]), median([r.points_phase for r in ray])),
     ]
     print(
@@ -138,7 +197,11 @@ def main() -> None:
     )
     print(f"| | one process | Ray, {options.actors} actors | speed-up |\n|---|---|---|---|")
     for label, one, many in rows:
-        print(f"| {label} | {one:.1f} s | {many:.1f} s | {one / many:.2f}x |")
+        print(f"| {label} | {one:.1f} s | {many:.1f} s | " + (f"{one / many:.2f}x |" if one else "|"))
+    print(
+        f"| other processes' CPU meanwhile | {median([r.foreign_cores for r in single]):.2f} cores | "
+        f"{median([r.foreign_cores for r in ray]):.2f} cores | |"
+    )
     print("same records, point for point, in every run" if not mismatched else f"MISMATCHED RUNS: {mismatched}")
 
 

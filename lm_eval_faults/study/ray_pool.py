@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import sys
+import time
 import warnings
 from collections import Counter, deque
 from collections.abc import Callable, Iterator, Sequence
@@ -141,7 +142,9 @@ class RayPool:
         self.ray = import_ray()
         self.config = config
         self.options = options
+        started = time.perf_counter()
         self._owns_ray = _connect(self.ray, options.address)
+        connected = time.perf_counter() - started
         count, resources = actor_shape(self.ray.cluster_resources(), config, options)
         self._worker_class = self.ray.remote(**resources)(PointWorker)
         self.actors: list[Any] = []
@@ -154,7 +157,8 @@ class RayPool:
         self._load_deaths = 0
         self._max_load_deaths = MAX_ATTEMPTS * count
         share = f"{options.cpus_per_actor} CPU" + (" and 1 GPU" if "num_gpus" in resources else "")
-        print(f"lm-eval-faults sweep: {count} Ray actor(s), {share} each, loading the model", file=sys.stderr)
+        where = "started a local Ray instance" if self._owns_ray and options.address == LOCAL else "connected to Ray"
+        print(f"lm-eval-faults sweep: {where} in {connected:.1f} s; {count} actor(s), {share} each, loading the model", file=sys.stderr)
         try:
             for _ in range(count):
                 self._start_actor()
