@@ -109,6 +109,7 @@ class Injection:
                 injection._clamp.detach()
             raise
         injection.report.activations = injection._activations.stats
+        injection.report.pending = injection._activations.settle
         injection.applied = True
         _active.setdefault(model, []).append(injection)
         injection.report.check_not_silent("weights")

@@ -139,11 +139,19 @@ class FaultReport:
     """Storage of the calibrated activation bounds (two values per clamped module)."""
     protection_notes: list[str] = field(default_factory=list)
     """Why a chosen scheme protects nothing under this spec (also warned when injecting)."""
+    pending: Callable[[], None] | None = None
+    """Adds the activation counts still summed on a device into `activations` (see `settle`)."""
 
     @property
     def activation_clamps(self) -> dict[str, int]:
         """Per module, the output elements range restriction clamped over all calls so far."""
         return self.clamp_counts() if self.clamp_counts is not None else {}
+
+    def settle(self) -> None:
+        """Bring `activations` up to date: on a GPU some counts are summed on the device between
+        reads (one transfer here instead of one per forward). Every summary below calls it."""
+        if self.pending is not None:
+            self.pending()
 
     @property
     def protected(self) -> bool:
@@ -173,7 +181,10 @@ class FaultReport:
         return _totals(self._sites(part))
 
     def _sites(self, part: str) -> list[SiteStats]:
-        return self.weights if part == "weights" else list(self.activations.values())
+        if part == "weights":
+            return self.weights
+        self.settle()
+        return list(self.activations.values())
 
     def by_component(self, part: str = "weights") -> dict[str, dict[str, float]]:
         return _rollup(self._sites(part), lambda s: s.component)

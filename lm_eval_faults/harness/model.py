@@ -218,6 +218,7 @@ class FaultyHFLM(HFLM):
     def report(self) -> FaultReport:
         """The fault report, with request counts (summed over data-parallel ranks)."""
         report = self.injection.report
+        report.settle()
         activations, counts = self._rank_merged or (report.activations, self._counts)
         report.activations = activations
         report.set_request_counts(**counts.as_dicts())
@@ -336,6 +337,7 @@ class FaultyHFLM(HFLM):
         """Sum counters over data-parallel ranks (all ranks reach here together, once per request type)."""
         if self.world_size <= 1 or not torch.distributed.is_initialized():
             return
+        self.injection.report.settle()
         local = (self.injection.report.activations, self._counts)
         gathered: list[Any] = [None] * self.world_size
         torch.distributed.all_gather_object(gathered, local)
