@@ -43,6 +43,7 @@ import numpy as np
 import torch
 from torch.utils.hooks import RemovableHandle
 
+from lm_eval_faults.core.device_faults import device_path_mode
 from lm_eval_faults.core.formats import LAYOUTS, BitLayout, resolve_bits
 from lm_eval_faults.core.output_draws import OutputSampler, PlannedFaults
 from lm_eval_faults.core.output_writes import add, flip, on_device, writable, write_and_count, write_on_device
@@ -125,6 +126,8 @@ class ActivationInjector:
         self.plan_number = 0
         self._handles: list[RemovableHandle] = []
         self._hooks: list[_OutputFaultHook] = []
+        self.device_mode = "auto"
+        """Where planned faults are written (`device_faults.device_path_mode`, read at `attach`)."""
         self._eligible: dict[torch.dtype, tuple[int, ...]] = {}
         self._samplers: dict[torch.dtype, OutputSampler] = {}
         self._shapes: dict[ShapeKey, _Shape] = {}
@@ -137,6 +140,7 @@ class ActivationInjector:
         """Register one hook per site; if any registration fails, none stays registered."""
         if self._handles:
             return
+        self.device_mode = device_path_mode()
         try:
             for site in self.sites:
                 self.stats.setdefault(site.name, SiteStats(site.name, site.component, site.layer, "", 0, 0, 0.0, 0.0))
@@ -410,7 +414,7 @@ class _OutputFaultHook:
     ) -> torch.Tensor:
         faults, start, stop = planned.faults, planned.start, planned.stop
         target = writable(tensor, copies, args, kwargs)
-        if on_device(target):
+        if on_device(target, self.injector.device_mode):
             hit_masks = faults.masks[start:stop]
             counts = write_on_device(target, layout, faults.flat[start:stop], hit_masks, self.injector.spec.fault)
             self.device_counts = counts if self.device_counts is None else self.device_counts + counts

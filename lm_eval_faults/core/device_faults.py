@@ -35,11 +35,17 @@ DeviceWordReader = Callable[[DeviceHits], torch.Tensor]
 """Reads the stored words at the hits, on their device, as unsigned int64."""
 
 
-def device_path_wanted(tensors: list[torch.Tensor]) -> bool:
-    """Whether a batch of tensors takes the device path, by `LM_EVAL_FAULTS_DEVICE_PATH`."""
+def device_path_mode() -> str:
+    """`LM_EVAL_FAULTS_DEVICE_PATH`, validated: auto, always or never."""
     mode = os.environ.get(DEVICE_PATH_ENV, "auto").strip().lower() or "auto"
     if mode not in _MODES:
         raise ValueError(f"{DEVICE_PATH_ENV}={mode!r}: expected one of {', '.join(_MODES)}")
+    return mode
+
+
+def device_path_wanted(tensors: list[torch.Tensor], mode: str | None = None) -> bool:
+    """Whether a batch of tensors takes the device path under `mode` (default: the environment's)."""
+    mode = mode or device_path_mode()
     return mode == "always" or (mode == "auto" and any(tensor.device.type != "cpu" for tensor in tensors))
 
 

@@ -23,7 +23,6 @@ from typing import Any
 import numpy as np
 import torch
 
-from lm_eval_faults.core.device_faults import device_path_wanted
 from lm_eval_faults.core.formats import BitLayout, from_unsigned, to_unsigned
 from lm_eval_faults.core.report import SiteStats, add_lists
 from lm_eval_faults.core.words import WordAccess, flat_words
@@ -75,9 +74,10 @@ DEVICE_COUNTS = 3 + MAX_WIDTH
 changed elements per bit position (padded to the widest layout, so vectors of every dtype stack)."""
 
 
-def on_device(target: torch.Tensor) -> bool:
-    """Whether faults in `target` are written and counted on its device (`write_on_device`)."""
-    return device_path_wanted([target])
+def on_device(target: torch.Tensor, mode: str) -> bool:
+    """Whether faults in `target` are written and counted on its device (`write_on_device`), under
+    `device_faults.device_path_mode()` (read once per injection: a hook has no time for it)."""
+    return mode == "always" or (mode == "auto" and not target.is_cpu)
 
 
 def write_on_device(target: torch.Tensor, layout: BitLayout, flat: np.ndarray, masks: np.ndarray, fault: str) -> torch.Tensor:
