@@ -281,7 +281,7 @@ def test_a_module_called_in_a_loop_is_planned_every_half_round_not_every_call():
     with torch.no_grad(), inject(model, p=1e-4, site="activations") as faults:
         model(tokens)
         model(tokens)
-        hooks = len(faults._activations._handles)
+        hooks = len(faults._activations._hooks)
         before = faults._activations.plan_number
         norm = model.model.norm
         hidden = torch.randn(1, 6, 32)

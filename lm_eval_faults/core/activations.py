@@ -41,10 +41,10 @@ from typing import Any, NamedTuple, cast
 
 import numpy as np
 import torch
-from torch.utils.hooks import RemovableHandle
 
 from lm_eval_faults.core.device_faults import device_path_mode
 from lm_eval_faults.core.formats import LAYOUTS, BitLayout, resolve_bits
+from lm_eval_faults.core.hooks import ForwardHooks
 from lm_eval_faults.core.output_draws import OutputSampler, PlannedFaults
 from lm_eval_faults.core.output_writes import add, flip, on_device, writable, write_and_count, write_on_device
 from lm_eval_faults.core.report import SiteStats
@@ -124,7 +124,7 @@ class ActivationInjector:
         self.row_count = 0
         self.forward_number = 0
         self.plan_number = 0
-        self._handles: list[RemovableHandle] = []
+        self._registered = ForwardHooks()
         self._hooks: list[_OutputFaultHook] = []
         self.device_mode = "auto"
         """Where planned faults are written (`device_faults.device_path_mode`, read at `attach`)."""
@@ -138,24 +138,21 @@ class ActivationInjector:
 
     def attach(self) -> None:
         """Register one hook per site; if any registration fails, none stays registered."""
-        if self._handles:
+        if self._registered:
             return
         self.device_mode = device_path_mode()
+        for site in self.sites:
+            self.stats.setdefault(site.name, SiteStats(site.name, site.component, site.layer, "", 0, 0, 0.0, 0.0))
+        self._hooks = [_OutputFaultHook(self, site) for site in self.sites]
         try:
-            for site in self.sites:
-                self.stats.setdefault(site.name, SiteStats(site.name, site.component, site.layer, "", 0, 0, 0.0, 0.0))
-                hook = _OutputFaultHook(self, site)
-                self._hooks.append(hook)
-                self._handles.append(site.module.register_forward_hook(hook, with_kwargs=True))
+            self._registered.attach(((site.module, hook) for site, hook in zip(self.sites, self._hooks, strict=True)), with_kwargs=True)
         except BaseException:
-            self.detach()
+            self._hooks.clear()
             raise
 
     def detach(self) -> None:
         self.settle()
-        for handle in self._handles:
-            handle.remove()
-        self._handles.clear()
+        self._registered.remove()
         self._hooks.clear()
         self._last_shapes.clear()
         self._plan.clear()
@@ -244,7 +241,7 @@ class ActivationInjector:
         """
         self._calls_since_plan += 1
         planned = self.planned(hook, 0, kind, call)
-        if planned is None and hook.plan_number == self.plan_number and 2 * self._calls_since_plan >= len(self._handles):
+        if planned is None and hook.plan_number == self.plan_number and 2 * self._calls_since_plan >= len(self._hooks):
             self._replan()
             planned = self.planned(hook, 0, kind, call)
         return planned
@@ -416,7 +413,8 @@ class _OutputFaultHook:
         target = writable(tensor, copies, args, kwargs)
         if on_device(target, self.injector.device_mode):
             hit_masks = faults.masks[start:stop]
-            counts = write_on_device(target, layout, faults.flat[start:stop], hit_masks, self.injector.spec.fault)
+            index, mask = faults.on(target.device)
+            counts = write_on_device(target, layout, index[start:stop], mask[start:stop], self.injector.spec.fault)
             self.device_counts = counts if self.device_counts is None else self.device_counts + counts
             self.device_width = max(self.device_width, layout.width)
             fault_bits = planned.known[1] if planned.known is not None else int(np.bitwise_count(hit_masks).sum())

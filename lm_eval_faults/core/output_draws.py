@@ -24,6 +24,7 @@ from __future__ import annotations
 import math
 
 import numpy as np
+import torch
 
 from lm_eval_faults.core.faults import NO_FAULTS, FaultBatch, WordReader, draw_faults
 from lm_eval_faults.core.formats import BitLayout
@@ -99,6 +100,18 @@ class PlannedFaults:
         self.flat_list: list[int] = self.flat.tolist() if self.flips else []
         self.mask_list: list[int] = self.masks.tolist() if self.flips else []
         """Positions and masks as Python ints, for hooks that flip a CPU tensor's words from Python."""
+        self._on_device: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def on(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """Positions and masks as int64 tensors on `device`, copied once per plan and device: hooks
+        that write on a GPU slice them, so no transfer (and no wait for the device) happens per hook."""
+        arrays = self._on_device.get(device)
+        if arrays is None:
+            arrays = self._on_device[device] = (
+                torch.from_numpy(self.flat).to(device),
+                torch.from_numpy(self.masks.astype(np.int64, copy=False)).to(device),
+            )
+        return arrays
 
     def new_words(self, old: np.ndarray, masks: np.ndarray) -> np.ndarray:
         """What the fault makes of the words it hits (as `faults.draw_faults` computes it)."""

@@ -10,8 +10,9 @@ computed beforehand (`output_draws.PlannedFaults.known`).
 
 On a GPU (or anywhere under `LM_EVAL_FAULTS_DEVICE_PATH=always`) planned faults are written where
 the output lives and the counts that depend on its values are summed there too (`write_on_device`):
-the host sends positions and masks and never waits for the device, so the hooks keep the GPU's
-queue full; the counts are read once, when the report is read.
+a plan's positions and masks go to the device once per forward pass (`PlannedFaults.on`), each
+hook slices them and never waits for the device, so the hooks keep the GPU's queue full; the
+counts are read once, when the report is read.
 """
 
 from __future__ import annotations
@@ -80,19 +81,16 @@ def on_device(target: torch.Tensor, mode: str) -> bool:
     return mode == "always" or (mode == "auto" and not target.is_cpu)
 
 
-def write_on_device(target: torch.Tensor, layout: BitLayout, flat: np.ndarray, masks: np.ndarray, fault: str) -> torch.Tensor:
-    """Apply bit faults (`fault`: bitflip, stuck0 or stuck1) at flat `positions` of contiguous
-    `target` on its device; returns the counts that depend on its values as a `DEVICE_COUNTS`
-    vector on that device, without waiting for the device."""
+def write_on_device(target: torch.Tensor, layout: BitLayout, index: torch.Tensor, mask: torch.Tensor, fault: str) -> torch.Tensor:
+    """Apply bit faults (`fault`: bitflip, stuck0 or stuck1) at flat positions `index` of contiguous
+    `target`, with int64 `mask`s, both on `target`'s device; returns the counts that depend on its
+    values as a `DEVICE_COUNTS` vector there. Nothing is read back: the host never waits."""
     words = flat_words(target, layout)
-    device = words.device
-    index = torch.from_numpy(flat).to(device, non_blocking=True)
-    mask = torch.from_numpy(masks).to(device, non_blocking=True)
     old = to_unsigned(words[index], layout)
     new = old & ~mask if fault == "stuck0" else old | mask if fault == "stuck1" else old ^ mask
     words[index] = from_unsigned(new, layout)
     diff = old ^ new
-    shifts = torch.arange(MAX_WIDTH, device=device)
+    shifts = torch.arange(MAX_WIDTH, device=words.device)
     histogram = ((diff[:, None] >> shifts) & 1).sum(dim=0)
     field = _exponent_field(layout)
     created = (((new & field) == field) & ((old & field) != field)).sum() if field else histogram.new_zeros(())

@@ -20,8 +20,8 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.utils.hooks import RemovableHandle
 
+from lm_eval_faults.core.hooks import ForwardHooks
 from lm_eval_faults.core.spec import FaultSpec
 from lm_eval_faults.core.targets import ModuleSite, select_modules
 
@@ -72,7 +72,7 @@ def clamp_sites(model: nn.Module, spec: FaultSpec) -> list[ModuleSite]:
 def record_bounds(model: nn.Module, sites: list[ModuleSite] | None = None) -> Iterator[ActivationBounds]:
     """Record output bounds of `sites` (default: every leaf module) over the forwards run inside."""
     bounds = ActivationBounds()
-    handles: list[RemovableHandle] = []
+    hooks = ForwardHooks()
 
     def recorder(name: str):
         def hook(module: nn.Module, args: tuple, output: Any) -> None:
@@ -85,13 +85,11 @@ def record_bounds(model: nn.Module, sites: list[ModuleSite] | None = None) -> It
 
         return hook
 
+    hooks.attach((site.module, recorder(site.name)) for site in (calibration_sites(model) if sites is None else sites))
     try:
-        for site in calibration_sites(model) if sites is None else sites:
-            handles.append(site.module.register_forward_hook(recorder(site.name)))
         yield bounds
     finally:
-        for handle in handles:
-            handle.remove()
+        hooks.remove()
 
 
 class ActivationClamp:
@@ -107,20 +105,13 @@ class ActivationClamp:
         self.sites = sites
         self.bounds = bounds
         self._counts: dict[str, torch.Tensor] = {}
-        self._handles: list[RemovableHandle] = []
+        self._hooks = ForwardHooks()
 
     def attach(self) -> None:
-        try:
-            for site in self.sites:
-                self._handles.append(site.module.register_forward_hook(self._hook(site.name)))
-        except BaseException:
-            self.detach()
-            raise
+        self._hooks.attach((site.module, self._hook(site.name)) for site in self.sites)
 
     def detach(self) -> None:
-        for handle in self._handles:
-            handle.remove()
-        self._handles.clear()
+        self._hooks.remove()
 
     @property
     def bound_bits(self) -> int:
