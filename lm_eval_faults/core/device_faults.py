@@ -43,9 +43,9 @@ def device_path_mode() -> str:
     return mode
 
 
-def device_path_wanted(tensors: list[torch.Tensor], mode: str | None = None) -> bool:
-    """Whether a batch of tensors takes the device path under `mode` (default: the environment's)."""
-    mode = mode or device_path_mode()
+def device_path_wanted(tensors: list[torch.Tensor]) -> bool:
+    """Whether a batch of tensors takes the device path, by `LM_EVAL_FAULTS_DEVICE_PATH`."""
+    mode = device_path_mode()
     return mode == "always" or (mode == "auto" and any(tensor.device.type != "cpu" for tensor in tensors))
 
 
