@@ -70,6 +70,14 @@ def test_bad_model_args_fail_before_the_model_loads(task_manager):
         evaluate("faulty_hf", "pretrained=/nonexistent/model,fault=flip", task_manager)
 
 
+def test_fault_keys_without_a_rate_warn_that_nothing_is_injected(tiny_llama_dir):
+    """`fault=stuck1,bits=exponent` with no p is the clean model: said loudly, not read as harmless."""
+    with pytest.warns(UserWarning, match="fault, bits, site but no rate .* NO FAULTS are injected"):
+        lm = FaultyHFLM(pretrained=str(tiny_llama_dir), fault="stuck1", bits="exponent", site="activations", device="cpu")
+    assert not lm.injection.spec.active
+    FaultyHFLM(pretrained=str(tiny_llama_dir), p=0, site="activations", device="cpu")  # p=0 written out: no warning
+
+
 def test_selector_matching_nothing_is_an_error(tiny_llama_dir, task_manager):
     with pytest.raises(ValueError, match="select no parameters"):
         evaluate("faulty_hf", f"pretrained={tiny_llama_dir},p=1e-3,target=embedding,layers=0", task_manager)
@@ -95,6 +103,9 @@ def test_layers_beyond_the_config_fail_before_the_weights_load(tiny_llama_dir, m
         FaultyHFLM.create_from_arg_string(f"pretrained={tiny_llama_dir},p=1e-3,p=1e-4")
     with pytest.raises(FaultSpecError, match="underflows"):
         FaultyHFLM.create_from_arg_string(f"pretrained={tiny_llama_dir},p=1e-400")
+    monkeypatch.setenv("LM_EVAL_FAULTS_DEVICE_PATH", "bogus")
+    with pytest.raises(FaultSpecError, match="LM_EVAL_FAULTS_DEVICE_PATH='bogus': expected one of auto, always, never"):
+        FaultyHFLM(pretrained=str(tiny_llama_dir), p=1e-3, site="activations")
 
 
 def test_request_cache_never_serves_another_spec(tiny_llama_dir, task_manager, tmp_path):

@@ -209,6 +209,19 @@ def test_report_without_results_ends_with_one_line(tmp_path, capsys):
     assert "no baseline record" in capsys.readouterr().err
 
 
+def test_an_interrupted_command_ends_with_one_line(tmp_path, capsys, monkeypatch):
+    """Ctrl-C ends a sweep with a line saying the same command resumes it, not a traceback."""
+    from lm_eval_faults.cli import main as cli_main
+    from lm_eval_faults.cli import sweep as sweep_cli
+
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(sweep_cli, "main", interrupted)
+    assert cli_main(["sweep", "--model_args", "pretrained=x", "--tasks", "t", "--p", "1e-5", "--run_dir", str(tmp_path)]) == 130
+    assert capsys.readouterr().err.strip() == "lm-eval-faults sweep: interrupted; the same command resumes it"
+
+
 def test_a_run_dir_with_a_different_config_is_refused_and_left_untouched(tmp_path):
     original = SweepConfig(model_args="pretrained=x", tasks="t", p="1e-5,1e-4", limit=4)
     RunDir(tmp_path).save_config(original)

@@ -50,6 +50,12 @@ def main(argv: list[str] | None = None) -> int:
         message = str(error).strip().splitlines() or [type(error).__name__]
         print(f"lm-eval-faults {args.command}: error: {message[0]}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        if os.environ.get("LM_EVAL_FAULTS_TRACEBACK"):
+            raise
+        resume = "; the same command resumes it" if args.command == "sweep" else ""
+        print(f"lm-eval-faults {args.command}: interrupted{resume}", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

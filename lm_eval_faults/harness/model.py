@@ -14,7 +14,8 @@ import logging
 import math
 import os
 import sys
-from collections.abc import Iterator
+import warnings
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import numpy as np
@@ -30,7 +31,7 @@ from lm_eval_faults.core.fault_map import FaultMap
 from lm_eval_faults.core.injection import Injection
 from lm_eval_faults.core.range_restriction import ActivationBounds
 from lm_eval_faults.core.report import FaultReport, SiteStats
-from lm_eval_faults.core.spec import FaultSpec, parse_arg_string, parse_fault_args
+from lm_eval_faults.core.spec import FAULT_KEYS, FaultSpec, parse_arg_string, parse_fault_args
 from lm_eval_faults.core.streams import request_key, row_keys
 from lm_eval_faults.harness.autoload import COMMAND_LINE_MODEL_ARGS
 from lm_eval_faults.harness.calibration import bounds_key, calibrated_bounds, swapped
@@ -66,6 +67,21 @@ class NonFiniteLogitsGuard(LogitsProcessor):
         return torch.where(hopeless, torch.zeros_like(safe), safe)  # type: ignore[return-value]
 
 
+RATE_KEYS = ("p", "p01", "p10", "replay")
+"""The keys that make faults happen: without one, every other fault key describes nothing."""
+
+
+def _warn_without_rate(model_args: Mapping[str, Any]) -> None:
+    """Fault keys given but no rate: the run is the clean model, which a user who wrote
+    `fault=stuck1,bits=exponent` would otherwise read as "stuck-at-1 in the exponent is harmless"."""
+    chosen = [key for key in model_args if key in FAULT_KEYS and key != "seed"]
+    if chosen and not any(key in model_args for key in RATE_KEYS):
+        warnings.warn(
+            f"lm_eval_faults: model_args set {', '.join(chosen)} but no rate (p=, or p01=/p10=): p=0, NO FAULTS are injected",
+            stacklevel=3,
+        )
+
+
 @register_model("faulty_hf")
 class FaultyHFLM(HFLM):
     """`HFLM` plus a fault injector configured by the fault keys of `model_args`."""
@@ -74,6 +90,7 @@ class FaultyHFLM(HFLM):
 
     def __init__(self, pretrained: Any = None, **kwargs: Any) -> None:
         spec, hf_kwargs = parse_fault_args(kwargs, passthrough=HFLM_ARGUMENTS)
+        _warn_without_rate(kwargs)
         if pretrained is None:
             pretrained = str(demo_model_dir())
             print(f"lm_eval_faults: no `pretrained` given; using the embedded demo model at {pretrained}", file=sys.stderr)

@@ -21,6 +21,7 @@ import logging
 from collections.abc import Iterable, Mapping
 from typing import Any
 
+from lm_eval_faults.core.device_faults import device_path_mode
 from lm_eval_faults.core.formats import LAYOUTS, resolve_bits
 from lm_eval_faults.core.spec import FAULT_KEYS, FaultSpec, FaultSpecError
 
@@ -138,7 +139,13 @@ def check_as_written(pairs: Iterable[tuple[str, Any]]) -> None:
 
 
 def check_against_config(spec: FaultSpec, model_args: Mapping[str, Any], config: Any | None) -> None:
-    """`layers=` against the layer count and `bits=` against the run dtype's width."""
+    """`layers=` against the layer count and `bits=` against the run dtype's width; and the
+    environment's `LM_EVAL_FAULTS_DEVICE_PATH`, which is otherwise read only once faults are drawn,
+    after the model (and a sweep's baseline) has cost its time."""
+    try:
+        device_path_mode()
+    except ValueError as error:
+        raise FaultSpecError(str(error)) from None
     if config is None:
         return
     count = layer_count(config)
