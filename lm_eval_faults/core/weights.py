@@ -73,7 +73,10 @@ class WeightInjector:
             raise RuntimeError("faults are already applied; call restore() first")
         stats = [self._site_stats(site) for site in self.sites]
         try:
-            with torch.no_grad(), tqdm(total=len(self.sites), desc="injecting faults", unit="tensor", disable=not progress) as bar:
+            with (
+                torch.no_grad(),
+                tqdm(total=len(self.sites), desc="injecting faults", unit="tensor", disable=not progress or not self.sites) as bar,
+            ):
                 for batch in self._batches(stats):
                     self._fault_batch(batch, stats)
                     bar.update(len(batch))
