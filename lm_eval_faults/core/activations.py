@@ -295,7 +295,7 @@ class _OutputFaultHook:
         self.plan_number = -1
         """The injector's plan number at this hook's last call."""
         self.device_counts: torch.Tensor | None = None
-        """Counts summed on the device since the last `settle` (`output_writes.DEVICE_COUNTS`)."""
+        """Counts summed on the device since the last `settle` (`output_writes.write_on_device`'s vector)."""
         self.device_width = 0
         """The widest layout among them (the histogram's length)."""
         self._forward = -1
@@ -395,7 +395,7 @@ class _OutputFaultHook:
         if not len(batch):
             return tensor
         target, access = written[0]
-        write_and_count(self.stats, access, shape.offsets[batch.hits.site] + batch.hits.position, batch.fault_bits, batch.old, batch.new)
+        write_and_count(self.stats, access, shape.offsets[batch.hits.site] + batch.hits.position, batch)
         return target
 
     def _count_elements(self, layout: BitLayout, shape: _Shape) -> None:
@@ -422,10 +422,8 @@ class _OutputFaultHook:
             return target
         if planned.known is None:  # stuck-at faults: what changes depends on the values
             access = WordAccess(target, layout)
-            old = access.read(faults.flat[start:stop])
-            write_and_count(
-                self.stats, access, faults.flat[start:stop], faults.masks[start:stop], old, faults.new_words(old, faults.masks[start:stop])
-            )
+            flat = faults.flat[start:stop]
+            write_and_count(self.stats, access, flat, faults.batch(start, stop, access.read(flat)))
             return target
         # A flip's change is its mask: everything but the non-finite count is known. A zero mask
         # (never drawn, but not excluded by construction) writes its word back unchanged.

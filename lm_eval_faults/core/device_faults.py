@@ -21,7 +21,7 @@ import torch
 
 from lm_eval_faults.core import torch_streams as ts
 from lm_eval_faults.core.device_sampling import DeviceHits, bernoulli_hits, nonzero_masks
-from lm_eval_faults.core.faults import _THIN_STRIDE, NO_FAULTS, FaultBatch
+from lm_eval_faults.core.faults import _THIN_STRIDE, NO_FAULTS, FaultBatch, bit_fault_words
 from lm_eval_faults.core.formats import BitLayout, from_unsigned, to_unsigned
 from lm_eval_faults.core.sampling import Hits, _ranks, element_rate
 from lm_eval_faults.core.spec import FaultSpec
@@ -99,15 +99,11 @@ def draw_faults(
         return DeviceFaults(hits, torch.zeros_like(old), old, uniform_words(low + (high - low) * u, layout))
     masks = nonzero_masks(rate, eligible_bits, hit_keys, hits.rank)
     old = read_words(hits)
-    if spec.fault == "stuck0":
-        return DeviceFaults(hits, masks, old, old & ~masks)
-    if spec.fault == "stuck1":
-        return DeviceFaults(hits, masks, old, old | masks)
-    if spec.asymmetric:
+    if spec.asymmetric:  # bit flips only (the spec refuses p01/p10 with another fault)
         keep = ((spec.p01 or 0.0) / rate, (spec.p10 or 0.0) / rate)
         masks = _thin_by_bit_value(masks, old, keep, eligible_bits, hit_keys, hits.rank)
         return DeviceFaults(hits, masks, old, old ^ masks, thinned=True)
-    return DeviceFaults(hits, masks, old, old ^ masks)
+    return DeviceFaults(hits, masks, old, bit_fault_words(spec.fault, old, masks))
 
 
 def _thin_by_bit_value(

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TypeVar
 
 import numpy as np
 import torch
@@ -51,6 +52,19 @@ _EMPTY = np.empty(0, dtype=np.int64)
 _EMPTY.flags.writeable = False
 NO_FAULTS = FaultBatch(Hits(_EMPTY, _EMPTY, _EMPTY), _EMPTY, _EMPTY, _EMPTY)
 """The batch of sites where no fault landed (the common case at small p): shared, read-only."""
+
+Words = TypeVar("Words", np.ndarray, torch.Tensor)
+
+
+def bit_fault_words(fault: str, old: Words, masks: Words) -> Words:
+    """What a bit fault makes of the stored words it hits: stuck-at clears or sets the mask's bits,
+    a flip toggles them. The same operators on numpy arrays (host) and torch tensors (device)."""
+    if fault == "stuck0":
+        return old & ~masks
+    if fault == "stuck1":
+        return old | masks
+    return old ^ masks
+
 
 _THIN_STRIDE = 64
 """THIN draws of hit r use words r * 64 + bit: one per bit position of the widest word."""
@@ -99,15 +113,11 @@ def _bit_faults(
     hit_keys = keys[hits.site]
     masks = nonzero_masks(rate, eligible_bits, hit_keys, hits.rank)
     old = read_words(hits)
-    if spec.fault == "stuck0":
-        return FaultBatch(hits, masks, old, old & ~masks)
-    if spec.fault == "stuck1":
-        return FaultBatch(hits, masks, old, old | masks)
-    if spec.asymmetric:
+    if spec.asymmetric:  # bit flips only (the spec refuses p01/p10 with another fault)
         masks = _thin_by_bit_value(masks, old, (spec.p01 or 0.0) / rate, (spec.p10 or 0.0) / rate, layout, hit_keys, hits.rank)
         kept = masks != 0
         hits, masks, old = hits.select(kept), masks[kept], old[kept]
-    return FaultBatch(hits, masks, old, old ^ masks)
+    return FaultBatch(hits, masks, old, bit_fault_words(spec.fault, old, masks))
 
 
 def _thin_by_bit_value(
@@ -183,7 +193,7 @@ def count_by_site(batch: FaultBatch, sites: int, layout: BitLayout, read: FaultB
         fault_bits=per_site(batch.hits.site, np.bitwise_count(batch.fault_bits)),
         changed_elements=per_site(site, (diff != 0).astype(np.float64)),
         flipped_bits=per_site(site, np.bitwise_count(diff)),
-        nonfinite_created=per_site(site, _becomes_nonfinite(read.old, read.new, layout).astype(np.float64)),
+        nonfinite_created=per_site(site, becomes_nonfinite(read.old, read.new, layout).astype(np.float64)),
         bit_histogram=_bit_histograms(site, diff, sites, layout.width),
     )
 
@@ -211,7 +221,7 @@ def _bit_histograms(site: np.ndarray, diff: np.ndarray, sites: int, width: int) 
     return histogram
 
 
-def _becomes_nonfinite(old: np.ndarray, new: np.ndarray, layout: BitLayout) -> np.ndarray:
+def becomes_nonfinite(old: np.ndarray, new: np.ndarray, layout: BitLayout) -> np.ndarray:
     """Elements that were finite before the fault and are NaN or +-Inf after it.
 
     A float is non-finite exactly when its exponent field is all ones: read it off the words.

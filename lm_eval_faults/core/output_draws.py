@@ -26,12 +26,13 @@ import math
 import numpy as np
 import torch
 
-from lm_eval_faults.core.faults import NO_FAULTS, FaultBatch, WordReader, draw_faults
+from lm_eval_faults.core.faults import NO_FAULTS, FaultBatch, WordReader, bit_fault_words, draw_faults
 from lm_eval_faults.core.formats import BitLayout
 from lm_eval_faults.core.sampling import (
     DENSE_ABOVE,
     SMALL_MEAN,
     WINDOW_SIGMAS,
+    Hits,
     distinct_uniform,
     element_rate,
     nonzero_masks,
@@ -113,14 +114,12 @@ class PlannedFaults:
             )
         return arrays
 
-    def new_words(self, old: np.ndarray, masks: np.ndarray) -> np.ndarray:
-        """What the fault makes of the words it hits (as `faults.draw_faults` computes it)."""
-        fault = self.sampler.spec.fault
-        if fault == "stuck0":
-            return old & ~masks
-        if fault == "stuck1":
-            return old | masks
-        return old ^ masks
+    def batch(self, start: int, stop: int, old: np.ndarray) -> FaultBatch:
+        """Hits [start, stop) of one output as `faults.draw_faults` gives them (one site), with their
+        words `old` before the fault."""
+        masks = self.masks[start:stop]
+        hits = Hits(np.zeros(stop - start, dtype=np.int64), self.flat[start:stop], np.arange(stop - start, dtype=np.int64))
+        return FaultBatch(hits, masks, old, bit_fault_words(self.sampler.spec.fault, old, masks))
 
 
 def _mask_counts(masks: np.ndarray, bounds: np.ndarray, width: int) -> dict[int, tuple[int, int, int, list[int]]]:

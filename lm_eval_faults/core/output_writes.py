@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from lm_eval_faults.core.faults import FaultBatch, becomes_nonfinite, bit_fault_words, count_by_site
 from lm_eval_faults.core.formats import BitLayout, from_unsigned, to_unsigned
 from lm_eval_faults.core.report import SiteStats, add_lists
 from lm_eval_faults.core.words import WordAccess, flat_words
@@ -70,9 +71,7 @@ def _aliases(storage: int, values: tuple) -> bool:
 
 
 MAX_WIDTH = 32
-DEVICE_COUNTS = 3 + MAX_WIDTH
-"""A device count vector: changed elements, flipped bits, non-finite values created, then the
-changed elements per bit position (padded to the widest layout, so vectors of every dtype stack)."""
+"""The widest word: device count vectors pad their bit histogram to it, so vectors of every dtype stack."""
 
 
 def on_device(target: torch.Tensor, mode: str) -> bool:
@@ -83,11 +82,12 @@ def on_device(target: torch.Tensor, mode: str) -> bool:
 
 def write_on_device(target: torch.Tensor, layout: BitLayout, index: torch.Tensor, mask: torch.Tensor, fault: str) -> torch.Tensor:
     """Apply bit faults (`fault`: bitflip, stuck0 or stuck1) at flat positions `index` of contiguous
-    `target`, with int64 `mask`s, both on `target`'s device; returns the counts that depend on its
-    values as a `DEVICE_COUNTS` vector there. Nothing is read back: the host never waits."""
+    `target`, with int64 `mask`s, both on `target`'s device. Returns the counts that depend on its
+    values as one vector there: changed elements, flipped bits, non-finite values created, then the
+    changed elements per bit position (`MAX_WIDTH` of them). Nothing is read back: the host never waits."""
     words = flat_words(target, layout)
     old = to_unsigned(words[index], layout)
-    new = old & ~mask if fault == "stuck0" else old | mask if fault == "stuck1" else old ^ mask
+    new = bit_fault_words(fault, old, mask)
     words[index] = from_unsigned(new, layout)
     diff = old ^ new
     shifts = torch.arange(MAX_WIDTH, device=words.device)
@@ -125,25 +125,13 @@ def flip(target: torch.Tensor, layout: BitLayout, positions: list[int], masks: l
     return created
 
 
-def write_and_count(
-    stats: SiteStats, access: WordAccess, flat: np.ndarray, fault_bits: np.ndarray, old: np.ndarray, new: np.ndarray
-) -> None:
-    """Write the changed words; add what `faults.count_by_site(batch, ...).add_to(...)` would add."""
-    diff = old ^ new
-    changed = diff != 0
-    access.write(flat[changed], new[changed])
-    layout = access.layout
-    per_bit = ((diff[:, None] >> np.arange(layout.width)) & 1).sum(axis=0).tolist()
-    hits, fault_bits_set = len(old), int(np.bitwise_count(fault_bits).sum())
-    add(
-        stats,
-        hits,
-        fault_bits_set,
-        int(np.count_nonzero(changed)),
-        int(np.bitwise_count(diff).sum()),
-        nonfinite_created(old, new, layout),
-        per_bit,
-    )
+def write_and_count(stats: SiteStats, access: WordAccess, flat: np.ndarray, batch: FaultBatch) -> None:
+    """Write the words `batch` changed (its hits at flat positions `flat` of the output) and add its
+    counts, summed over the output's sites, to its module's `stats` (`faults.count_by_site`)."""
+    changed = batch.old != batch.new
+    access.write(flat[changed], batch.new[changed])
+    sites = int(batch.hits.site.max()) + 1
+    count_by_site(batch, sites, access.layout).add_to([stats] * sites)
 
 
 def add(stats: SiteStats, hits: int, fault_bits: int, changed: int, flipped: int, nonfinite: int, per_bit: list[int]) -> None:
@@ -157,15 +145,8 @@ def add(stats: SiteStats, hits: int, fault_bits: int, changed: int, flipped: int
 
 
 def nonfinite_created(old: np.ndarray, new: np.ndarray, layout: BitLayout) -> int:
-    """Elements finite before the fault and NaN or +-Inf after it (`faults._becomes_nonfinite`):
-    those whose exponent field becomes all ones. Usually none is non-finite after: one test."""
-    field = _exponent_field(layout)
-    if not field:
-        return 0
-    after = (new & field) == field
-    if not after.any():
-        return 0
-    return int(np.count_nonzero(after & ((old & field) != field)))
+    """Elements finite before the fault and NaN or +-Inf after it (`faults.becomes_nonfinite`)."""
+    return int(np.count_nonzero(becomes_nonfinite(old, new, layout)))
 
 
 def _exponent_field(layout: BitLayout) -> int:
