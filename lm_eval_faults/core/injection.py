@@ -162,6 +162,13 @@ class Injection:
         self.restore()
 
 
+def live_injections(model: nn.Module) -> list[Injection]:
+    """The injections applied to `model` now, oldest first, whoever applied them: a wrapper
+    (lm-eval's `faulty_hf`) reports these, not only its own, so faults replayed on its model
+    from outside (`Injection.replay(lm.model, ...)`, as bisection does) are reported too."""
+    return list(_active.get(model, []))
+
+
 def inject(
     model: nn.Module,
     spec: FaultSpec | str | Mapping[str, Any] | None = None,

@@ -28,7 +28,7 @@ from transformers import LogitsProcessor, LogitsProcessorList
 
 from lm_eval_faults.core.activations import Rows
 from lm_eval_faults.core.fault_map import FaultMap
-from lm_eval_faults.core.injection import Injection
+from lm_eval_faults.core.injection import Injection, live_injections
 from lm_eval_faults.core.range_restriction import ActivationBounds
 from lm_eval_faults.core.report import FaultReport, SiteStats
 from lm_eval_faults.core.spec import FAULT_KEYS, FaultSpec, parse_arg_string, parse_fault_args
@@ -65,6 +65,31 @@ class NonFiniteLogitsGuard(LogitsProcessor):
         safe = torch.nan_to_num(scores, nan=0.0, posinf=torch.finfo(scores.dtype).max, neginf=-math.inf)
         hopeless = torch.isneginf(safe).all(dim=-1, keepdim=True)
         return torch.where(hopeless, torch.zeros_like(safe), safe)  # type: ignore[return-value]
+
+
+def combined_report(injections: list[Injection]) -> FaultReport:
+    """One report for several injections stacked on a model: the specs side by side, every
+    faulted site of each (a tensor faulted twice appears twice, so the totals add up)."""
+    if len(injections) == 1:
+        return injections[0].report
+    for injection in injections:
+        injection.report.settle()
+    activations: dict[str, SiteStats] = {}
+    for injection in injections:
+        for name, stats in injection.report.activations.items():
+            if name in activations:
+                activations[name].add(stats)
+            else:
+                activations[name] = SiteStats(**vars(stats))
+    return FaultReport(
+        spec={
+            "stack": [injection.report.spec for injection in injections],
+            "description": " + ".join(injection.report.spec["description"] for injection in injections),
+        },
+        weights=[site for injection in injections for site in injection.report.weights],
+        activations=activations,
+        protection_notes=[note for injection in injections for note in injection.report.protection_notes],
+    )
 
 
 RATE_KEYS = ("p", "p01", "p10", "replay")
@@ -107,6 +132,7 @@ class FaultyHFLM(HFLM):
         self.print_report = True
         self._activation_bounds: ActivationBounds | None = None
         self._pending: FaultSpec | None = None
+        self._evaluation_reported = False
         self._inject(spec)
 
     @classmethod
@@ -166,20 +192,44 @@ class FaultyHFLM(HFLM):
         self._inject(pending)
 
     @property
+    def _live(self) -> list[Injection]:
+        """Every injection on the model now: ours, and any applied from outside (a replayed subset)."""
+        return live_injections(self.model)
+
+    @property
+    def _faulted(self) -> bool:
+        """Whether the model carries faults now, whoever put them there: the checks and counts of a
+        faulted run apply (an outside `Injection.replay` on a p=0 `faulty_hf` is a faulted run)."""
+        return self.spec.active or bool(self._live)
+
+    @property
     def _faults_activations(self) -> bool:
-        return self.spec.active and self.spec.on_activations
+        return any(injection.spec.active and injection.spec.on_activations for injection in self._live)
+
+    def _next_forward(self, rows: Rows | None) -> None:
+        for injection in self._live:
+            injection.next_forward(rows)
+
+    def _new_evaluation(self) -> None:
+        """Counters describe one evaluation: lm-eval reads the report once, at its end
+        (`get_model_info`), so the first request after that read starts a new one."""
+        if self._evaluation_reported:
+            self._evaluation_reported = False
+            self._reset_counts()
 
     # -- batching: probes are clean, a request's faults do not depend on its batch ------------
 
     def _detect_batch_size(self, requests=None, pos: int = 0):
         """lm-eval's `--batch_size auto` probe forwards: fault-free and uncounted."""
-        with self.injection.paused():
+        with contextlib.ExitStack() as stack:
+            for injection in self._live:
+                stack.enter_context(injection.paused())
             return super()._detect_batch_size(requests, pos)
 
     def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, override_bs: int | None = None):
         """Remember each request's model input, so `_model_call` can tell padding from tokens; flag
         requests whose every scored position got a flat (constant) next-token distribution."""
-        if not self.spec.active:
+        if not self._faulted:
             return super()._loglikelihood_tokens(requests, disable_tqdm=disable_tqdm, override_bs=override_bs)
         # The input lm-eval builds for each request: (context + continuation), left-truncated, last token dropped.
         inputs = [tuple((context + continuation)[-(self.max_length + 1) :][:-1]) for _, context, continuation in requests]
@@ -203,17 +253,17 @@ class FaultyHFLM(HFLM):
     def _model_call(self, inps: torch.Tensor, attn_mask=None, labels=None) -> torch.Tensor:
         """One scoring forward. With activation faults, each row draws its own faults, keyed by
         its tokens, on its real positions only (lm-eval right-pads rows with token 0)."""
-        if not self.spec.active or attn_mask is not None:
+        if not self._faulted or attn_mask is not None:
             return super()._model_call(inps, attn_mask=attn_mask, labels=labels)
         rows = inps.tolist()
         lengths = [self._real_length(row) for row in rows]
         if self._faults_activations:
             keys = np.array([request_key(row[:length]) for row, length in zip(rows, lengths, strict=True)], dtype=np.uint64)
-            self.injection.next_forward(Rows(keys, np.zeros(len(rows), dtype=np.int64), np.array(lengths, dtype=np.int64), inps.shape[1]))
+            self._next_forward(Rows(keys, np.zeros(len(rows), dtype=np.int64), np.array(lengths, dtype=np.int64), inps.shape[1]))
         try:
             logits = super()._model_call(inps)
         finally:
-            self.injection.next_forward(None)
+            self._next_forward(None)
         flat = (logits.amax(dim=-1) == logits.amin(dim=-1)).cpu().numpy()
         for row, length, row_flat in zip(rows, lengths, flat, strict=True):
             if row_flat[:length].any():  # kept only for rows with a flat position: rare unless collapsed
@@ -231,10 +281,16 @@ class FaultyHFLM(HFLM):
                 return candidate
         return len(row)
 
+    def _faults_report(self) -> FaultReport:
+        """The report of the faults on the model now (ours, or those replayed on it from outside)."""
+        live = self._live
+        return combined_report(live) if live else self.injection.report
+
     @property
     def report(self) -> FaultReport:
-        """The fault report, with request counts (summed over data-parallel ranks)."""
-        report = self.injection.report
+        """The fault report of the faults on the model now, with the request counts of this
+        evaluation (summed over data-parallel ranks)."""
+        report = self._faults_report()
         report.settle()
         activations, counts = self._rank_merged or (report.activations, self._counts)
         report.activations = activations
@@ -244,26 +300,29 @@ class FaultyHFLM(HFLM):
     # -- request types: count non-finite and degenerate results per task -----------------------
 
     def loglikelihood(self, requests: list[Instance], disable_tqdm: bool = False) -> list[tuple[float, bool]]:
+        self._new_evaluation()
         self._calibrate("loglikelihood", requests)
         self._last_flat = []
         results = super().loglikelihood(requests, disable_tqdm=disable_tqdm)
         logprobs = [logprob for logprob, _ in results]
         degenerate = [False] * len(requests)  # p=0 is `hf` exactly: no checks on the clean model
-        if self.spec.active:
+        if self._faulted:
             tied = tied_choices(logprobs, [(r.task_name or "", r.doc_id) for r in requests])
             degenerate = [flat or tie for flat, tie in zip(self._last_flat, tied, strict=True)]
         self._count("loglikelihood", requests, [not math.isfinite(x) for x in logprobs], degenerate)
         return results
 
     def loglikelihood_rolling(self, requests: list[Instance], disable_tqdm: bool = False) -> list[float]:
+        self._new_evaluation()
         self._calibrate("loglikelihood_rolling", requests)
         results = super().loglikelihood_rolling(requests, disable_tqdm=disable_tqdm)
         self._count("loglikelihood_rolling", requests, [not math.isfinite(x) for x in results], [False] * len(requests))
         return results
 
     def generate_until(self, requests: list[Instance], disable_tqdm: bool = False) -> list[str]:
+        self._new_evaluation()
         self._calibrate("generate_until", requests)
-        if not self.spec.active:
+        if not self._faulted:
             clean = super().generate_until(requests, disable_tqdm=disable_tqdm)
             self._count("generate_until", requests, [False] * len(requests), [False] * len(requests))
             return clean
@@ -294,7 +353,7 @@ class FaultyHFLM(HFLM):
             self._cache.remember("generate_until", request.args, (task, bad, flat))
 
     def _model_generate(self, context, max_length: int, stop: list[str], **generation_kwargs) -> torch.Tensor:
-        if not self.spec.active:
+        if not self._faulted:
             return super()._model_generate(context, max_length, stop, **generation_kwargs)
         guard = NonFiniteLogitsGuard()
         processors = LogitsProcessorList([*generation_kwargs.pop("logits_processor", []), guard])
@@ -327,7 +386,7 @@ class FaultyHFLM(HFLM):
             valid = torch.ones_like(ids) if valid is None else valid[:, -length:]
             starts = (length - valid.sum(dim=1)).cpu().numpy().astype(np.int64)
             keys = row_keys(step, base)
-            self.injection.next_forward(Rows(keys, starts, np.full(len(base), length, dtype=np.int64), length))
+            self._next_forward(Rows(keys, starts, np.full(len(base), length, dtype=np.int64), length))
             step += 1
 
         handle = self.model.register_forward_pre_hook(before_forward, with_kwargs=True)
@@ -335,7 +394,7 @@ class FaultyHFLM(HFLM):
             yield
         finally:
             handle.remove()
-            self.injection.next_forward(None)
+            self._next_forward(None)
 
     def _count(self, attr: str, requests: list[Instance], nonfinite: list[bool], degenerate: list[bool]) -> None:
         for request, bad, flat in zip(requests, nonfinite, degenerate, strict=False):
@@ -354,8 +413,9 @@ class FaultyHFLM(HFLM):
         """Sum counters over data-parallel ranks (all ranks reach here together, once per request type)."""
         if self.world_size <= 1 or not torch.distributed.is_initialized():
             return
-        self.injection.report.settle()
-        local = (self.injection.report.activations, self._counts)
+        current = self._faults_report()
+        current.settle()
+        local = (current.activations, self._counts)
         gathered: list[Any] = [None] * self.world_size
         torch.distributed.all_gather_object(gathered, local)
         activations: dict[str, SiteStats] = {}
@@ -399,9 +459,10 @@ class FaultyHFLM(HFLM):
         """lm-eval's model info plus the fault report; also prints the report's summary table."""
         info = super().get_model_info()
         report = self.report
-        if self.spec.active:
+        if self._faulted:
             report.check_not_silent("activations")
         if self.print_report:
             print(report.format_table(), file=sys.stderr)
         info["fault_injection"] = report.to_dict()
+        self._evaluation_reported = True
         return info
