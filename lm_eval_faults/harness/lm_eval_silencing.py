@@ -55,17 +55,18 @@ def _no_new_progress_bars() -> Iterator[None]:
     variant (tqdm.auto, tqdm.asyncio) runs `tqdm.std.tqdm.__init__`."""
     from tqdm import std
 
+    saved = vars(std.tqdm)["__init__"]  # a partialmethod (tqdm's TQDM_* environment defaults): restored as it was
     original = std.tqdm.__init__
 
     def disabled(self: Any, *args: Any, **kwargs: Any) -> None:
         kwargs["disable"] = True
         original(self, *args, **kwargs)
 
-    std.tqdm.__init__ = disabled  # type: ignore[method-assign]
+    std.tqdm.__init__ = disabled
     try:
         yield
     finally:
-        std.tqdm.__init__ = original  # type: ignore[method-assign]
+        std.tqdm.__init__ = saved
 
 
 @contextlib.contextmanager
