@@ -37,6 +37,7 @@ def test_registration_costs_unrelated_processes_nothing():
     assert output == "[] True"
 
 
+@pytest.mark.slow
 def test_faulty_hf_is_found_by_an_unmodified_lm_eval():
     code = "from lm_eval.api.registry import get_model; print(get_model('faulty_hf').__name__, get_model('hf').__name__)"
     output = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()

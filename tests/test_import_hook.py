@@ -99,6 +99,7 @@ FAKE_LM_EVAL = {
 }
 
 
+@pytest.mark.slow
 @needs_hook
 def test_hook_extends_lm_eval_when_it_is_imported(tmp_path):
     """The plain-class finder and loader work through the real import system (a stand-in lm_eval

@@ -222,6 +222,7 @@ def test_nan_and_inf_from_faults_do_not_crash_a_forward():
     assert report.totals()["nonfinite_created"] > 0 and not torch.isfinite(logits).all()
 
 
+@pytest.mark.slow
 def test_fault_maps_are_identical_in_two_processes():
     code = (
         "import sys; sys.path.insert(0, 'tests'); from tiny import tiny_model; from lm_eval_faults import inject;"

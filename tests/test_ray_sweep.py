@@ -81,6 +81,7 @@ def _ray(**kwargs: Any) -> RayOptions:
     return RayOptions(actors=2, **kwargs)
 
 
+@pytest.mark.slow
 def test_a_ray_sweep_writes_the_single_process_records_point_for_point(ray_instance, reference, in_process, tmp_path):
     run = run_sweep(tmp_path, CONFIG, ray=_ray(), progress=False)
     assert sorted(run.ran) == sorted(EXPECTED) and run.retries == 0
@@ -100,6 +101,7 @@ def test_a_ray_sweep_writes_the_single_process_records_point_for_point(ray_insta
     _assert_same_results(tmp_path, reference)
 
 
+@pytest.mark.slow
 def test_a_killed_actor_loses_no_point_and_repeats_none(ray_instance, reference, in_process, tmp_path):
     # A single-process sweep killed after the baseline and one point, resumed on Ray ...
     def kill_driver(record: dict[str, Any]) -> None:

@@ -170,6 +170,7 @@ def test_a_flip_of_the_top_exponent_bit_of_a_value_in_1_2_gives_inf_or_nan():
     assert torch.isfinite(huge).all() and huge.item() == 0.75 * 2.0**128
 
 
+@pytest.mark.slow
 def test_map_is_a_pure_function_of_seed_name_and_spec_across_processes():
     code = (
         "import numpy as np; from lm_eval_faults.core.sampling import *; from lm_eval_faults.core.streams import *;"

@@ -1,4 +1,4 @@
-"""The `lm-eval-faults` command: targets, analyze, sweep, report, tasks-path.
+"""The `lm-eval-faults` command: targets, analyze, sweep, report, bisect, drift, tasks-path.
 
 Evaluation itself stays with lm-eval (`lm_eval --model faulty_hf ...`); these subcommands do
 what lm-eval has no verb for. Each subcommand lives in its own module, imported only when used.

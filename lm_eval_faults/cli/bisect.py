@@ -38,8 +38,9 @@ def main(args: argparse.Namespace) -> int:
     from lm_eval.tasks import TaskManager
 
     from lm_eval_faults.harness.model import FaultyHFLM
-    from lm_eval_faults.study.bisect import bisect
-    from lm_eval_faults.study.runner import evaluation_score
+    from lm_eval_faults.study.bisect import bisect, expected_evaluations
+    from lm_eval_faults.study.progress import ProgressLine
+    from lm_eval_faults.study.runner import evaluation_score, quiet_lm_eval
 
     model_args = parse_arg_string(args.model_args)
     if args.pretrained:
@@ -51,22 +52,24 @@ def main(args: argparse.Namespace) -> int:
         raise FaultSpecError(f"--fault_args {args.fault_args!r} draws no weight faults: bisection needs a map of weight faults")
     lm = FaultyHFLM.create_from_arg_obj(model_args, {"batch_size": args.batch_size, "device": device})
     lm.print_report = False
-    fault_map = FaultMap.load(args.map) if args.map else lm.set_faults(spec or FaultSpec()).fault_map()
+    with quiet_lm_eval():  # no "injecting faults" bar above the trials' line
+        fault_map = FaultMap.load(args.map) if args.map else lm.set_faults(spec or FaultSpec()).fault_map()
 
     task_manager = TaskManager()
-    trials = 0
+    first, more = expected_evaluations(len(fault_map))
+    line = ProgressLine("lm-eval-faults bisect", first, unit="trials", approximate=True, regrow=more)
 
     def score(subset: FaultMap | None) -> float:
-        nonlocal trials
-        trials += 1
-        lm.replay_faults(subset)
-        value = evaluation_score(lm, tasks, task_manager, args.limit)
-        print(f"lm-eval-faults bisect: trial {trials}: {0 if subset is None else len(subset)} faults -> {value:.4g}", file=sys.stderr)
+        with quiet_lm_eval():  # the replay's "injecting faults" bar too
+            lm.replay_faults(subset)
+            value = evaluation_score(lm, tasks, task_manager, args.limit)
+        line.advance(f"{0 if subset is None else len(subset)} faults -> {value:.4g}")
         return value
 
     sites = {name: (site.component, site.layer) for site in all_param_sites(lm.model) for name in site.names}
     print(f"lm-eval-faults bisect: {len(fault_map)} faults; scoring {', '.join(tasks)}", file=sys.stderr)
-    outcome = bisect(fault_map, score, args.fraction, sites)
+    with line:
+        outcome = bisect(fault_map, score, args.fraction, sites)
     lm.replay_faults(None)
     print(outcome.format_table())
     if args.json:

@@ -48,7 +48,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     evaluation = parser.add_argument_group("lm-eval options")
     evaluation.add_argument("--num_fewshot", type=int, default=None)
     evaluation.add_argument("--limit", type=float, default=None, help="documents per task (a fraction if < 1)")
-    evaluation.add_argument("--batch_size", default="1")
+    evaluation.add_argument(
+        "--batch_size", default="32", help="lm-eval's batch size (default 32; auto re-probes and is slower on small models)"
+    )
     evaluation.add_argument("--max_batch_size", type=int, default=None)
     evaluation.add_argument("--device", default=None)
     evaluation.add_argument("--include_path", default="", help="comma list of extra task directories")

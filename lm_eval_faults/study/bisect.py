@@ -14,6 +14,7 @@ Each trial is one evaluation; identical subsets are evaluated once.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -158,3 +159,13 @@ def bisect(
         )
     outcome.evaluations = len(memo) + 1  # every distinct subset, plus the clean run
     return outcome
+
+
+def expected_evaluations(faults: int) -> tuple[int, int]:
+    """The evaluations `bisect` takes on `faults` faults holding one culprit, at most, and what
+    each further culprit adds: the clean run and the whole map, then per culprit two halves per
+    halving down to one fault and the check that the rest is harmless (its score alone is
+    memoised by then). Faults that only do damage together take more: a progress line's
+    estimate, raised as the work outgrows it, not a bound."""
+    per_culprit = 1 + 2 * max(1, math.ceil(math.log2(max(faults, 2))))
+    return 2 + per_culprit, per_culprit

@@ -245,7 +245,7 @@ class SweepConfig:
     fault_args: str = ""
     num_fewshot: int | None = None
     limit: float | None = None
-    batch_size: str = "1"
+    batch_size: str = "32"
     max_batch_size: int | None = None
     device: str | None = None
     include_path: tuple[str, ...] = ()

@@ -30,6 +30,7 @@ from types import ModuleType
 from typing import Any
 
 from lm_eval_faults.study.grid import SweepConfig, SweepConfigError, SweepPoint
+from lm_eval_faults.study.progress import note
 from lm_eval_faults.study.runner import CleanSamples, LocalEvaluator, PointResult
 
 LOCAL = "local"
@@ -142,7 +143,7 @@ class RayPool:
         self.ray = import_ray()
         self.config = config
         self.options = options
-        started = time.perf_counter()
+        self._started = started = time.perf_counter()
         self._owns_ray = _connect(self.ray, options.address)
         connected = time.perf_counter() - started
         count, resources = actor_shape(self.ray.cluster_resources(), config, options)
@@ -242,6 +243,8 @@ class RayPool:
             self._replace(actor)
             return
         self._idle.append(actor)
+        ready, elapsed = len(self.actors) - len(self._loading), time.perf_counter() - self._started
+        note(f"lm-eval-faults sweep: Ray actor {ready}/{len(self.actors)} ready ({elapsed:.0f} s after starting Ray)")
 
     def _get(self, ref: Any) -> Any:
         """`ray.get`, raising an error the actor raised as itself, so a bad model path or grid reads

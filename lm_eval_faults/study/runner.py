@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import logging
 import math
 import os
 import sys
@@ -44,6 +43,7 @@ from lm_eval_faults.study.grid import (
     check_selections,
     plan_points,
 )
+from lm_eval_faults.study.progress import ProgressLine
 from lm_eval_faults.study.run_dir import RunDir
 
 if TYPE_CHECKING:
@@ -74,33 +74,12 @@ def sweep_device(config: SweepConfig) -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-@contextlib.contextmanager
-def quiet_lm_eval() -> Iterator[None]:
-    """Keep the sweep's output to its progress: while points run, lm-eval logs errors only
-    (its per-point warnings, e.g. "Custom kwargs can be passed...", repeat identically for every
-    point) and skips its environment survey, whose `git describe` prints "fatal: not a git
-    repository" outside a repository and whose results a sweep record does not keep. Both are
-    restored afterwards, so lm-eval behaves as before for the rest of the process."""
-    from lm_eval import evaluator
+def quiet_lm_eval() -> contextlib.AbstractContextManager[None]:
+    """Keep the command's output to its own progress line while lm-eval runs (no nested bars,
+    repeated warnings or `git describe` noise): `harness.lm_eval_silencing.silenced_lm_eval`."""
+    from lm_eval_faults.harness.lm_eval_silencing import silenced_lm_eval
 
-    loggers = [logging.getLogger("lm_eval")] + [
-        logger
-        for name, logger in logging.root.manager.loggerDict.items()
-        if name.startswith("lm_eval.") and isinstance(logger, logging.Logger) and logger.level != logging.NOTSET
-    ]
-    levels = [logger.level for logger in loggers]
-    saved = {name: getattr(evaluator, name) for name in ("get_git_commit_hash", "add_env_info")}
-    try:
-        for logger in loggers:
-            logger.setLevel(logging.ERROR)
-        evaluator.get_git_commit_hash = lambda: None
-        evaluator.add_env_info = lambda storage: None
-        yield
-    finally:
-        for logger, level in zip(loggers, levels, strict=True):
-            logger.setLevel(level)
-        for name, function in saved.items():
-            setattr(evaluator, name, function)
+    return silenced_lm_eval()
 
 
 @dataclass
@@ -486,26 +465,23 @@ def _run_points(
     """Plan, pin the config, then evaluate what is not done: the baseline first, because every
     other point's drift is measured against its samples, then the rest in whatever order the
     evaluator finishes them. Each record is appended (fsync) here, by this process only."""
-    from tqdm.auto import tqdm
-
     points = evaluator.plan()
     directory.save_config(config)
     outcome.skipped = [point.point_id for point in points if point.point_id in done]
     pending = [point for point in points if point.point_id not in done]
     clean = resume_clean_samples(directory, points, done, evaluator)
-    bar = tqdm(total=len(points), initial=len(outcome.skipped), desc="sweep points", unit="point", disable=not progress, file=sys.stderr)
+    bar = ProgressLine("lm-eval-faults sweep", len(points), done=len(outcome.skipped), enabled=progress)
 
     def keep(result: PointResult) -> None:
         record = result.record
         directory.append(record)
         outcome.ran.append(record["point_id"])
         outcome.retries += int(record.get("retries", 0))
-        bar.set_postfix_str(record["point_id"])
-        bar.update()
+        bar.advance(record["point_id"])
         if on_point is not None:
             on_point(record)
 
-    try:
+    with bar:
         for result in evaluator.evaluate([point for point in pending if point.baseline], None):
             if result.clean is not None:
                 clean = result.clean
@@ -513,8 +489,6 @@ def _run_points(
             keep(result)
         for result in evaluator.evaluate([point for point in pending if not point.baseline], clean):
             keep(result)
-    finally:
-        bar.close()
 
 
 def _decoder_stack_size(lm: FaultyHFLM) -> int | None:
