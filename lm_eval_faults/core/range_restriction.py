@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import tempfile
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -47,9 +48,19 @@ class ActivationBounds:
         """Write atomically, so a killed calibration never leaves a half-written cache entry."""
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        temporary = path.with_suffix(".tmp")
-        temporary.write_text(json.dumps({name: list(pair) for name, pair in sorted(self.bounds.items())}), encoding="utf-8")
-        os.replace(temporary, path)
+        data = json.dumps({name: list(pair) for name, pair in sorted(self.bounds.items())}).encode("utf-8")
+        # A unique temporary name: two processes saving the same key must not write one file.
+        handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        try:
+            with os.fdopen(handle, "wb") as stream:
+                stream.write(data)
+                stream.flush()
+                os.fsync(stream.fileno())
+            os.replace(temporary, path)
+        except BaseException:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(temporary)
+            raise
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> ActivationBounds:
