@@ -69,9 +69,9 @@ def calibrated_bounds(model: nn.Module, key: str, run_clean: Callable[[], object
         warnings.warn(f"calibration cache entry {path} is unusable ({problem}); ignoring it and calibrating again", stacklevel=2)
     with record_bounds(model) as bounds:
         run_clean()
-    problem = bounds_problem(bounds.bounds)
-    if problem is not None:
-        warnings.warn(f"calibrated bounds not cached ({problem}): a later run calibrates again", stacklevel=2)
+    recorded_problem = bounds_problem(bounds.bounds)
+    if recorded_problem is not None:
+        warnings.warn(f"calibrated bounds not cached ({recorded_problem}): a later run calibrates again", stacklevel=2)
         return bounds
     try:
         bounds.save(path)
