@@ -30,6 +30,8 @@ from typing import Any
 
 import numpy as np
 
+from lm_eval_faults.core.formats import LAYOUTS
+
 FORMAT = "lm-eval-faults/fault-map/1"
 
 
@@ -93,37 +95,112 @@ class FaultMap:
             "params": [vars(info) for info in self.params],
         }
         path = Path(path)
+        check_writable(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # atomic: every rank may save
-        with open(temporary, "wb") as handle:  # a file handle: numpy would otherwise append `.npz`
-            np.savez_compressed(
-                handle,
-                param=self.param.astype(np.int32),
-                index=self.index.astype(np.int64),
-                old=self.old.astype(np.uint32),
-                new=self.new.astype(np.uint32),
-                meta=np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8),
-            )
-        os.replace(temporary, path)
+        try:
+            with open(temporary, "wb") as handle:  # a file handle: numpy would otherwise append `.npz`
+                np.savez_compressed(
+                    handle,
+                    param=self.param.astype(np.int32),
+                    index=self.index.astype(np.int64),
+                    old=self.old.astype(np.uint32),
+                    new=self.new.astype(np.uint32),
+                    meta=np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8),
+                )
+            os.replace(temporary, path)
+        finally:
+            temporary.unlink(missing_ok=True)  # never a stray `.tmp` beside a failed save
         return path
+
+    def check(self, source: object = "fault map") -> None:
+        """Refuse an inconsistent map in one line naming `source`: replaying one would drop,
+        truncate or double-count rows silently (a row outside `params`, arrays of unequal length,
+        a row given twice, a word that changes nothing or has bits beyond its dtype's width)."""
+        count = len(self.param)
+        lengths = {name: len(getattr(self, name)) for name in ("param", "index", "old", "new")}
+        if len(set(lengths.values())) > 1:
+            raise FaultMapError(f"{source}: its arrays differ in length ({_listing(lengths)}); each needs one entry per fault")
+        if not self.params or not count:
+            raise FaultMapError(f"{source}: the map holds no faults ({len(self.params)} parameters, {count} rows): nothing to replay")
+        names = [info.name for info in self.params]
+        if len(set(names)) < len(names):
+            raise FaultMapError(f"{source}: a parameter is listed twice in meta.params")
+        widths = []
+        for info in self.params:
+            layout = next((lay for lay in LAYOUTS.values() if lay.name == info.dtype), None)
+            if layout is None or not isinstance(info.numel, int) or info.numel < 1:
+                raise FaultMapError(f"{source}: meta.params entry {vars(info)} needs a known dtype and a positive numel")
+            widths.append(layout.width)
+        param = self.param
+        if param.min() < 0 or param.max() >= len(self.params):
+            bad = int(param[(param < 0) | (param >= len(self.params))][0])
+            raise FaultMapError(f"{source}: row parameter number {bad} is outside meta.params (0-{len(self.params) - 1})")
+        numels = np.array([info.numel for info in self.params], dtype=np.int64)[param]
+        outside = np.flatnonzero((self.index < 0) | (self.index >= numels))
+        if len(outside):
+            row = outside[0]
+            raise FaultMapError(f"{source}: index {int(self.index[row])} is outside {names[param[row]]} ({numels[row]} elements)")
+        limits = np.array([1 << width for width in widths], dtype=np.int64)[param]
+        wide = np.flatnonzero((self.old < 0) | (self.new < 0) | (self.old >= limits) | (self.new >= limits))
+        if len(wide):
+            row = wide[0]
+            raise FaultMapError(f"{source}: row {row} has a word wider than {names[param[row]]}'s {widths[param[row]]} bits")
+        keys = param.astype(np.int64) * (int(numels.max()) + 1) + self.index
+        if len(np.unique(keys)) < count:
+            raise FaultMapError(f"{source}: {count - len(np.unique(keys))} rows repeat a word another row already faults")
 
     @classmethod
     def load(cls, path: str | Path) -> FaultMap:
+        """Read and check a map file: anything but a consistent, non-empty map is one FaultMapError
+        naming the file (numpy and zipfile raise half a dozen exception types for damaged files)."""
+        if not os.path.exists(path):
+            raise FaultMapError(f"fault map {path} does not exist")
+        if not os.path.isfile(path):
+            raise FaultMapError(f"fault map {path} is not a file")
         try:
             with np.load(path, allow_pickle=False) as data:
                 meta = json.loads(bytes(data["meta"]).decode())
                 arrays = {name: data[name] for name in ("param", "index", "old", "new")}
-        except (OSError, KeyError, ValueError) as error:
-            raise FaultMapError(f"{path} is not a fault map ({error})") from None
+        except Exception as error:  # BadZipFile, EOFError, bad CRC, a missing array, not JSON...
+            raise FaultMapError(f"{path} is not a fault map ({type(error).__name__}: {error})") from None
+        if not isinstance(meta, dict):
+            raise FaultMapError(f"{path} is not a fault map (its meta is {type(meta).__name__}, not an object)")
         if meta.get("format") != FORMAT:
             raise FaultMapError(f"{path} has format {meta.get('format')!r}; this package reads {FORMAT!r}")
-        params = tuple(ParamInfo(**info) for info in meta["params"])
-        return cls(
-            params,
-            arrays["param"].astype(np.int64),
-            arrays["index"].astype(np.int64),
-            arrays["old"].astype(np.int64),
-            arrays["new"].astype(np.int64),
+        infos = meta.get("params")
+        if not isinstance(infos, list) or not all(isinstance(info, dict) and set(info) == {"name", "dtype", "numel"} for info in infos):
+            raise FaultMapError(f"{path}: meta.params must be a list of {{name, dtype, numel}}")
+        for name, array in arrays.items():
+            if array.ndim != 1 or array.dtype.kind not in "iu":
+                raise FaultMapError(f"{path}: array {name!r} is {array.dtype} of shape {array.shape}; it must be 1-D integers")
+        fault_map = cls(
+            tuple(ParamInfo(**info) for info in infos),
+            *(arrays[name].astype(np.int64) for name in ("param", "index", "old", "new")),
             meta.get("spec", {}),
             meta.get("version", ""),
         )
+        fault_map.check(path)
+        same = np.flatnonzero(fault_map.old == fault_map.new)  # a saved map logs only changed words
+        if len(same):
+            raise FaultMapError(f"{path}: {len(same)} rows change nothing (old == new), e.g. row {same[0]}")
+        return fault_map
+
+
+def check_writable(path: str | Path, key: str = "save_map") -> None:
+    """Refuse an output path that can't be written, before the work it would record: a directory,
+    a parent that is a file, a folder without write permission."""
+    path = Path(path)
+    if path.is_dir():
+        raise FaultMapError(f"{key}={path} is a directory; give a file path such as {path / 'map.npz'}")
+    parent = path.parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise FaultMapError(f"{key}={path} can't be written: {parent} is a file, not a folder")
+    if not os.access(parent, os.W_OK | os.X_OK) or (path.exists() and not os.access(path, os.W_OK)):
+        raise FaultMapError(f"{key}={path} can't be written: no write permission in {parent}")
+
+
+def _listing(values: dict[str, int]) -> str:
+    return ", ".join(f"{name} {value}" for name, value in values.items())

@@ -23,7 +23,7 @@ from typing import Any
 from torch import nn
 
 from lm_eval_faults.core.activations import ActivationInjector, Rows
-from lm_eval_faults.core.fault_map import FaultMap
+from lm_eval_faults.core.fault_map import FaultMap, check_writable
 from lm_eval_faults.core.protection import backed_up, protection_gaps
 from lm_eval_faults.core.range_restriction import ActivationBounds, ActivationClamp, MissingBoundsError, clamp_sites
 from lm_eval_faults.core.report import FaultReport
@@ -85,10 +85,15 @@ class Injection:
         If anything fails partway (a tensor that can't be written, a hook that can't be
         registered), every word already written is restored, every hook is removed, and the error
         propagates: the model is left exactly as it was. With `spec.save_map`, the map of what
-        was injected is written there.
+        was injected is written there: its path is checked before anything is injected, and a
+        save that fails anyway restores the model before the error propagates.
         """
         if fault_map is None and spec.replay is not None:
             fault_map = FaultMap.load(spec.replay)
+        elif fault_map is not None:
+            fault_map.check(spec.replay or "fault map")
+        if spec.save_map is not None:
+            check_writable(spec.save_map)
         injection = cls(model, spec, replaying=fault_map is not None, activation_bounds=activation_bounds)
         if not spec.active and fault_map is None:
             return injection
@@ -114,7 +119,11 @@ class Injection:
         _active.setdefault(model, []).append(injection)
         injection.report.check_not_silent("weights")
         if spec.save_map is not None:
-            injection.fault_map().save(spec.save_map)
+            try:
+                injection.fault_map().save(spec.save_map)
+            except BaseException:
+                injection.restore()  # no handle reaches the caller: leave the model clean
+                raise
         return injection
 
     @classmethod

@@ -37,7 +37,7 @@ from lm_eval_faults.harness.autoload import COMMAND_LINE_MODEL_ARGS
 from lm_eval_faults.harness.calibration import bounds_key, calibrated_bounds, swapped
 from lm_eval_faults.harness.lm_eval_silencing import install_quiet_git_hash
 from lm_eval_faults.harness.package_data import demo_model_dir
-from lm_eval_faults.harness.preflight import check_against_config, check_as_written, check_keys, read_config
+from lm_eval_faults.harness.preflight import check_against_config, check_as_written, check_fault_files, check_keys, read_config
 from lm_eval_faults.harness.request_cache import CountedCache, cache_table
 from lm_eval_faults.harness.request_counts import RequestCounts, tied_choices
 
@@ -124,6 +124,7 @@ class FaultyHFLM(HFLM):
         config = read_config({**hf_kwargs, "pretrained": pretrained})
         check_keys(hf_kwargs, HFLM_ARGUMENTS, config)
         check_against_config(spec, hf_kwargs, config)
+        check_fault_files(spec, hf_kwargs, config)
         super().__init__(pretrained=pretrained, **hf_kwargs)
         install_quiet_git_hash()  # no "fatal: not a git repository" when lm_eval runs outside a checkout
         self._gguf_file = hf_kwargs.get("gguf_file")

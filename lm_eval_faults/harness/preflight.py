@@ -169,3 +169,23 @@ def _from_pretrained_parameters() -> set[str]:
     from transformers import PreTrainedModel
 
     return set(inspect.signature(PreTrainedModel.from_pretrained).parameters) - {"kwargs", "model_args"}
+
+
+def check_fault_files(spec: FaultSpec, model_args: Mapping[str, Any], config: Any | None) -> None:
+    """What `replay=` and `save_map=` files alone tell, before the weights load: the map exists,
+    parses and is consistent, and was made in the dtype the model will run in; the output path
+    can be written (a failed save would otherwise lose the whole run)."""
+    from lm_eval_faults.core.fault_map import FaultMap, check_writable
+
+    if spec.save_map is not None:
+        check_writable(spec.save_map)
+    if spec.replay is None:
+        return
+    fault_map = FaultMap.load(spec.replay)
+    layout = LAYOUTS.get(run_dtype(config, model_args)) if config is not None else None
+    dtypes = {info.dtype for info in fault_map.params}
+    if layout is not None and layout.name not in dtypes:  # some modules may stay float32: one match suffices
+        raise FaultSpecError(
+            f"model_args replay={spec.replay} holds {', '.join(sorted(dtypes))} faults; the model runs in {layout.name}: "
+            f"give dtype={sorted(dtypes)[0]} or replay a map made in {layout.name}"
+        )
