@@ -176,7 +176,10 @@ class FaultMap:
                 raise FaultMapError(f"{path}: array {name!r} is {array.dtype} of shape {array.shape}; it must be 1-D integers")
         fault_map = cls(
             tuple(ParamInfo(**info) for info in infos),
-            *(arrays[name].astype(np.int64) for name in ("param", "index", "old", "new")),
+            arrays["param"].astype(np.int64),
+            arrays["index"].astype(np.int64),
+            arrays["old"].astype(np.int64),
+            arrays["new"].astype(np.int64),
             meta.get("spec", {}),
             meta.get("version", ""),
         )
