@@ -43,6 +43,7 @@ from lm_eval_faults.study.grid import (
     SweepPoint,
     check_selections,
     plan_points,
+    preflight_sweep,
 )
 from lm_eval_faults.study.run_dir import RunDir
 
@@ -448,6 +449,8 @@ def run_sweep(
     points on Ray actors instead (`ray_pool.RayOptions`; each actor loads its own model, so `lm`
     and `task_manager` do not apply). `on_point` is called with each record once it is safely on disk.
     """
+    if lm is None:  # a caller's own model may differ from what model_args would load
+        preflight_sweep(config)
     directory = RunDir(run_dir)
     outcome = SweepRun(directory.path)
     with directory.claim(config):
