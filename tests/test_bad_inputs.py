@@ -6,7 +6,6 @@ import os
 from pathlib import Path
 
 import pytest
-
 from lm_eval_faults.cli import main
 from lm_eval_faults.core.spec import FaultSpec, FaultSpecError
 
@@ -21,7 +20,10 @@ CLI_CASES = {
     "sweep-ecc-policy-alone": ([*SWEEP, "--protections", "ecc_policy=keep"], "ecc_policy"),
     "sweep-clamp-act-scope-all": ([*SWEEP, "--sites", "activations", "--fault_args", "act_scope=all,clamp=activations"], "act_scope"),
     "bisect-unknown-task": (["bisect", "--tasks", "nosuchtask", "--fault_args", "p=1e-3"], "nosuchtask"),
-    "bisect-fault-key-in-model-args": (["bisect", "--tasks", "faults_demo", "--fault_args", "p=1e-3", "--model_args", "p=1e-3"], "--fault_args"),
+    "bisect-fault-key-in-model-args": (
+        ["bisect", "--tasks", "faults_demo", "--fault_args", "p=1e-3", "--model_args", "p=1e-3"],
+        "--fault_args",
+    ),
     "bisect-fraction": (["bisect", "--tasks", "faults_demo", "--fault_args", "p=1e-3", "--fraction", "5"], "--fraction"),
     "bisect-json-unwritable": (["bisect", "--tasks", "faults_demo", "--fault_args", "p=1e-3", "--json", "/proc/nope/out.json"], "--json"),
     "bisect-save-map-dir": (["bisect", "--tasks", "faults_demo", "--fault_args", "p=1e-3", "--save_map", "{tmp}"], "--save_map"),
@@ -80,3 +82,37 @@ def test_output_path_probe_leaves_nothing(tmp_path: Path) -> None:
 
     check_output_path("--json", str(tmp_path / "new" / "out.json"))
     assert os.listdir(tmp_path) == []
+
+
+LM_EVAL_CASES = {
+    "unknown-fault-kind": ("p=1e-5,fault=flip", "lm_eval: FaultSpecError: model_args fault='flip' is invalid"),
+    "ecc-policy-alone": ("p=1e-5,ecc_policy=keep", "lm_eval: FaultSpecError: model_args ecc_policy='keep' is invalid"),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("model_args, expected", LM_EVAL_CASES.values(), ids=LM_EVAL_CASES.keys())
+def test_lm_eval_cli_user_error_is_one_line(model_args, expected):
+    """Under lm-eval's own command line our user errors end in one line (no traceback), exit 2."""
+    import subprocess
+    import sys
+
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    env.pop("LM_EVAL_FAULTS_TRACEBACK", None)
+    command = [
+        sys.executable,
+        "-m",
+        "lm_eval",
+        "--model",
+        "faulty_hf",
+        "--model_args",
+        model_args,
+        "--tasks",
+        "faults_demo",
+        "--limit",
+        "2",
+    ]
+    done = subprocess.run(command, capture_output=True, text=True, env=env, check=False)
+    assert done.returncode == 2, done.stderr
+    assert "Traceback" not in done.stderr
+    assert done.stderr.strip().splitlines()[-1].startswith(expected)
