@@ -61,7 +61,7 @@ def test_cli_refuses_before_loading(argv, expected, tmp_path, capsys, no_model_l
     assert main(argv) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err and expected in err[-1], err
-    assert not run_dir.exists()
+    assert not (run_dir / "sweep.json").exists() and not (run_dir / "results.jsonl").exists()
 
 
 SPEC_CASES = {

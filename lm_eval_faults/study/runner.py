@@ -449,11 +449,11 @@ def run_sweep(
     points on Ray actors instead (`ray_pool.RayOptions`; each actor loads its own model, so `lm`
     and `task_manager` do not apply). `on_point` is called with each record once it is safely on disk.
     """
-    if lm is None:  # a caller's own model may differ from what model_args would load
-        preflight_sweep(config)
     directory = RunDir(run_dir)
     outcome = SweepRun(directory.path)
     with directory.claim(config):
+        if lm is None:  # before the model loads and sweep.json is pinned; a caller's own model may differ from model_args
+            preflight_sweep(config)
         done = directory.finished()
         evaluator = _open_evaluator(config, lm, task_manager, ray)
         try:
