@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 from typing import Any
 
+from lm_eval_faults.cli.paths import check_output_path, prepare_output_path
 from lm_eval_faults.core.analysis import analyze
 from lm_eval_faults.core.protected_analysis import expected_nonfinite
-from lm_eval_faults.core.spec import FAULT_KEYS, PROTECTION_KEYS, parse_arg_string, parse_fault_args, to_spec
+from lm_eval_faults.core.spec import FAULT_KEYS, PROTECTION_KEYS, FaultSpec, FaultSpecError, parse_arg_string, parse_fault_args, to_spec
 from lm_eval_faults.core.text_table import Column, text_table
 from lm_eval_faults.harness.loading import LOAD_KEYS, load_model
+from lm_eval_faults.harness.package_data import demo_model_dir
+from lm_eval_faults.harness.preflight import check_against_config, read_config
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -35,20 +37,36 @@ def main(args: argparse.Namespace) -> int:
     if args.pretrained:
         model_args["pretrained"] = args.pretrained
     spec, load_args = parse_fault_args(model_args, passthrough=LOAD_KEYS)
-    model = load_model(load_args, spec)
-    analysis = analyze(model, spec, threshold=args.threshold)
-    print(analysis.format_table() + ("\n(the table above is before protection)" if spec.protected else ""))
+    check_output_path("--json", args.json)
     schemes = [item.strip() for item in (args.protections or "").split(";") if item.strip()]
     if spec.protected and not schemes:
         schemes = [",".join(f"{key}={value}" for key, value in model_args.items() if key in PROTECTION_KEYS)]
+    base = {key: value for key, value in model_args.items() if key in FAULT_KEYS and key not in PROTECTION_KEYS}
+    scheme_specs = [scheme_spec(base, scheme) for scheme in schemes]  # a bad scheme fails before the model loads
+    load_config = {"pretrained": str(demo_model_dir()), **load_args}
+    config = read_config(load_config)
+    for scheme_spec_ in scheme_specs:
+        check_against_config(scheme_spec_, load_config, config)
+    model = load_model(load_args, spec)
+    analysis = analyze(model, spec, threshold=args.threshold)
+    print(analysis.format_table() + ("\n(the table above is before protection)" if spec.protected else ""))
     if schemes:
-        base = {key: value for key, value in model_args.items() if key in FAULT_KEYS and key not in PROTECTION_KEYS}
         print(protection_table(model, base, schemes))
     if args.json:
-        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-        with open(args.json, "w") as handle:
+        with open(prepare_output_path(args.json), "w") as handle:
             json.dump(analysis.to_dict(), handle, indent=2)
     return 0
+
+
+def scheme_spec(base: dict[str, Any], scheme: str) -> FaultSpec:
+    """The spec of one `--protections` item over the fault keys of --model_args."""
+    fields = {} if scheme.lower() == "none" else parse_arg_string(scheme)
+    wrong = [key for key in fields if key not in PROTECTION_KEYS]
+    if wrong:
+        raise FaultSpecError(
+            f"--protections item {scheme!r}: {', '.join(wrong)} not protection keys (those are {', '.join(PROTECTION_KEYS)})"
+        )
+    return to_spec({**base, **fields})
 
 
 def protection_table(model: Any, base: dict[str, Any], schemes: list[str]) -> str:
@@ -56,8 +74,7 @@ def protection_table(model: Any, base: dict[str, Any], schemes: list[str]) -> st
     rows = []
     components: list[str] = []
     for scheme in schemes:
-        fields = {} if scheme.lower() == "none" else parse_arg_string(scheme)
-        expectation = expected_nonfinite(model, to_spec({**base, **fields}))
+        expectation = expected_nonfinite(model, scheme_spec(base, scheme))
         components = components or sorted(expectation.by_component)
         remainder = f" (+ at most {expectation.remainder:.2g} from 5+ errors per word)" if expectation.remainder else ""
         rows.append((scheme, expectation.total, *(expectation.by_component.get(c, 0.0) for c in components), remainder))

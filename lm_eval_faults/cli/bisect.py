@@ -12,9 +12,11 @@ import argparse
 import json
 import sys
 from pathlib import Path
+from typing import Any
 
+from lm_eval_faults.cli.paths import check_output_path, prepare_output_path
 from lm_eval_faults.core.fault_map import FaultMap
-from lm_eval_faults.core.spec import FaultSpec, FaultSpecError, parse_arg_string, to_spec
+from lm_eval_faults.core.spec import FAULT_KEYS, FaultSpec, FaultSpecError, parse_arg_string, to_spec
 from lm_eval_faults.core.targets import all_param_sites
 
 
@@ -46,14 +48,13 @@ def main(args: argparse.Namespace) -> int:
     if args.pretrained:
         model_args["pretrained"] = args.pretrained
     tasks = [task.strip() for task in args.tasks.split(",") if task.strip()]
+    spec = check_inputs(args, model_args, tasks)
+    saved_map = FaultMap.load(args.map) if args.map else None  # a bad file fails before the model loads
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    spec = to_spec(args.fault_args) if args.fault_args else None
-    if spec is not None and not (spec.active and spec.on_weights):
-        raise FaultSpecError(f"--fault_args {args.fault_args!r} draws no weight faults: bisection needs a map of weight faults")
     lm = FaultyHFLM.create_from_arg_obj(model_args, {"batch_size": args.batch_size, "device": device})
     lm.print_report = False
     with quiet_lm_eval():  # no "injecting faults" bar above the trials' line
-        fault_map = FaultMap.load(args.map) if args.map else lm.set_faults(spec or FaultSpec()).fault_map()
+        fault_map = saved_map if saved_map is not None else lm.set_faults(spec or FaultSpec()).fault_map()
 
     task_manager = TaskManager()
     first, more = expected_evaluations(len(fault_map))
@@ -73,7 +74,37 @@ def main(args: argparse.Namespace) -> int:
     lm.replay_faults(None)
     print(outcome.format_table())
     if args.json:
-        Path(args.json).write_text(json.dumps(outcome.to_dict(), indent=2) + "\n")
+        Path(prepare_output_path(args.json)).write_text(json.dumps(outcome.to_dict(), indent=2) + "\n")
     if args.save_map:
-        fault_map.subset(outcome.indices).save(args.save_map)
+        fault_map.subset(outcome.indices).save(prepare_output_path(args.save_map))
     return 0
+
+
+def check_inputs(args: argparse.Namespace, model_args: dict[str, Any], tasks: list[str]) -> FaultSpec | None:
+    """Everything the input alone tells, before the model loads and the ~100 evaluations run:
+    fault keys in --model_args (ignored there), --fraction, --limit, the tasks, the output paths
+    and the spec against the model's config. Returns the spec of --fault_args (None with --map)."""
+    from lm_eval_faults.harness.package_data import demo_model_dir
+    from lm_eval_faults.harness.preflight import check_against_config, check_tasks, read_config
+    from lm_eval_faults.study.grid import parse_limit
+
+    faults = [key for key in model_args if key in FAULT_KEYS]
+    if faults:
+        raise FaultSpecError(f"bisect --model_args holds fault keys {', '.join(faults)}: give them in --fault_args (or use --map)")
+    if not 0 < args.fraction <= 1:
+        raise FaultSpecError(f"bisect --fraction {args.fraction!r} is invalid: a fraction of the clean score in (0, 1], e.g. 0.5")
+    parse_limit("--limit", args.limit)
+    if not tasks:
+        raise FaultSpecError("bisect --tasks is empty; name at least one lm-eval task")
+    check_tasks("--tasks", tasks)
+    check_output_path("--json", args.json)
+    check_output_path("--save_map", args.save_map)
+    if args.map and not Path(args.map).is_file():
+        raise FileNotFoundError(f"--map {args.map!r}: no such file")
+    spec = to_spec(args.fault_args) if args.fault_args else None
+    if spec is not None and not (spec.active and spec.on_weights):
+        raise FaultSpecError(f"--fault_args {args.fault_args!r} draws no weight faults: bisection needs a map of weight faults")
+    if spec is not None:
+        load_args = {"pretrained": str(demo_model_dir()), **model_args}
+        check_against_config(spec, load_args, read_config(load_args))
+    return spec

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 
+from lm_eval_faults.cli.paths import check_output_path, prepare_output_path
 from lm_eval_faults.study.drift import drift, format_drift_table
 
 
@@ -18,11 +18,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def main(args: argparse.Namespace) -> int:
     """Print the per-task drift table (and optionally write JSON); missing or unreadable
     directories raise OSError/ValueError, which the command reports in one line."""
+    check_output_path("--json", args.json)
     report = drift(args.clean_dir, args.faulty_dir)
     print("\n".join(format_drift_table(report)))
     if args.json:
-        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-        with open(args.json, "w", encoding="utf-8") as handle:
+        with open(prepare_output_path(args.json), "w", encoding="utf-8") as handle:
             json.dump(report.to_dict(), handle, indent=2)
             handle.write("\n")
     return 0

@@ -26,6 +26,10 @@ def main(args: argparse.Namespace) -> int:
     state of the run directory for the user to fix, not a bug to show a traceback for."""
     results = Path(args.run_dir) / RESULTS_FILE
     try:
+        if not 0 < args.fraction < 1:
+            raise ValueError(f"--fraction {args.fraction!r} is invalid: a relative accuracy drop in (0, 1), e.g. 0.5")
+        if not 0 <= args.tolerance < 1:
+            raise ValueError(f"--tolerance {args.tolerance!r} is invalid: a relative drop in [0, 1), e.g. 0.05")
         if not results.is_file():
             raise FileNotFoundError(f"{results} does not exist: no sweep point has finished in {args.run_dir}")
         report = build_report(args.run_dir, args.layer_bars_p, args.weighting, fraction=args.fraction, tolerance=args.tolerance)

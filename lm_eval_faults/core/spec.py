@@ -221,6 +221,12 @@ class FaultSpec:
             raise _error("ecc_policy", self.ecc_policy, "a detected, uncorrectable SECDED word reads as zero or keep (its corrupted data)")
         if self.clamp not in CLAMP_SITES:
             raise _error("clamp", self.clamp, "range restriction applies to " + ", ".join(CLAMP_SITES))
+        if self.ecc_policy != "zero" and self.ecc != "secded":
+            raise _error("ecc_policy", self.ecc_policy, f"applies to ecc=secded only (ecc={self.ecc}); add ecc=secded or drop ecc_policy")
+        if "activations" in self.clamp and self.act_scope != "leaf":
+            raise _error(
+                "clamp", self.clamp, "activation bounds are calibrated on leaf modules' outputs; use act_scope=leaf, or clamp=weights"
+            )
         if self.replay is not None and self.protected:
             raise _error("replay", self.replay, "a map holds the words as written, after any protection; replay it without protection keys")
 

@@ -10,7 +10,8 @@ is imported. Only then does it add, lazily:
 - this package's task directory to every `TaskManager`, so `--tasks faults_demo` just works;
 - a record of `--model_args` as typed on lm-eval's command line (`COMMAND_LINE_MODEL_ARGS`):
   lm-eval's parser turns `p=1e-400` into 0 and keeps the last of a duplicated key, so
-  `faulty_hf` checks the words the user wrote, not what the parser made of them.
+  `faulty_hf` checks the words the user wrote, not what the parser made of them;
+- with that command line, a `sys.excepthook` that ends a user error of this package in one line.
 
 It imports nothing at all at start-up (`os` and `sys` are already loaded by then; no
 `__future__`, `typing`, `types` or `importlib`), so that unrelated Python processes pay nothing:
@@ -84,6 +85,30 @@ def record_command_line_model_args(cli_utils: "ModuleType") -> None:
 
     __call__._lm_eval_faults = True  # type: ignore[attr-defined]
     action.__call__ = __call__
+    install_one_line_errors()
+
+
+def install_one_line_errors() -> None:
+    """Under lm-eval's command line, a user error of this package (`FaultSpecError`, a map
+    error: a ValueError defined here) ends in one line, `lm_eval: FaultSpecError: ...`, exit 2,
+    not as the last line of a 25-41-line traceback. Anything else keeps lm-eval's traceback, and
+    `LM_EVAL_FAULTS_TRACEBACK=1` keeps it for ours too."""
+    previous = sys.excepthook
+    if getattr(previous, "_lm_eval_faults", False):
+        return
+
+    def excepthook(kind, error, traceback):
+        ours = isinstance(error, ValueError) and kind.__module__.startswith("lm_eval_faults.")
+        if not ours or os.environ.get("LM_EVAL_FAULTS_TRACEBACK"):
+            return previous(kind, error, traceback)
+        lines = str(error).strip().splitlines() or [""]
+        print(f"lm_eval: {kind.__name__}: {lines[0]}", file=sys.stderr)
+        sys.stderr.flush()
+        sys.stdout.flush()
+        os._exit(2)  # an excepthook cannot choose the exit status; 2 is a usage error, as for our commands
+
+    excepthook._lm_eval_faults = True  # type: ignore[attr-defined]
+    sys.excepthook = excepthook
 
 
 def _written_pairs(values, split_top_level) -> "list[tuple[str, object]]":

@@ -4,8 +4,11 @@ Loading a 7B checkpoint takes minutes; reading its `config.json` takes milliseco
 be known from the config is checked first, so bad input fails in one line before the load:
 
 - `layers=` beyond the decoder's layer count (`num_hidden_layers`, `n_layer`, ...);
-- `bits=` positions beyond the width of the dtype the model will run in (`dtype=`, else the
-  checkpoint's own, as lm-eval's `hf` resolves `dtype="auto"`);
+- `bits=` and `protect_bits=` positions beyond the width of the dtype the model will run in
+  (`dtype=`, else the checkpoint's own, as lm-eval's `hf` resolves `dtype="auto"`), and a
+  `dtype=` that is no torch dtype at all (`float13`);
+- task names lm-eval does not know (`check_tasks`), and every point of a sweep's grid
+  (`study.grid.preflight_sweep`), so a sweep fails before its model loads and its run directory is pinned;
 - `model_args` keys that are neither fault keys nor arguments `HFLM`, `from_pretrained` or the
   model's config accept (`P`, `prob`, `rate`...), with the fault keys and a suggestion.
 
@@ -18,6 +21,7 @@ from __future__ import annotations
 import difflib
 import inspect
 import logging
+import os
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -138,14 +142,29 @@ def check_as_written(pairs: Iterable[tuple[str, Any]]) -> None:
     FaultSpec(**{key: value for key, value in seen.items() if key in FAULT_KEYS})
 
 
+def check_dtype(model_args: Mapping[str, Any]) -> None:
+    """`dtype=` (or `torch_dtype=`) must name a torch dtype: `float13` would end in an
+    AttributeError inside `from_pretrained`, after the config and tokenizer have loaded."""
+    import torch
+
+    for key in ("dtype", "torch_dtype"):
+        value = model_args.get(key)
+        if value is None or isinstance(value, torch.dtype) or str(value) == "auto":
+            continue
+        if not isinstance(getattr(torch, str(value), None), torch.dtype):
+            choices = ", ".join(["auto", *(lay.name for lay in LAYOUTS.values() if lay.is_float)])
+            raise FaultSpecError(f"model_args {key}={value!r} is invalid: not a torch dtype; choose one of {choices}")
+
+
 def check_against_config(spec: FaultSpec, model_args: Mapping[str, Any], config: Any | None) -> None:
-    """`layers=` against the layer count and `bits=` against the run dtype's width; and the
-    environment's `LM_EVAL_FAULTS_DEVICE_PATH`, which is otherwise read only once faults are drawn,
-    after the model (and a sweep's baseline) has cost its time."""
+    """`layers=` against the layer count and `bits=`/`protect_bits=` against the run dtype's width;
+    and the environment's `LM_EVAL_FAULTS_DEVICE_PATH`, which is otherwise read only once faults
+    are drawn, after the model (and a sweep's baseline) has cost its time."""
     try:
         device_path_mode()
     except ValueError as error:
         raise FaultSpecError(str(error)) from None
+    check_dtype(model_args)
     if config is None:
         return
     count = layer_count(config)
@@ -163,6 +182,28 @@ def check_against_config(spec: FaultSpec, model_args: Mapping[str, Any], config:
             resolve_bits(layout, spec.bits)
         except ValueError as error:
             raise FaultSpecError(f"model_args {error} (the model runs in {layout.name})") from None
+    if spec.protect_bits != "none" and layout is not None:
+        try:
+            resolve_bits(layout, spec.protect_bits)
+        except ValueError as error:  # resolve_bits names `bits=`; the user wrote protect_bits=
+            message = str(error).replace(f"bits={spec.protect_bits!r}", f"protect_bits={spec.protect_bits!r}", 1)
+            raise FaultSpecError(f"model_args {message} (the model runs in {layout.name})") from None
+
+
+def check_tasks(option: str, tasks: Iterable[str], include_path: Iterable[str] = ()) -> None:
+    """Refuse a task name lm-eval does not know (nor a task file or directory), before any model
+    loads: lm-eval would raise a KeyError traceback only after the load. Indexing takes seconds,
+    loading a 7B model minutes."""
+    from lm_eval.tasks import TaskManager
+
+    manager = TaskManager(include_path=list(include_path) or None)
+    unknown = [task for task in tasks if not manager.match_tasks([task]) and not os.path.exists(task)]
+    if unknown:
+        close = difflib.get_close_matches(unknown[0], manager.all_tasks, n=3)
+        hint = f"; did you mean {', '.join(close)}?" if close else ""
+        raise FaultSpecError(
+            f"{option} {', '.join(map(repr, unknown))}: not an lm-eval task{hint} (`lm_eval ls tasks` lists them; --include_path adds a directory)"
+        )
 
 
 def _from_pretrained_parameters() -> set[str]:

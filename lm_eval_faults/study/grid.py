@@ -207,6 +207,20 @@ def parse_layer_groups(value: str | tuple[str, ...] | list[str]) -> tuple[str, .
     return items
 
 
+def parse_limit(option: str, value: float | str | None) -> float | None:
+    """lm-eval's `--limit`: a fraction of each task in (0, 1), or a whole number of documents.
+    `-1` used to run into lm-eval and wedge; `2.5` would silently become 2."""
+    if value is None:
+        return None
+    try:
+        limit = float(value)
+    except (TypeError, ValueError):
+        raise SweepConfigError(f"{option} {value!r} is not a number: give a fraction in (0, 1) or a document count") from None
+    if not (math.isfinite(limit) and limit > 0) or (limit > 1 and not limit.is_integer()):
+        raise SweepConfigError(f"{option} {value!r} is invalid: give a fraction in (0, 1) or a whole number of documents >= 1")
+    return limit
+
+
 def resolve_layer_groups(items: tuple[str, ...], n_layers: int | None) -> tuple[tuple[int, ...] | None, ...]:
     """Layer groups as index tuples (None = all layers); `groups:4` on 10 layers -> 0-3, 4-7, 8-9."""
     groups: list[tuple[int, ...] | None] = []
@@ -272,8 +286,7 @@ class SweepConfig:
         set_("protections", parse_protections(self.protections))
         set_("include_path", _split_commas(self.include_path))
         set_("batch_size", str(self.batch_size))
-        if self.limit is not None:
-            set_("limit", float(self.limit))
+        set_("limit", parse_limit("--limit", self.limit))
         self.hf_args()  # validate both argument strings before anything is loaded
         self.fixed_fault_fields()
         self.check_size(len(self.layers))
@@ -380,6 +393,35 @@ def plan_points(config: SweepConfig, n_layers: int | None) -> list[SweepPoint]:
             parts.append(f"protection={protection}")
         points.append(SweepPoint("|".join(parts), spec, protection=protection))
     return points
+
+
+def preflight_sweep(config: SweepConfig) -> None:
+    """What the input alone tells, before the model loads and before the run directory is
+    claimed: unknown task names, and every grid point (the baseline's fixed keys included)
+    against the model's config: `--layers 0-99` on a 4-layer model, `protect_bits=20` on float16.
+    Found later, each would leave a pinned sweep.json that refuses the corrected command."""
+    from lm_eval_faults.harness.package_data import demo_model_dir
+    from lm_eval_faults.harness.preflight import check_against_config, check_tasks, layer_count, read_config
+
+    try:
+        check_tasks("--tasks", config.tasks, config.include_path)
+    except FaultSpecError as err:
+        raise SweepConfigError(str(err)) from None
+    model_args = {"pretrained": str(demo_model_dir()), **config.hf_args()}
+    model_config = read_config(model_args)
+    n_layers = layer_count(model_config) if model_config is not None else None
+    if n_layers is None and any(item.lower().startswith("groups:") for item in config.layers):
+        return  # groups:N waits for the loaded model's decoder stack
+    checked: set[FaultSpec] = set()
+    for point in plan_points(config, n_layers):
+        if point.spec in checked:
+            continue
+        checked.add(point.spec)
+        try:
+            check_against_config(point.spec, model_args, model_config)
+        except FaultSpecError as err:
+            where = "the baseline (--fault_args)" if point.baseline else f"grid point {point.point_id}"
+            raise SweepConfigError(f"{where}: {err}") from None
 
 
 def check_selections(points: list[SweepPoint], lm: FaultyHFLM) -> None:

@@ -42,6 +42,7 @@ from lm_eval_faults.study.grid import (
     SweepPoint,
     check_selections,
     plan_points,
+    preflight_sweep,
 )
 from lm_eval_faults.study.progress import ProgressLine
 from lm_eval_faults.study.run_dir import RunDir
@@ -430,6 +431,8 @@ def run_sweep(
     directory = RunDir(run_dir)
     outcome = SweepRun(directory.path)
     with directory.claim(config):
+        if lm is None:  # before the model loads and sweep.json is pinned; a caller's own model may differ from model_args
+            preflight_sweep(config)
         done = directory.finished()
         evaluator = _open_evaluator(config, lm, task_manager, ray)
         try:
