@@ -547,3 +547,18 @@ def test_protection_is_an_axis_with_its_overhead_recorded_and_a_pareto_chart(set
     assert list((tmp_path / "figures").glob("pareto__*.png"))
     with pytest.raises(SweepConfigError, match="not protection keys"):
         SweepConfig(**setup["base"], p="1e-3", protections="none;p=1e-3")
+
+
+def test_save_map_in_a_sweep_writes_one_map_per_point(setup, tmp_path):
+    """`--fault_args save_map=m.npz` over two rates once kept only the last point's map."""
+    from lm_eval_faults.core.fault_map import FaultMap
+
+    config = SweepConfig(**setup["base"], p="1e-3,1e-2", fault_args=f"save_map={tmp_path / 'maps' / 'm.npz'}")
+    (tmp_path / "maps").mkdir()
+    _sweep(setup, tmp_path / "run", config, report=False)
+    points = [point for point in plan_points(config, 4) if not point.baseline]
+    assert len({point.spec.save_map for point in points}) == 2
+    maps = {point.point_id: FaultMap.load(point.spec.save_map) for point in points}
+    assert sorted(path.name for path in (tmp_path / "maps").iterdir()) == sorted(Path(p.spec.save_map).name for p in points)
+    small, large = (len(maps[point.point_id]) for point in points)
+    assert 0 < small < large  # each file holds its own point's faults

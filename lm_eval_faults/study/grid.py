@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from itertools import product
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from lm_eval_faults.core.spec import (
@@ -377,7 +378,8 @@ def plan_points(config: SweepConfig, n_layers: int | None) -> list[SweepPoint]:
     """The baseline, then every grid point; seeds outermost so an interrupted sweep already
     holds complete curves for its first seeds."""
     fixed = config.fixed_fault_fields()
-    points = [SweepPoint(BASELINE_ID, FaultSpec(**fixed), baseline=True)]
+    save_map = fixed.pop("save_map", None)
+    points = [SweepPoint(BASELINE_ID, FaultSpec(**fixed), baseline=True)]  # the clean baseline has no map to save
     layer_groups = resolve_layer_groups(config.layers, n_layers)
     config.check_size(len(layer_groups))
     grid = product(config.seeds, config.protections, config.faults, config.sites, config.targets, layer_groups, config.p)
@@ -391,8 +393,19 @@ def plan_points(config: SweepConfig, n_layers: int | None) -> list[SweepPoint]:
         parts = [labels["fault"], labels["site"], labels["target"], labels["layers"], f"p={p!r}", f"seed={seed}"]
         if protection != NO_PROTECTION:  # unprotected ids stay as before, so older run directories resume
             parts.append(f"protection={protection}")
-        points.append(SweepPoint("|".join(parts), spec, protection=protection))
+        point_id = "|".join(parts)
+        if save_map is not None:
+            spec = replace(spec, save_map=point_map_path(save_map, point_id))
+        points.append(SweepPoint(point_id, spec, protection=protection))
     return points
+
+
+def point_map_path(save_map: str, point_id: str) -> str:
+    """`--fault_args save_map=m.npz` in a sweep: each point's own map, `m.<point id>.npz`, so no
+    point overwrites another's (one shared path kept only the last point's faults)."""
+    path = Path(save_map)
+    slug = re.sub(r"[^A-Za-z0-9._=-]+", "_", point_id)
+    return str(path.with_name(f"{path.stem}.{slug}{path.suffix or '.npz'}"))
 
 
 def preflight_sweep(config: SweepConfig) -> None:
