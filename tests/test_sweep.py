@@ -224,7 +224,7 @@ def test_an_interrupted_command_ends_with_one_line(tmp_path, capsys, monkeypatch
 
 def test_a_run_dir_with_a_different_config_is_refused_and_left_untouched(tmp_path):
     original = SweepConfig(model_args="pretrained=x", tasks="t", p="1e-5,1e-4", limit=4)
-    RunDir(tmp_path).save_config(original)
+    RunDir(tmp_path).save_config(original, [point.point_id for point in plan_points(original, None)])
     (tmp_path / "results.jsonl").write_text('{"point_id": "baseline"}\n')
     changed = SweepConfig(model_args="pretrained=x", tasks="t", p="1e-5,1e-4", limit=8)
     with pytest.raises(SweepConfigError, match=r"different configuration(.|\n)*limit: run directory has 4.0, this command has 8.0"):

@@ -12,6 +12,7 @@ import contextlib
 import fcntl
 import json
 import os
+import tempfile
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -22,6 +23,11 @@ from lm_eval_faults.study.metrics import RESULTS_FILE
 
 CONFIG_FILE = "sweep.json"
 LOCK_FILE = ".sweep.lock"
+POINTS_FILE = "points.json"
+"""The planned point ids, beside sweep.json: the report leaves out records of points not in the
+grid (a `groups:N` grid can't be rebuilt without the model, so it is written down once planned)."""
+SET_ASIDE_SUFFIX = ".rejected"
+"""Malformed lines moved out of `results.jsonl` go to `results.jsonl.rejected`, kept for a person to read."""
 
 
 class RunDir:
@@ -36,24 +42,32 @@ class RunDir:
     def claim(self, config: SweepConfig) -> Iterator[None]:
         """Hold the run directory for this process, after checking it can belong to `config`."""
         self.path.mkdir(parents=True, exist_ok=True)
-        lock = _open_lock(self.path / LOCK_FILE)
+        # The directory itself is locked, through an open handle: deleting `.sweep.lock` while a
+        # sweep runs cannot let a second one in (a lock on the file alone was lost with its name).
+        # The lock file is still taken, for sweeps of earlier versions that lock only it.
+        held = [os.open(self.path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)]
         try:
-            try:
-                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                raise SweepConfigError(f"{self.path} is in use by another running sweep") from None
+            held.append(_open_lock(self.path / LOCK_FILE))
+            for handle in held:
+                try:
+                    fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    raise SweepConfigError(f"{self.path} is in use by another running sweep") from None
+            if self.results.is_symlink():
+                raise SweepConfigError(f"{self.results} is a symbolic link; refusing to append results outside {self.path} (remove it)")
             self._check_config(config)
             yield
         finally:
-            os.close(lock)
+            for handle in held:
+                os.close(handle)
 
-    def save_config(self, config: SweepConfig) -> None:
-        """Pin `config` to the directory (atomically); called once the grid has been validated,
-        so that a rejected command leaves nothing behind that would block its corrected rerun."""
+    def save_config(self, config: SweepConfig, point_ids: list[str]) -> None:
+        """Pin `config` and its planned point ids to the directory (atomically); called once the
+        grid has been validated, so that a rejected command leaves nothing behind that would
+        block its corrected rerun."""
         if not self.config.exists():
-            temporary = self.config.with_suffix(".json.tmp")
-            temporary.write_text(json.dumps(config.to_dict(), indent=2) + "\n", encoding="utf-8")
-            os.replace(temporary, self.config)
+            _write_atomically(self.config, json.dumps(config.to_dict(), indent=2) + "\n")
+        _write_atomically(self.path / POINTS_FILE, json.dumps(point_ids) + "\n")
 
     def _check_config(self, config: SweepConfig) -> None:
         wanted = config.to_dict()
@@ -75,13 +89,29 @@ class RunDir:
             )
 
     def finished(self) -> set[str]:
-        """Point ids already in `results.jsonl`, after dropping a record a killed process left half-written."""
+        """Point ids already in `results.jsonl`, after dropping a record a killed process left
+        half-written and setting aside malformed lines elsewhere in the file (called under the lock)."""
         from lm_eval_faults.study.metrics import load_records
 
         if not self.results.exists():
             return set()
         self._repair_tail()
+        self._set_aside_malformed()
         return {str(record["point_id"]) for record in load_records(self.results)}
+
+    def _set_aside_malformed(self) -> None:
+        """Move lines that are not records (garbage written into the middle of the file) to
+        `results.jsonl.rejected`, with a warning, and rewrite the file atomically without them:
+        left in place, one such line made every resume and report refuse the run directory."""
+        lines = self.results.read_bytes().splitlines(keepends=True)
+        bad = [line for line in lines if line.strip() and not _is_record(line)]
+        if not bad:
+            return
+        rejected = self.results.with_name(self.results.name + SET_ASIDE_SUFFIX)
+        with open(rejected, "ab") as handle:
+            _write_durably(handle, b"".join(line if line.endswith(b"\n") else line + b"\n" for line in bad))
+        _write_atomically(self.results, b"".join(line for line in lines if line not in bad).decode("utf-8", "replace"))
+        warnings.warn(f"{self.results}: set aside {len(bad)} malformed line(s) in {rejected}; those points run again", stacklevel=3)
 
     def _repair_tail(self) -> None:
         """Make the file end with a complete record and a newline: end a complete last record,
@@ -131,15 +161,46 @@ def _open_lock(path: Path) -> int:
         raise SweepConfigError(f"cannot open the sweep lock {path}: {err.strerror}") from None
 
 
+def planned_point_ids(run_dir: Path) -> set[str] | None:
+    """The point ids the sweep in `run_dir` planned, or None where it wrote none (older versions)."""
+    path = run_dir / POINTS_FILE
+    try:
+        ids = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return {str(point_id) for point_id in ids} if isinstance(ids, list) else None
+
+
 def append_line(path: Path, line: bytes) -> None:
-    """Append `line` as one line and fsync it, starting a fresh line if the file does not end with one."""
-    with open(path, "a+b") as handle:
+    """Append `line` as one line and fsync it, starting a fresh line if the file does not end with
+    one. A symbolic link is refused, never followed: records belong inside the run directory."""
+    try:
+        descriptor = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+    except OSError:
+        if path.is_symlink():
+            raise SweepConfigError(f"{path} is a symbolic link; refusing to append results outside its run directory") from None
+        raise
+    with os.fdopen(descriptor, "a+b") as handle:
         size = handle.seek(0, os.SEEK_END)
         prefix = b""
         if size:
             handle.seek(size - 1)
             prefix = b"" if handle.read(1) == b"\n" else b"\n"
         _write_durably(handle, prefix + line + b"\n")
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    """Replace `path` with `text` through a unique temporary file in the same directory: a reader
+    (or a kill) sees the old file or the new one, never a mix, and no fixed temp name collides."""
+    descriptor, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(descriptor, "wb") as handle:
+            _write_durably(handle, text.encode("utf-8"))
+        os.replace(temporary, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(temporary)
+        raise
 
 
 def _write_durably(handle: BinaryIO, data: bytes) -> None:

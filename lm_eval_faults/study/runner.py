@@ -469,7 +469,7 @@ def _run_points(
     other point's drift is measured against its samples, then the rest in whatever order the
     evaluator finishes them. Each record is appended (fsync) here, by this process only."""
     points = evaluator.plan()
-    directory.save_config(config)
+    directory.save_config(config, [point.point_id for point in points])
     outcome.skipped = [point.point_id for point in points if point.point_id in done]
     pending = [point for point in points if point.point_id not in done]
     clean = resume_clean_samples(directory, points, done, evaluator)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 import re
+import warnings
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -51,6 +52,7 @@ from lm_eval_faults.study.metrics import (
     task_scores,
 )
 from lm_eval_faults.study.pareto import DEFAULT_TOLERANCE, Tolerance, pareto_section, protection_families, tolerances
+from lm_eval_faults.study.run_dir import planned_point_ids
 
 REPORT_FILE = "report.md"
 FIGURES_DIR = "figures"
@@ -85,7 +87,7 @@ def build_report(
     if weighting not in WEIGHTINGS:
         raise ValueError(f"unknown weighting {weighting!r}; choose one of {WEIGHTINGS}")
     run_dir = Path(run_dir)
-    records = load_records(run_dir / RESULTS_FILE)
+    records = grid_records(run_dir)
     tasks = baseline_tasks(records)
     baseline, series = build_series(records, tasks=tasks, count=count)
     summaries = [summarize_series(s, weighting=weighting, fraction=fraction) for s in series]
@@ -105,6 +107,22 @@ def build_report(
     report = run_dir / REPORT_FILE
     report.write_text(text, encoding="utf-8")
     return report
+
+
+def grid_records(run_dir: Path) -> list[dict[str, Any]]:
+    """The run's records, less malformed lines (a sweep sets them aside on resume; the report
+    only reads) and records of points its grid never planned, each left out with a warning."""
+    records = load_records(run_dir / RESULTS_FILE, skip_malformed=True)
+    planned = planned_point_ids(run_dir)
+    if planned is None:
+        return records
+    foreign = [str(record["point_id"]) for record in records if str(record["point_id"]) not in planned]
+    if foreign:
+        warnings.warn(
+            f"{run_dir / RESULTS_FILE}: leaving out {len(foreign)} record(s) of points not in this sweep's grid (first: {foreign[0]!r})",
+            stacklevel=3,
+        )
+    return [record for record in records if str(record["point_id"]) in planned]
 
 
 # --------------------------------------------------------------------------- figures
