@@ -18,6 +18,7 @@ than taking the cluster down one actor at a time.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import sys
 import time
@@ -31,6 +32,7 @@ from typing import Any
 
 from lm_eval_faults.study.grid import SweepConfig, SweepConfigError, SweepPoint
 from lm_eval_faults.study.progress import note
+from lm_eval_faults.study.ray_watchdog import ray_dies_with_this_process
 from lm_eval_faults.study.runner import CleanSamples, LocalEvaluator, PointResult
 
 LOCAL = "local"
@@ -144,7 +146,14 @@ class RayPool:
         self.config = config
         self.options = options
         self._started = started = time.perf_counter()
-        self._owns_ray = _connect(self.ray, options.address)
+        self._exit = contextlib.ExitStack()
+        if options.address == LOCAL and not self.ray.is_initialized():
+            self._exit.enter_context(ray_dies_with_this_process())  # a local Ray must not outlive a killed driver
+        try:
+            self._owns_ray = _connect(self.ray, options.address)
+        except BaseException:
+            self._exit.close()
+            raise
         connected = time.perf_counter() - started
         count, resources = actor_shape(self.ray.cluster_resources(), config, options)
         self._worker_class = self.ray.remote(**resources)(PointWorker)
@@ -196,6 +205,7 @@ class RayPool:
         self.actors.clear()
         if self._owns_ray:
             self.ray.shutdown()
+        self._exit.close()
 
     @property
     def in_flight(self) -> dict[str, Any]:
