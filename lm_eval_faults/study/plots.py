@@ -52,10 +52,11 @@ COLLAPSED = "collapsed"
 NONFINITE = "nonfinite"
 """Mark of a grid point where, in some seed, every request was non-finite (all NaN)."""
 MARK_STYLES = {
-    NONFINITE: {"marker": "X", "color": "darkred", "label": "all non-finite (score is the tie-break)"},
-    COLLAPSED: {"marker": "x", "color": "red", "label": "collapsed (most requests degenerate or non-finite)"},
+    NONFINITE: {"marker": "X", "color": "darkred", "markersize": 9, "label": "all non-finite (score is the tie-break)"},
+    COLLAPSED: {"marker": "x", "color": "red", "markersize": 13, "label": "collapsed (most requests degenerate or non-finite)"},
 }
-"""How a marked grid point is drawn over its line, and its legend entry."""
+"""How a marked grid point is drawn over its line, and its legend entry; the thin cross is the
+larger, so both kinds stay visible where two series are marked at one point."""
 GridMarks = Mapping[SeriesKey, Sequence[str | None]]
 """Per series, one mark (`COLLAPSED`, `NONFINITE` or None) per grid point, in `Series.grid` order."""
 
@@ -254,8 +255,7 @@ def drift_figure(
         ax.grid(True, which="major", alpha=0.3)
     if title:
         all_axes[0].set_title(title)
-    if score_ax.get_legend_handles_labels()[0]:
-        score_ax.legend(fontsize="small")
+    _legend(score_ax)
     return fig
 
 
@@ -284,13 +284,13 @@ def _drift_panel(
     if floor is not None:
         ax.set_yscale("log")
         if np.any(values[np.isfinite(values)] <= 0):
-            band = f"{band}; {KL_FLOOR_NOTE.format(floor=floor)}"
+            band = f"{band}\n{KL_FLOOR_NOTE.format(floor=floor)}"
     else:
         ax.set_ylim(bottom=-0.02)
     ax.set_ylabel(ylabel)
     ax.text(0.01, 0.97, band, transform=ax.transAxes, fontsize="x-small", va="top", color="dimgrey")
     if coinciding:
-        ax.legend(fontsize="x-small", loc="lower right")
+        _legend(ax, fontsize="x-small", loc="lower right")
 
 
 def grid_point_at(series: Series, p: float) -> GridPoint | None:
@@ -439,7 +439,16 @@ def _marks(ax: Axes, line: _Line, shown: np.ndarray, x: np.ndarray, mean: np.nda
         hit = marks == kind
         if hit.any():
             label = style["label"] if style["label"] not in seen else None
-            ax.plot(x[hit], mean[hit], linestyle="none", marker=style["marker"], markersize=9, color=style["color"], zorder=3, label=label)
+            ax.plot(
+                x[hit],
+                mean[hit],
+                linestyle="none",
+                marker=style["marker"],
+                markersize=style["markersize"],
+                color=style["color"],
+                zorder=3,
+                label=label,
+            )
 
 
 def _threshold_line(ax: Axes, fraction: float) -> None:
@@ -459,10 +468,23 @@ def _yerr(stats: Sequence[SeedStats]) -> np.ndarray | None:
 def _save(fig: Figure, ax: Axes, out_path: str | Path, title: str | None, *, legend: bool = True) -> Path:
     if title:
         ax.set_title(title)
-    if legend and ax.get_legend_handles_labels()[0]:
-        ax.legend(fontsize="small")
+    if legend:
+        _legend(ax)
     ax.grid(True, which="major", alpha=0.3)
     return _write(fig, out_path)
+
+
+def _legend(ax: Axes, **kwargs: Any) -> None:
+    """The axes' legend (if it has entries), the series first and the marks' entries last, so a
+    mark drawn with the first marked series does not split the list of series."""
+    handles, labels = ax.get_legend_handles_labels()
+    if not handles:
+        return
+    mark_labels = [str(style["label"]) for style in MARK_STYLES.values()]
+    order = sorted(
+        range(len(labels)), key=lambda i: (labels[i] in mark_labels, mark_labels.index(labels[i]) if labels[i] in mark_labels else i)
+    )
+    ax.legend([handles[i] for i in order], [labels[i] for i in order], **{"fontsize": "small", **kwargs})
 
 
 def _write(fig: Figure, out_path: str | Path) -> Path:
