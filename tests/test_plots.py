@@ -449,3 +449,16 @@ def test_kl_zeros_sit_at_a_stated_floor_on_the_log_axis(tmp_path, drawn, case, s
         assert norm and all(list(line.get_ydata()) == [pytest.approx(floor)] * len(line.get_ydata()) for line in norm)
         all_at_floor = [line for line in kl_ax.get_lines() if line.get_marker() == "o" and set(line.get_ydata()) == {floor}]
         assert len(all_at_floor) == 1  # norm's line is drawn, at the floor, not left out
+
+
+def test_protection_figure_marks_a_collapsed_unprotected_point(tmp_path, drawn):
+    def spoil(records):
+        collapse(records)  # mlp, unprotected, at 1e-3
+        protected = [dict(r, point_id=f"{r['point_id']}|secded", protection="secded") for r in records if r.get("target") == "mlp"]
+        for r in protected:
+            r.pop("degenerate", None)
+        records += protected
+
+    figures = report_figures(tmp_path, drawn, spoil)
+    ax = figures["accuracy_vs_p__protections__bitflip_weights_mlp_layers_all.png"].axes[0]
+    assert legend_texts(ax) == ["protection=none", "protection=secded (= protection=none)", "baseline (p=0)", COLLAPSED_LABEL]
