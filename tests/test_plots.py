@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+from pathlib import Path
 
 import pytest
 from lm_eval_faults.study import plots, sweep_report
@@ -278,3 +279,186 @@ def test_records_without_drift_still_report(run_dir):
     assert not (run_dir / "figures" / "drift_vs_p__bitflip_weights_components.png").exists()
     row = next(line for line in text.splitlines() if line.startswith("| mlp\\|0.001\\|0 |"))
     assert "| — | — |" in row
+
+
+# --------------------------------------------------------------------------- figures that can't mislead
+
+
+@pytest.fixture
+def drawn(monkeypatch):
+    """Every figure the code under test saves, by file name, read through matplotlib's objects."""
+    figures = {}
+    original = plots._write
+
+    def spy(fig, out_path):
+        figures[Path(out_path).name] = fig
+        return original(fig, out_path)
+
+    monkeypatch.setattr(plots, "_write", spy)
+    return figures
+
+
+def set_point(records, point_id, **fields):
+    record = next(r for r in records if r["point_id"] == point_id)
+    record.update(fields)
+
+
+def collapse(records):
+    """mlp at the largest rate, seed 0: 35 of 50 requests degenerate (the report's "collapsed")."""
+    set_point(records, "mlp|0.001|0", degenerate={"requests": {"task_a": 30, "task_b": 5}}, requests={"task_a": 40, "task_b": 10})
+
+
+def all_nonfinite(records):
+    """attention at the largest rate, seed 1: every request NaN."""
+    set_point(
+        records,
+        "attention|0.001|1",
+        degenerate={"requests": {"task_a": 0, "task_b": 0}},
+        requests={"task_a": 40, "task_b": 10},
+        nonfinite={"weights": 1, "requests": {"task_a": 40, "task_b": 10}},
+    )
+
+
+def attention_as_mlp(records):
+    """attention's points score, and are hit, exactly as mlp's: its lines would hide under mlp's."""
+    mlp = {(r["p"], r["seed"]): r for r in records if r.get("target") == "mlp"}
+    for r in records:
+        if r.get("target") == "attention":
+            twin = json.loads(json.dumps(mlp[(r["p"], r["seed"])]))
+            r.update(metrics=twin["metrics"], injected=twin["injected"])
+
+
+def unchanged(records):
+    pass
+
+
+LINE_FIGURES = [
+    "accuracy_vs_p__bitflip_weights_components.png",
+    "relchange_vs_p__bitflip_weights_components.png",
+    "relchange_vs_count__bitflip_weights_components.png",
+    "drift_vs_p__bitflip_weights_components.png",
+]
+COLLAPSED_LABEL = plots.MARK_STYLES[plots.COLLAPSED]["label"]
+NONFINITE_LABEL = plots.MARK_STYLES[plots.NONFINITE]["label"]
+# (case, how the records are spoilt, legend entries expected, marker lines expected as (marker, colour, number of points))
+MARK_CASES = [
+    ("clean", unchanged, [], []),
+    ("collapsed", collapse, [COLLAPSED_LABEL], [("x", "red", 1)]),
+    ("all non-finite", all_nonfinite, [NONFINITE_LABEL], [("X", "darkred", 1)]),
+    ("both", lambda r: (collapse(r), all_nonfinite(r)), [NONFINITE_LABEL, COLLAPSED_LABEL], [("X", "darkred", 1), ("x", "red", 1)]),
+    ("coinciding", attention_as_mlp, ["mlp (= attention)"], []),
+]
+
+
+def legend_texts(ax):
+    legend = ax.get_legend()
+    return [t.get_text() for t in legend.get_texts()] if legend else []
+
+
+def report_figures(tmp_path, drawn, spoil):
+    records = with_drift(synthetic_records())
+    spoil(records)
+    (tmp_path / "results.jsonl").write_text("\n".join(json.dumps(r) for r in records) + "\n", encoding="utf-8")
+    build_report(tmp_path)
+    return drawn
+
+
+@pytest.mark.parametrize(("case", "spoil", "entries", "marker_lines"), MARK_CASES, ids=[c[0] for c in MARK_CASES])
+def test_line_figures_mark_collapsed_points_and_coinciding_series(tmp_path, drawn, case, spoil, entries, marker_lines):
+    figures = report_figures(tmp_path, drawn, spoil)
+    for name in LINE_FIGURES:
+        check_marks(figures[name].axes[0], case, entries, marker_lines)
+
+
+def check_marks(ax, case, entries, marker_lines):
+    texts = legend_texts(ax)
+    special = [t for t in texts if t in (COLLAPSED_LABEL, NONFINITE_LABEL) or "(=" in t]
+    assert special == entries
+    crosses = [
+        (line.get_marker(), line.get_color(), len(line.get_xdata()))
+        for line in ax.get_lines()
+        if line.get_marker() in ("x", "X") and line.get_linestyle() == "None"
+    ]
+    assert crosses == marker_lines
+    if case == "coinciding":
+        lines = {line.get_label(): line for line in ax.get_lines()}
+        under, over = lines["attention"], lines["mlp (= attention)"]
+        assert list(over.get_ydata()) == list(under.get_ydata())  # same points, yet both visible:
+        assert (under.get_linestyle(), under.get_marker()) == ("-", "o")
+        assert over.get_linestyle() == "--" and over.get_marker() == "s" and over.get_markerfacecolor() == "none"
+        assert over.get_markersize() > under.get_markersize()
+
+
+def test_the_collapsed_cross_sits_on_the_collapsed_grid_point(tmp_path, drawn):
+    ax = report_figures(tmp_path, drawn, collapse)["accuracy_vs_p__bitflip_weights_components.png"].axes[0]
+    cross = next(line for line in ax.get_lines() if line.get_marker() == "x")
+    mlp = next(line for line in ax.get_lines() if line.get_label() == "mlp")
+    assert list(cross.get_xdata()) == [pytest.approx(1e-3)]
+    assert list(cross.get_ydata()) == [pytest.approx(mlp.get_ydata()[-1])]
+
+
+def test_layer_bars_mark_a_collapsed_group(tmp_path, drawn):
+    def spoil(records):
+        set_point(records, "L0-3|0.001", degenerate={"requests": {"task_a": 40, "task_b": 10}}, requests={"task_a": 40, "task_b": 10})
+
+    ax = report_figures(tmp_path, drawn, spoil)["layer_bars__bitflip_weights_target_all_layer_groups.png"].axes[0]
+    assert legend_texts(ax) == [COLLAPSED_LABEL]
+    cross = next(line for line in ax.get_lines() if line.get_marker() == "x")
+    assert list(cross.get_xdata()) == [0]  # the first bar, layers 0-3
+
+
+def test_drift_panels_tell_coinciding_curves_apart(tmp_path, drawn):
+    figure = report_figures(tmp_path, drawn, unchanged)["drift_vs_p__bitflip_weights_components.png"]
+    # with_drift moves attention and mlp alike: their flip and KL curves coincide.
+    for ax in figure.axes[1:]:
+        assert legend_texts(ax) == ["mlp (= attention)"]
+
+
+def kl_zero_in_one_seed(records):
+    """attention at the smallest rate: seed 0's KL is 0, seed 1's 0.1, so the band starts at 0."""
+    for r in records:
+        if r.get("target") == "attention" and r["p"] == P_GRID[0] and r["seed"] == 0:
+            r["drift"]["task_a"]["mean_kl"] = 0.0
+
+
+def no_kl_anywhere(records):
+    for r in records:
+        if "drift" in r:
+            r["drift"]["task_a"]["mean_kl"] = 0.0
+
+
+# (case, spoil, y scale, the floor zeros are drawn at: a decade under the smallest positive KL; None on a linear axis)
+KL_CASES = [
+    ("one seed at 0", kl_zero_in_one_seed, "log", 0.005),  # attention's mean (0 + 0.1) / 2 is the smallest
+    ("a series all 0 (norm)", unchanged, "log", 0.01),
+    ("every KL 0", no_kl_anywhere, "linear", None),
+]
+
+
+@pytest.mark.parametrize(("case", "spoil", "scale", "floor"), KL_CASES, ids=[c[0] for c in KL_CASES])
+def test_kl_zeros_sit_at_a_stated_floor_on_the_log_axis(tmp_path, drawn, case, spoil, scale, floor):
+    kl_ax = report_figures(tmp_path, drawn, spoil)["drift_vs_p__bitflip_weights_components.png"].axes[2]
+    assert kl_ax.get_ylabel() == plots.KL_LABEL and kl_ax.get_yscale() == scale
+    texts = " ".join(t.get_text() for t in kl_ax.texts)
+    assert ("drawn at the floor" in texts) == (floor is not None)
+    if floor is not None:
+        assert f"floor {floor:g}" in texts
+        band_ys = [y for band in kl_ax.collections for path in band.get_paths() for y in path.vertices[:, 1]]
+        assert band_ys and min(band_ys) == pytest.approx(floor)  # no band edge falls off the axis
+        norm = [line for line in kl_ax.get_lines() if line.get_marker() == "v"]
+        assert norm and all(list(line.get_ydata()) == [pytest.approx(floor)] * len(line.get_ydata()) for line in norm)
+        all_at_floor = [line for line in kl_ax.get_lines() if line.get_marker() == "o" and set(line.get_ydata()) == {floor}]
+        assert len(all_at_floor) == 1  # norm's line is drawn, at the floor, not left out
+
+
+def test_protection_figure_marks_a_collapsed_unprotected_point(tmp_path, drawn):
+    def spoil(records):
+        collapse(records)  # mlp, unprotected, at 1e-3
+        protected = [dict(r, point_id=f"{r['point_id']}|secded", protection="secded") for r in records if r.get("target") == "mlp"]
+        for r in protected:
+            r.pop("degenerate", None)
+        records += protected
+
+    figures = report_figures(tmp_path, drawn, spoil)
+    ax = figures["accuracy_vs_p__protections__bitflip_weights_mlp_layers_all.png"].axes[0]
+    assert legend_texts(ax) == ["protection=none", "protection=secded (= protection=none)", "baseline (p=0)", COLLAPSED_LABEL]

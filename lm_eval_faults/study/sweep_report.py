@@ -35,6 +35,7 @@ from lm_eval_faults.study.metrics import (
     Sampling,
     SeedStats,
     Series,
+    SeriesKey,
     SeriesSummary,
     Weighting,
     baseline_records,
@@ -92,8 +93,9 @@ def build_report(
     baseline, series = build_series(records, tasks=tasks, count=count)
     summaries = [summarize_series(s, weighting=weighting, fraction=fraction) for s in series]
     by_id = {str(r["point_id"]): r for r in records}
-    figures = _draw_figures(series, baseline, run_dir / FIGURES_DIR, p_for_layer_bars, fraction, count, chance, by_id)
-    protection_tables = _protection_figures(series, baseline, run_dir / FIGURES_DIR, tolerance, chance, by_id, figures)
+    marks = grid_marks(series, by_id)
+    figures = _draw_figures(series, baseline, run_dir / FIGURES_DIR, p_for_layer_bars, fraction, count, chance, by_id, marks)
+    protection_tables = _protection_figures(series, baseline, run_dir / FIGURES_DIR, tolerance, chance, by_id, figures, marks)
     text = "\n".join(
         [
             _header(records, series, tasks, baseline, weighting, fraction, count, sampling_of(records, tasks)),
@@ -136,6 +138,7 @@ def _protection_figures(
     chance: float | None,
     by_id: Mapping[str, Mapping[str, Any]],
     figures: list[tuple[str, Path | str]],
+    marks: plots.GridMarks,
 ) -> dict[str, list[Tolerance]]:
     """For series that differ only in protection: score vs p for all schemes in one figure, and
     the Pareto chart of tolerated p against overhead (appended to `figures`); returns the tables."""
@@ -143,7 +146,7 @@ def _protection_figures(
     for title, members in protection_families(series).items():
         slug = _slug(title)
         accuracy = plots.plot_accuracy_vs_p(
-            members, baseline, out_dir / f"accuracy_vs_p__protections__{slug}.png", chance=chance, title=title
+            members, baseline, out_dir / f"accuracy_vs_p__protections__{slug}.png", chance=chance, title=title, marks=marks
         )
         rows = tolerances(members, by_id, tolerance, is_collapsed)
         pareto = plots.plot_pareto(rows, out_dir / f"pareto__{slug}.png", tolerance=tolerance, title=title)
@@ -185,29 +188,34 @@ def _draw_figures(
     count: CountUnit,
     chance: float | None,
     by_id: Mapping[str, Mapping[str, Any]],
+    marks: plots.GridMarks,
 ) -> list[tuple[str, Path | str]]:
-    """All figures as (caption, path), or (caption, reason) where a figure could not be drawn."""
+    """All figures as (caption, path), or (caption, reason) where a figure could not be drawn;
+    collapsed grid points are marked on every figure (`marks`)."""
     figures: list[tuple[str, Path | str]] = []
     for title, members in figure_families(series).items():
         slug = _slug(title)
-        accuracy = plots.plot_accuracy_vs_p(members, baseline, out_dir / f"accuracy_vs_p__{slug}.png", chance=chance, title=title)
+        accuracy = plots.plot_accuracy_vs_p(
+            members, baseline, out_dir / f"accuracy_vs_p__{slug}.png", chance=chance, title=title, marks=marks
+        )
         figures.append((f"{title}: score vs p", accuracy))
-        drift = _drift_figure(members, by_id, baseline, out_dir / f"drift_vs_p__{slug}.png", chance, title)
+        drift = _drift_figure(members, by_id, baseline, out_dir / f"drift_vs_p__{slug}.png", chance, title, marks)
         figures.append((f"{title}: score and drift from the clean model vs p", drift))
-        by_p = plots.plot_relchange_vs_p(members, out_dir / f"relchange_vs_p__{slug}.png", fraction=fraction, title=title)
+        by_p = plots.plot_relchange_vs_p(members, out_dir / f"relchange_vs_p__{slug}.png", fraction=fraction, title=title, marks=marks)
         by_count = plots.plot_relchange_vs_count(
             members,
             out_dir / f"relchange_vs_count__{slug}.png",
             fraction=fraction,
             count_label=f"injected {count} (seed mean)",
             title=title,
+            marks=marks,
         )
         figures += [
             (f"{title}: relative change vs p", by_p),
             (f"{title}: relative change vs injected {count}", by_count),
         ]
         if members[0].key.layers != ALL_LAYERS:
-            figures.append(_layer_bars(members, title, slug, out_dir, p_for_layer_bars, fraction))
+            figures.append(_layer_bars(members, title, slug, out_dir, p_for_layer_bars, fraction, marks))
     return figures
 
 
@@ -218,6 +226,7 @@ def _drift_figure(
     path: Path,
     chance: float | None,
     title: str,
+    marks: plots.GridMarks,
 ) -> Path | str:
     """The score-and-drift figure of one family, or why there is none."""
     curves = [drift_curve(s, by_id) for s in members]
@@ -225,7 +234,7 @@ def _drift_figure(
         return "no point of this family recorded drift (a sweep from before drift was recorded)"
     if not any(c.has_flips() or c.has_kl() for c in curves):
         return "its tasks have no answers to flip and no choices for a KL (e.g. rolling log-likelihood); see `drift` in the results"
-    return plots.plot_drift_vs_p(members, curves, baseline, path, chance=chance, title=title)
+    return plots.plot_drift_vs_p(members, curves, baseline, path, chance=chance, title=title, marks=marks)
 
 
 def _layer_bars(
@@ -235,6 +244,7 @@ def _layer_bars(
     out_dir: Path,
     p: float | None,
     fraction: float,
+    marks: plots.GridMarks,
 ) -> tuple[str, Path | str]:
     """The bar chart of one layer family at `p` (or its default rate), or why there is none."""
     if p is None:
@@ -244,7 +254,7 @@ def _layer_bars(
     caption = f"{title}: relative change per layer group at p={p:g}"
     if not any(plots.grid_point_at(s, p) for s in members):
         return caption, f"no layer group was run at p={p:g}"
-    path = plots.plot_layer_bars(members, p, out_dir / f"layer_bars__{slug}.png", title=f"{title}, p={p:g}")
+    path = plots.plot_layer_bars(members, p, out_dir / f"layer_bars__{slug}.png", title=f"{title}, p={p:g}", marks=marks)
     return caption, path
 
 
@@ -608,6 +618,30 @@ def is_collapsed(record: Mapping[str, Any]) -> bool | None:
         return None
     nonfinite = sum(((record.get("nonfinite") or {}).get("requests") or {}).values())
     return counts[1] > 0 and 2 * (counts[0] + nonfinite) > counts[1]
+
+
+def point_mark(record: Mapping[str, Any]) -> str | None:
+    """How a figure marks a point: `plots.NONFINITE` when every request was non-finite,
+    `plots.COLLAPSED` when `is_collapsed`, else None (also when not recorded)."""
+    counts = degenerate_requests(record)
+    if counts is None or not is_collapsed(record):
+        return None
+    nonfinite = sum(((record.get("nonfinite") or {}).get("requests") or {}).values())
+    return plots.NONFINITE if nonfinite >= counts[1] else plots.COLLAPSED
+
+
+def grid_marks(series: Sequence[Series], by_id: Mapping[str, Mapping[str, Any]]) -> dict[SeriesKey, tuple[str | None, ...]]:
+    """Per series, the mark of each grid point: the worst of its seeds' `point_mark`s, since a
+    seed mean with one collapsed seed is already not the model's answer."""
+    order = (plots.NONFINITE, plots.COLLAPSED)
+    result = {}
+    for s in series:
+        by_p: dict[float, set[str]] = defaultdict(set)
+        for pt in s.points:
+            if (mark := point_mark(by_id.get(pt.point_id, {}))) is not None:
+                by_p[pt.p].add(mark)
+        result[s.key] = tuple(next((m for m in order if m in by_p.get(g.p, set())), None) for g in s.grid)
+    return result
 
 
 def _degenerate(record: Mapping[str, Any]) -> str:
