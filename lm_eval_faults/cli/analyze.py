@@ -7,7 +7,7 @@ import json
 from typing import Any
 
 from lm_eval_faults.cli.paths import check_output_path, prepare_output_path
-from lm_eval_faults.core.analysis import analyze
+from lm_eval_faults.core.analysis import analyze, check_analysable
 from lm_eval_faults.core.protected_analysis import expected_nonfinite
 from lm_eval_faults.core.spec import FAULT_KEYS, PROTECTION_KEYS, FaultSpec, FaultSpecError, parse_arg_string, parse_fault_args, to_spec
 from lm_eval_faults.core.text_table import Column, text_table
@@ -37,6 +37,7 @@ def main(args: argparse.Namespace) -> int:
     if args.pretrained:
         model_args["pretrained"] = args.pretrained
     spec, load_args = parse_fault_args(model_args, passthrough=LOAD_KEYS)
+    check_analysable(spec)
     check_output_path("--json", args.json)
     schemes = [item.strip() for item in (args.protections or "").split(";") if item.strip()]
     if spec.protected and not schemes:
@@ -49,7 +50,7 @@ def main(args: argparse.Namespace) -> int:
         check_against_config(scheme_spec_, load_config, config)
     model = load_model(load_args, spec)
     analysis = analyze(model, spec, threshold=args.threshold)
-    print(analysis.format_table() + ("\n(the table above is before protection)" if spec.protected else ""))
+    print(analysis.format_table())
     if schemes:
         print(protection_table(model, base, schemes))
     if args.json:
@@ -82,4 +83,14 @@ def protection_table(model: Any, base: dict[str, Any], schemes: list[str]) -> st
     columns += [Column(component, max(12, len(component) + 2), ".4g") for component in components]
     columns.append(Column("", 2, align="<"))
     lines = ["Expected weights read as NaN/Inf after protection (exact; symmetric bit flips):", *text_table(columns, rows)]
+    lines += [f"note: {note}" for scheme in schemes if (note := scheme_note(scheme, scheme_spec(base, scheme)))]
     return "\n".join(lines)
+
+
+def scheme_note(scheme: str, spec: FaultSpec) -> str | None:
+    """What the row of a scheme does not model: clamping activations is a run-time bound on
+    module outputs, which an analysis of the stored weights cannot see."""
+    if "activations" not in spec.clamp:
+        return None
+    shown = "its row models only the weight clamping" if "weights" in spec.clamp else "its row shows the weights as if unclamped"
+    return f"{scheme!r}: activation clamping is not modelled by the weight analysis; {shown}"

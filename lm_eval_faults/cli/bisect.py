@@ -28,6 +28,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     source.add_argument("--fault_args", help="a weight fault spec to draw the map from, e.g. p=1e-7,seed=0")
     source.add_argument("--map", help="a saved fault map (save_map=PATH in model_args, or --save_map here)")
     parser.add_argument("--fraction", type=float, default=0.5, help="damage = score below this fraction of the clean score")
+    parser.add_argument(
+        "--tolerance",
+        type=float,
+        default=0.05,
+        help="warn when the faults not blamed still cost more than this fraction of the clean score (default 0.05)",
+    )
     parser.add_argument("--limit", type=float, default=None, help="documents per task (a fraction if < 1)")
     parser.add_argument("--batch_size", default="32")
     parser.add_argument("--device", default=None, help="default: cuda where available, else cpu")
@@ -70,9 +76,11 @@ def main(args: argparse.Namespace) -> int:
     sites = {name: (site.component, site.layer) for site in all_param_sites(lm.model) for name in site.names}
     print(f"lm-eval-faults bisect: {len(fault_map)} faults; scoring {', '.join(tasks)}", file=sys.stderr)
     with line:
-        outcome = bisect(fault_map, score, args.fraction, sites)
+        outcome = bisect(fault_map, score, args.fraction, sites, tolerance=args.tolerance)
     lm.replay_faults(None)
     print(outcome.format_table())
+    if outcome.residue_warning:
+        print(outcome.residue_warning, file=sys.stderr)
     if args.json:
         Path(prepare_output_path(args.json)).write_text(json.dumps(outcome.to_dict(), indent=2) + "\n")
     if args.save_map:
@@ -93,6 +101,8 @@ def check_inputs(args: argparse.Namespace, model_args: dict[str, Any], tasks: li
         raise FaultSpecError(f"bisect --model_args holds fault keys {', '.join(faults)}: give them in --fault_args (or use --map)")
     if not 0 < args.fraction <= 1:
         raise FaultSpecError(f"bisect --fraction {args.fraction!r} is invalid: a fraction of the clean score in (0, 1], e.g. 0.5")
+    if not 0 <= args.tolerance < 1:
+        raise FaultSpecError(f"bisect --tolerance {args.tolerance!r} is invalid: a fraction of the clean score in [0, 1), e.g. 0.05")
     parse_limit("--limit", args.limit)
     if not tasks:
         raise FaultSpecError("bisect --tasks is empty; name at least one lm-eval task")

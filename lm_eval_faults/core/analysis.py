@@ -46,7 +46,7 @@ from lm_eval_faults.core.formats import (
     word_value,
 )
 from lm_eval_faults.core.sampling import element_rate
-from lm_eval_faults.core.spec import FaultSpec, to_spec
+from lm_eval_faults.core.spec import FaultSpec, FaultSpecError, to_spec
 from lm_eval_faults.core.targets import ParamSite, select_params
 from lm_eval_faults.core.text_table import Column, text_table
 from lm_eval_faults.core.words import flat_words
@@ -668,6 +668,7 @@ class Analysis:
     def to_dict(self) -> dict[str, Any]:
         return {
             "spec": {**self.spec.to_dict(), "description": self.spec.describe()},
+            "notes": analysis_notes(self.spec),
             "thresholds": {site.dtype: site.threshold for site in self.sites},
             "total": self.total().to_dict(),
             "by_component": {name: e.to_dict() for name, e in self.by_component().items()},
@@ -682,6 +683,7 @@ class Analysis:
         lines = [
             f"Expected damage of: {self.spec.describe()}",
             f"(huge = finite with |x| > threshold: {thresholds}; P(...) = probability of at least one such element)",
+            *(f"note: {note}" for note in analysis_notes(self.spec)),
         ]
         columns = [
             Column("component", 22, align="<"),
@@ -721,14 +723,45 @@ def site_risk(site: ParamSite, spec: FaultSpec, threshold: float | None) -> tupl
     return RiskModel.build(layout, eligible, threshold), flat_words(site.param, layout)
 
 
+def check_analysable(spec: FaultSpec) -> None:
+    """Refuse, in one line, the specs whose analysis would print figures that are not theirs.
+
+    The analysis is an expectation over faults drawn at rate p in the stored weights: a spec on
+    activations alone has no weight faults (their operands are not known before a run), and a
+    replayed map is not a draw at all (its faults are known exactly), so either would print the
+    weights' figures, or zeros, under a title that says otherwise."""
+    if spec.replay is not None:
+        raise FaultSpecError(
+            f"analyze: replay={spec.replay!r} is invalid here: analyze gives the expectation of faults drawn at rate p, "
+            "and a replayed map is exact, not a draw; read its own counts (FaultMap.load, or the report of an lm_eval "
+            "run that replays it), or analyze the spec it was drawn from"
+        )
+    if not spec.on_weights:
+        raise FaultSpecError(
+            f"analyze: site={spec.site!r} is invalid here: analyze covers faults in the stored weights, and activation "
+            "faults depend on operands not known before a run; use site=weights (or weights+activations for its weight part)"
+        )
+
+
+def analysis_notes(spec: FaultSpec) -> list[str]:
+    """What the analysis of `spec` leaves out, to print beside its figures."""
+    notes = []
+    if spec.on_activations:
+        notes.append(f"site={spec.site}: only the weight faults are analysed; the activation faults are not in these figures")
+    if spec.protected:
+        notes.append("these figures are before protection")
+    return notes
+
+
 def analyze(model: nn.Module, spec: FaultSpec | str, threshold: float | None = None) -> Analysis:
     """Expected damage of weight faults under `spec`, computed exactly from the stored words.
 
     `threshold` is the magnitude above which a finite value counts as "huge" (default: half the
     dtype's largest finite value). Activation faults are not analysed: their operands are not
-    known before a run.
+    known before a run; a spec on activations alone, or a replay, is refused (`check_analysable`).
     """
     spec = to_spec(spec)
+    check_analysable(spec)
     analysis = Analysis(spec)
     with torch.no_grad():
         for site in select_params(model, spec):

@@ -79,17 +79,49 @@ class Bisection:
     culprits: list[Culprit] = field(default_factory=list)
     culprits_score: float = float("nan")
     rest_score: float = float("nan")
+    """The residue's score: the map minus the culprits, replayed alone."""
     evaluations: int = 0
+    tolerance: float = 0.05
+    """How much of the clean score the residue may cost before the outcome warns, as a fraction of it."""
+
+    @property
+    def residue_cost(self) -> float:
+        """What the faults not blamed still cost, as a fraction of the clean score: (clean − residue) / clean.
+
+        "Harmless" in the search only means the residue stays above the threshold, so with
+        fraction 0.5 it can still cost up to half the score."""
+        return _share(self.clean_score - self.rest_score, self.clean_score)
+
+    @property
+    def explained(self) -> float:
+        """The share of the whole map's damage the culprits do alone:
+        (clean − culprits alone) / (clean − whole map); above 1 when the rest partly undoes them."""
+        return _share(self.clean_score - self.culprits_score, self.clean_score - self.full_score)
+
+    @property
+    def residue_warning(self) -> str | None:
+        """A warning when the residue costs more than the tolerance, else None."""
+        if not self.residue_cost > self.tolerance:
+            return None
+        return (
+            f"WARNING: the {self.faults - len(self.culprits)} faults not blamed still cost {self.residue_cost:.1%} of the clean score "
+            f"(tolerance {self.tolerance:.1%}): the culprits explain only part of the damage; "
+            "bisect again with a higher --fraction to blame more of it"
+        )
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        return {**asdict(self), "residue_cost": self.residue_cost, "explained": self.explained, "residue_warning": self.residue_warning}
 
     def format_table(self) -> str:
         lines = [
             f"{len(self.culprits)} culprit(s) among {self.faults} faults, found in {self.evaluations} evaluations "
             f"(clean {self.clean_score:.4g}, all faults {self.full_score:.4g}, threshold < {self.threshold:.4g}; "
-            f"culprits alone {self.culprits_score:.4g}, all but the culprits {self.rest_score:.4g})"
+            f"culprits alone {self.culprits_score:.4g}, all but the culprits {self.rest_score:.4g})",
+            f"residue (the map minus the culprits) scores {self.rest_score:.4g}: it costs {self.residue_cost:.1%} of the clean score",
+            f"the culprits explain {self.explained:.1%} of the damage = (clean − culprits alone) / (clean − all faults)",
         ]
+        if self.residue_warning:
+            lines.append(self.residue_warning)
         for c in self.culprits:
             layer = "-" if c.layer is None else str(c.layer)
             lines.append(
@@ -99,19 +131,29 @@ class Bisection:
         return "\n".join(lines)
 
 
+def _share(part: float, whole: float) -> float:
+    """part / whole, NaN when the whole is zero (no damage to share out)."""
+    return part / whole if whole else float("nan")
+
+
 def bisect(
     fault_map: FaultMap,
     score: Callable[[FaultMap | None], float],
     fraction: float,
     sites: dict[str, tuple[str, int | None]],
+    tolerance: float = 0.05,
 ) -> Bisection:
     """Find a 1-minimal subset of `fault_map` whose replay scores below `fraction` x the clean score.
 
     `score(map)` evaluates the model with exactly that map's faults replayed (None: clean) and
     returns the task score; `sites` maps parameter names to (component, layer) for the report.
+    The residue (the map minus the culprits) is scored too; the outcome warns when it still costs
+    more than `tolerance` of the clean score, since the search only proves it above the threshold.
     """
-    if not 0.0 < fraction < 1.0:
-        raise ValueError(f"fraction {fraction} is invalid: damage is a score below a fraction in (0, 1) of the clean score")
+    if not 0.0 < fraction <= 1.0:
+        raise ValueError(f"fraction {fraction} is invalid: damage is a score below a fraction in (0, 1] of the clean score")
+    if not 0.0 <= tolerance < 1.0:
+        raise ValueError(f"tolerance {tolerance} is invalid: a fraction of the clean score in [0, 1), e.g. 0.05")
     memo: dict[bytes, float] = {}
 
     def subset_score(indices: np.ndarray) -> float:
@@ -124,7 +166,7 @@ def bisect(
     threshold = fraction * clean
     everything = np.arange(len(fault_map))
     flipped = fault_map.flipped
-    outcome = Bisection(len(fault_map), clean, subset_score(everything), threshold)
+    outcome = Bisection(len(fault_map), clean, subset_score(everything), threshold, tolerance=tolerance)
     outcome.fault_bits = [int(np.count_nonzero(flipped >> bit & 1)) for bit in range(32)]
     if not outcome.full_score < threshold:
         raise ValueError(f"the whole map scores {outcome.full_score:.4g}, not below the threshold {threshold:.4g}: nothing to bisect")

@@ -52,6 +52,8 @@ class SampleDrift:
     faulty_choice: int | None = None
     flipped: bool | None = None
     tied: bool | None = None
+    agrees: bool | None = None
+    """The faulted run's top choices (every choice holding the maximum) are the clean run's, all finite."""
     abs_delta_ll: float | None = None
     kl: float | None = None
     greedy_changed: bool | None = None
@@ -79,6 +81,9 @@ class TaskDrift:
     flips: int | None = None
     agreement: float | None = None
     ties: int | None = None
+    tie_kept: int | None = None
+    """Finite unchanged answers whose top choices differ between the runs (a tie on one side only):
+    the same answer only through lm-eval's first-index tie-break. agree + tie_kept = unchanged finite samples."""
     mean_abs_delta_ll: float | None = None
     mean_kl: float | None = None
     greedy_changes: int | None = None
@@ -174,6 +179,12 @@ def lm_eval_argmax(values: Sequence[float]) -> int:
         if math.isnan(value):
             return index
     return max(range(len(values)), key=lambda index: (values[index], -index))
+
+
+def top_choices(values: Sequence[float]) -> frozenset[int]:
+    """The choices holding the largest log-likelihood (several when tied), by exact equality."""
+    top = max(values)
+    return frozenset(index for index, value in enumerate(values) if value == top)
 
 
 def is_tied(values: Sequence[float]) -> bool:
@@ -285,6 +296,7 @@ def _compare_loglikelihood(record: SampleDrift, clean: Mapping[str, Any], faulty
     record.tied = is_tied(lf)
     record.greedy_changed = any(c[1] != f[1] for c, f in zip(clean_pairs, faulty_pairs, strict=True))
     record.finite = all(math.isfinite(value) for value in lc + lf)
+    record.agrees = record.finite and top_choices(lc) == top_choices(lf)
     if record.finite:
         record.abs_delta_ll = sum(abs(f - c) for c, f in zip(lc, lf, strict=True)) / len(lc)
         record.kl = kl_divergence(lc, lf)
@@ -389,13 +401,13 @@ def _aggregate(result: TaskDrift, rolling_rows: list[tuple[float, float, float |
 
 
 def _aggregate_loglikelihood(result: TaskDrift) -> None:
-    """Flips, strict agreement, ties, and the means over finite samples."""
+    """Flips, agreement (same top choices), ties, tie-kept answers, and the means over finite samples."""
     samples = result.samples
     result.flips = sum(bool(sample.flipped) for sample in samples)
     result.ties = sum(bool(sample.tied) for sample in samples)
     result.greedy_changes = sum(bool(sample.greedy_changed) for sample in samples)
-    agreeing = sum(not sample.flipped and not sample.tied and sample.finite for sample in samples)
-    result.agreement = agreeing / len(samples) if samples else None
+    result.tie_kept = sum(sample.finite and not sample.flipped and not sample.agrees for sample in samples)
+    result.agreement = sum(bool(sample.agrees) for sample in samples) / len(samples) if samples else None
     result.mean_abs_delta_ll = _mean(sample.abs_delta_ll for sample in samples if sample.abs_delta_ll is not None)
     result.mean_kl = _mean(sample.kl for sample in samples if sample.kl is not None)
 
@@ -554,6 +566,7 @@ def _row(task: TaskDrift) -> list[Any]:
     changed = task.flips if task.flips is not None else task.diverged
     flips = None if changed is None else f"{changed}/{n}"
     ties = None if task.ties is None else f"{task.ties}/{n}"
+    tie_kept = None if task.tie_kept is None else f"{task.tie_kept}/{n}"
     agreement = task.exact_agreement if task.agreement is None else task.agreement
     return [
         task.label,
@@ -563,6 +576,7 @@ def _row(task: TaskDrift) -> list[Any]:
         _cell(flips),
         _cell(agreement),
         _cell(ties),
+        _cell(tie_kept),
         _cell(task.mean_abs_delta_ll),
         _cell(task.mean_kl),
         task.nonfinite,
@@ -584,13 +598,14 @@ def format_drift_table(report: DriftReport) -> list[str]:
         Column("flips/diff", 11),
         Column("agree", 7, ".3f"),
         Column("ties", 10),
+        Column("tie-kept", 10),
         Column("|Δll|", 10, ".4g"),
         Column("KL", 10, ".4g"),
-        Column("nonfinite", 10, ","),
+        Column("nonfin samples", 15, ","),
         Column("1st div", 8, ".3g"),
         Column("ppl ratio", 10, ".4g"),
-        Column("degen req", 10, ","),
-        Column("nonfin req", 11, ","),
+        Column("degen requests", 15, ","),
+        Column("nonfin requests", 16, ","),
     ]
     lines = text_table(columns, [_row(task) for task in report.tasks])
     lines.extend(_metric_lines(report))
