@@ -24,13 +24,16 @@ def load_runs(directory: Path) -> list[tuple[str, dict]]:
 
 def table(runs: list[tuple[str, dict]]) -> str:
     lines = [
-        "| run | faults | evaluations | clean | all faults | culprits only | all but culprits |",
-        "|---|---|---|---|---|---|---|",
+        "| run | faults | evaluations | clean | all faults | culprits only | all but culprits | residue costs | culprits explain |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for name, run in runs:
+        clean = run["clean_score"]
+        residue = (clean - run["rest_score"]) / clean  # what `Bisection.residue_cost` and `.explained` give
+        explained = (clean - run["culprits_score"]) / (clean - run["full_score"])
         lines.append(
-            f"| {name} | {run['faults']} | {run['evaluations']} | {run['clean_score']:.3g} | {run['full_score']:.3g} "
-            f"| {run['culprits_score']:.3g} | {run['rest_score']:.3g} |"
+            f"| {name} | {run['faults']} | {run['evaluations']} | {clean:.3g} | {run['full_score']:.3g} "
+            f"| {run['culprits_score']:.3g} | {run['rest_score']:.3g} | {residue:.0%} | {explained:.0%} |"
         )
     lines += ["", "| run | component | layer | parameter[index] | bits | old -> new | score alone |", "|---|---|---|---|---|---|---|"]
     for name, run in runs:

@@ -79,7 +79,7 @@ def main(args: argparse.Namespace) -> int:
         outcome = bisect(fault_map, score, args.fraction, sites, tolerance=args.tolerance)
     lm.replay_faults(None)
     print(outcome.format_table())
-    if outcome.residue_warning:
+    if outcome.residue_warning and not sys.stdout.isatty():  # stdout to a file: still seen
         print(outcome.residue_warning, file=sys.stderr)
     if args.json:
         Path(prepare_output_path(args.json)).write_text(json.dumps(outcome.to_dict(), indent=2) + "\n")

@@ -105,8 +105,8 @@ class Bisection:
             return None
         return (
             f"WARNING: the {self.faults - len(self.culprits)} faults not blamed still cost {self.residue_cost:.1%} of the clean score "
-            f"(tolerance {self.tolerance:.1%}): the culprits explain only part of the damage; "
-            "bisect again with a higher --fraction to blame more of it"
+            f"on their own (tolerance {self.tolerance:.1%}): they are not harmless, only above the threshold; "
+            "bisect again with a higher --fraction to blame them too"
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -118,16 +118,16 @@ class Bisection:
             f"(clean {self.clean_score:.4g}, all faults {self.full_score:.4g}, threshold < {self.threshold:.4g}; "
             f"culprits alone {self.culprits_score:.4g}, all but the culprits {self.rest_score:.4g})",
             f"residue (the map minus the culprits) scores {self.rest_score:.4g}: it costs {self.residue_cost:.1%} of the clean score",
-            f"the culprits explain {self.explained:.1%} of the damage = (clean − culprits alone) / (clean − all faults)",
+            f"the culprits explain {self.explained:.1%} of the damage: (clean − culprits alone) / (clean − all faults), what they do alone",
         ]
-        if self.residue_warning:
-            lines.append(self.residue_warning)
         for c in self.culprits:
             layer = "-" if c.layer is None else str(c.layer)
             lines.append(
                 f"  {c.component:<18} layer {layer:<3} {c.param}[{c.index}] bits {c.bits}: "
                 f"{c.old_value:.6g} -> {c.new_value:.6g}; score with this fault alone {c.score_alone:.4g}"
             )
+        if self.residue_warning:
+            lines.append(self.residue_warning)
         return "\n".join(lines)
 
 

@@ -163,6 +163,7 @@ DRIFT_FIELDS = (
     "flips",
     "agreement",
     "ties",
+    "tie_kept",
     "greedy_changes",
     "mean_abs_delta_ll",
     "mean_kl",
