@@ -35,6 +35,8 @@ CLI_CASES = {
     "analyze-replay": (["analyze", "--model_args", "replay={tmp}/m.npz"], "replay="),
     "analyze-bad-scheme": (["analyze", "--model_args", "p=1e-3,dtype=float16", "--protections", "protect_bits=20"], "protect_bits"),
     "report-fraction": (["report", "{tmp}", "--fraction", "5"], "--fraction"),
+    "sweep-save-map-unwritable": ([*SWEEP, "--fault_args", "save_map=/proc/nope/m.npz"], "save_map=/proc/nope/m.npz"),
+    "sweep-replay": ([*SWEEP, "--fault_args", "replay={tmp}/m.npz"], "replay"),
     "drift-json-dir": (["drift", "{tmp}", "{tmp}", "--json", "{tmp}"], "--json"),
 }
 
@@ -64,7 +66,7 @@ def test_cli_refuses_before_loading(argv, expected, tmp_path, capsys, no_model_l
     assert main(argv) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err and expected in err[-1], err
-    assert not (run_dir / "sweep.json").exists() and not (run_dir / "results.jsonl").exists()
+    assert not run_dir.exists(), "a refused sweep left its run directory behind"
 
 
 SPEC_CASES = {
@@ -119,3 +121,13 @@ def test_lm_eval_cli_user_error_is_one_line(model_args, expected):
     assert done.returncode == 2, done.stderr
     assert "Traceback" not in done.stderr
     assert done.stderr.strip().splitlines()[-1].startswith(expected)
+
+
+@pytest.mark.parametrize("save_map", ["/proc/nope/m.npz", "/proc/m.npz", "{tmp}"])
+def test_faulty_hf_refuses_an_unwritable_save_map_before_loading(save_map, tmp_path, no_model_load):
+    """Under lm_eval, `save_map=/proc/nope/m.npz` once failed with a traceback after the model loaded."""
+    from lm_eval_faults.core.fault_map import FaultMapError
+    from lm_eval_faults.harness.model import FaultyHFLM
+
+    with pytest.raises(FaultMapError, match=r"save_map=.* can't be written"):
+        FaultyHFLM(p=1e-5, save_map=save_map.replace("{tmp}", str(tmp_path)), device="cpu")

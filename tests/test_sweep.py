@@ -190,7 +190,7 @@ def test_a_planted_lock_symlink_is_refused_and_its_target_left_alone(tmp_path, c
     (run_dir / ".sweep.lock").symlink_to(precious)
     parser = argparse.ArgumentParser()
     add_arguments(parser)
-    args = parser.parse_args(["--model_args", "pretrained=x", "--tasks", "t", "--p", "1e-3", "--run_dir", str(run_dir)])
+    args = parser.parse_args(["--tasks", "faults_demo", "--p", "1e-3", "--no_progress", "--run_dir", str(run_dir)])
     assert main(args) == 2
     err = capsys.readouterr().err.strip()
     assert "symbolic link" in err and len(err.splitlines()) == 1

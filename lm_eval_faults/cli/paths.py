@@ -7,28 +7,17 @@ a path that cannot be written is refused first, in one line naming the option.
 from __future__ import annotations
 
 import os
-import tempfile
+
+from lm_eval_faults.core.output_paths import output_path_problem
 
 
 def check_output_path(option: str, path: str | None) -> None:
-    """Refuse `path` for `option` unless a file can be created there: not a directory, and its
-    nearest existing ancestor a writable directory (probed by a temporary file, removed at once,
-    since `os.access` says yes to root under /proc)."""
+    """Refuse `path` for `option` unless a file can be created there (`core.output_paths`)."""
     if not path:
         return
-    target = os.path.abspath(path)
-    if os.path.isdir(target):
-        raise OSError(f"{option} {path!r} is a directory; give a file name")
-    parent = os.path.dirname(target)
-    while not os.path.exists(parent):
-        parent = os.path.dirname(parent)
-    if not os.path.isdir(parent):
-        raise OSError(f"{option} {path!r} cannot be written: {parent} is not a directory")
-    try:
-        with tempfile.NamedTemporaryFile(dir=parent, prefix=".lm-eval-faults-probe-"):
-            pass
-    except OSError as error:
-        raise OSError(f"{option} {path!r} cannot be written: {parent} is not writable ({error.strerror})") from None
+    problem = output_path_problem(path)
+    if problem is not None:
+        raise OSError(f"{option} {path!r} cannot be written: {problem}")
 
 
 def prepare_output_path(path: str) -> str:

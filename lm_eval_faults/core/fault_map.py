@@ -31,6 +31,7 @@ from typing import Any
 import numpy as np
 
 from lm_eval_faults.core.formats import LAYOUTS
+from lm_eval_faults.core.output_paths import output_path_problem
 
 FORMAT = "lm-eval-faults/fault-map/1"
 
@@ -191,18 +192,10 @@ class FaultMap:
 
 
 def check_writable(path: str | Path, key: str = "save_map") -> None:
-    """Refuse an output path that can't be written, before the work it would record: a directory,
-    a parent that is a file, a folder without write permission."""
-    path = Path(path)
-    if path.is_dir():
-        raise FaultMapError(f"{key}={path} is a directory; give a file path such as {path / 'map.npz'}")
-    parent = path.parent
-    while not parent.exists():
-        parent = parent.parent
-    if not parent.is_dir():
-        raise FaultMapError(f"{key}={path} can't be written: {parent} is a file, not a folder")
-    if not os.access(parent, os.W_OK | os.X_OK) or (path.exists() and not os.access(path, os.W_OK)):
-        raise FaultMapError(f"{key}={path} can't be written: no write permission in {parent}")
+    """Refuse an output path that can't be written, before the work it would record."""
+    problem = output_path_problem(path)
+    if problem is not None:
+        raise FaultMapError(f"{key}={path} can't be written: {problem}")
 
 
 def _listing(values: dict[str, int]) -> str:

@@ -413,6 +413,7 @@ def preflight_sweep(config: SweepConfig) -> None:
     claimed: unknown task names, and every grid point (the baseline's fixed keys included)
     against the model's config: `--layers 0-99` on a 4-layer model, `protect_bits=20` on float16.
     Found later, each would leave a pinned sweep.json that refuses the corrected command."""
+    from lm_eval_faults.core.fault_map import FaultMapError, check_writable
     from lm_eval_faults.harness.package_data import demo_model_dir
     from lm_eval_faults.harness.preflight import check_against_config, check_tasks, layer_count, read_config
 
@@ -426,7 +427,14 @@ def preflight_sweep(config: SweepConfig) -> None:
     if n_layers is None and any(item.lower().startswith("groups:") for item in config.layers):
         return  # groups:N waits for the loaded model's decoder stack
     checked: set[FaultSpec] = set()
-    for point in plan_points(config, n_layers):
+    points = plan_points(config, n_layers)
+    save_map = parse_arg_string(config.fault_args).get("save_map")
+    if save_map:  # every point's map goes beside this one (`point_map_path`)
+        try:
+            check_writable(str(save_map))
+        except FaultMapError as err:
+            raise SweepConfigError(f"--fault_args {err}") from None
+    for point in points:
         if point.spec in checked:
             continue
         checked.add(point.spec)

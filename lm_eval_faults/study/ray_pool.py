@@ -210,8 +210,12 @@ class RayPool:
     @property
     def in_flight(self) -> dict[str, Any]:
         """The actor running each job now, by job key (a point's id): what a monitor, or a test
-        that kills an actor mid-point, looks at."""
-        return {job.key: actor for actor, job in self._busy.values()}
+        that kills an actor mid-point, looks at. A job whose result is already in Ray's object
+        store has stopped running, so it is left out: killing its actor would lose nothing."""
+        if not self._busy:
+            return {}
+        finished, _ = self.ray.wait(list(self._busy), num_returns=len(self._busy), timeout=0)
+        return {job.key: actor for ref, (actor, job) in self._busy.items() if ref not in finished}
 
     # -- actors -----------------------------------------------------------------------------
 

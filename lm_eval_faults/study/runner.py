@@ -431,8 +431,15 @@ def run_sweep(
     """
     directory = RunDir(run_dir)
     outcome = SweepRun(directory.path)
+    # What the input alone tells is checked before the model loads and before sweep.json is pinned
+    # (a caller's own `lm` may differ from model_args, so it is not checked against them). A new
+    # run directory is checked before it is even created, so a refused command leaves nothing;
+    # an existing one first says whether it holds another configuration, or none.
+    fresh = not directory.config.exists() and not directory.results.exists()
+    if lm is None and fresh:
+        preflight_sweep(config)
     with directory.claim(config):
-        if lm is None:  # before the model loads and sweep.json is pinned; a caller's own model may differ from model_args
+        if lm is None and not fresh:
             preflight_sweep(config)
         done = directory.finished()
         evaluator = _open_evaluator(config, lm, task_manager, ray)
