@@ -48,10 +48,10 @@ from typing import Any
 import numpy as np
 import torch
 from lm_eval_faults import inject
-from lm_eval_faults.core import activations
-from lm_eval_faults.core.activations import Rows
 from lm_eval_faults.core.injection import Injection
-from lm_eval_faults.core.streams import request_key
+from lm_eval_faults.core.injectors import activations
+from lm_eval_faults.core.injectors.activations import Rows
+from lm_eval_faults.core.random.streams import request_key
 from torch import nn
 
 SMOLLM = Path(__file__).resolve().parents[2] / "shared" / "models" / "smollm2-135m-instruct"

@@ -24,7 +24,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from lm_eval_faults.core.analysis import analyze
+from lm_eval_faults.core.analysis.exact import analyze
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 SMOLLM = Path(__file__).resolve().parents[2] / "shared" / "models" / "smollm2-135m-instruct"

@@ -28,7 +28,7 @@ import time
 
 import torch
 from lm_eval_faults import inject
-from lm_eval_faults.core.device_faults import DEVICE_PATH_ENV
+from lm_eval_faults.core.faults.device import DEVICE_PATH_ENV
 from transformers import LlamaConfig, LlamaForCausalLM
 
 P_VALUES = (1e-9, 1e-7, 1e-5, 1e-3, 1e-1)

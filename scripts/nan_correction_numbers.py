@@ -1,6 +1,6 @@
 """Numbers for docs/nan_correction.md: exact NaN/Inf/huge expectations under iid bit flips.
 
-Two models of GPT-2 size, analysed with `lm_eval_faults.core.analysis` from their stored words:
+Two models of GPT-2 size, analysed with `lm_eval_faults.core.analysis.exact` from their stored words:
 SmolLM2-135M-Instruct (real trained weights, dequantized from its Q4_1 GGUF) and a GPT-2-small
 config (GPT2Config defaults, 124M) whose weights are normal draws with SmolLM2's per-component
 standard deviation, LayerNorm weights resampled from SmolLM2's norm weights. Each in float32,
@@ -21,9 +21,9 @@ from pathlib import Path
 
 import torch
 import transformers
-from lm_eval_faults.core.analysis import Expectation, expect, site_risk, word_stats
+from lm_eval_faults.core.analysis.exact import Expectation, expect, site_risk, word_stats
+from lm_eval_faults.core.sites.targets import all_param_sites
 from lm_eval_faults.core.spec import FaultSpec
-from lm_eval_faults.core.targets import all_param_sites
 
 PS = (1e-9, 1e-7, 1e-5)
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)

@@ -20,11 +20,12 @@ import numpy as np
 import pytest
 import torch
 from lm_eval_faults import inject
-from lm_eval_faults.core import output_draws, sampling
-from lm_eval_faults.core.activations import Rows
-from lm_eval_faults.core.device_faults import DEVICE_PATH_ENV
+from lm_eval_faults.core.faults.device import DEVICE_PATH_ENV
+from lm_eval_faults.core.injectors.activations import Rows
+from lm_eval_faults.core.random.streams import request_key
 from lm_eval_faults.core.report import FAULT_COUNT_FIELDS
-from lm_eval_faults.core.streams import request_key
+from lm_eval_faults.core.sampling import host as sampling
+from lm_eval_faults.core.sampling import planned as output_draws
 from torch import nn
 
 from tiny import tiny_model

@@ -11,16 +11,16 @@ import numpy as np
 import pytest
 import torch
 from lm_eval_faults.cli.analyze import add_arguments, main
-from lm_eval_faults.core.analysis import RiskModel, analyze, bit_rates
-from lm_eval_faults.core.formats import (
+from lm_eval_faults.core.analysis.exact import RiskModel, analyze, bit_rates
+from lm_eval_faults.core.injection import inject
+from lm_eval_faults.core.sites.targets import select_params
+from lm_eval_faults.core.spec import FaultSpec
+from lm_eval_faults.core.storage.layouts import (
     from_unsigned,
     layout_of,
     resolve_bits,
     to_unsigned,
 )
-from lm_eval_faults.core.injection import inject
-from lm_eval_faults.core.spec import FaultSpec
-from lm_eval_faults.core.targets import select_params
 
 from tiny import save_tiny_model, tiny_model
 
@@ -302,7 +302,7 @@ def test_word_stats_equal_a_word_by_word_count(monkeypatch, dtype, bits, thresho
     """The pass (whichever path: counted, reduced or distinct words; a histogram filled step by step
     on one thread or several, or a small tensor's keys sorted) loses nothing: its statistics equal
     those computed from every word on its own."""
-    from lm_eval_faults.core import analysis
+    from lm_eval_faults.core.analysis import exact as analysis
 
     monkeypatch.setattr(analysis.torch, "get_num_threads", lambda: workers)
     monkeypatch.setattr(analysis, "SORT_CHUNK", 100_003)
@@ -343,7 +343,7 @@ def test_usual_float32_thresholds_take_the_reduced_pass() -> None:
     """The bits that decide "above the threshold" start at bit 16 or higher for the default and for
     round thresholds (their limit's mantissa ends in a long run of ones or zeros), so the pass can
     reduce float32 words; a limit such as 1e4's (mantissa 0x1C4000) needs distinct words."""
-    from lm_eval_faults.core.analysis import MIN_LEAD_LOW
+    from lm_eval_faults.core.analysis.exact import MIN_LEAD_LOW
 
     layout = layout_of(torch.float32)
     expected = {None: 23, math.nextafter(1024.0, 0.0): 23, 1024.0: 23, 1000.0: 17, 100.0: 19, math.nextafter(100.0, 0.0): 19, 1e4: 14}
@@ -355,7 +355,7 @@ def test_usual_float32_thresholds_take_the_reduced_pass() -> None:
 def test_rates_as_parameters_give_the_spec_expectation() -> None:
     """`expect_bit_changes` takes the per-bit rates directly (what a protection scheme would leave
     uncorrected) and agrees with `expect` for the spec with those rates."""
-    from lm_eval_faults.core.analysis import expect, expect_bit_changes, site_risk, word_stats
+    from lm_eval_faults.core.analysis.exact import expect, expect_bit_changes, site_risk, word_stats
 
     model = tiny_model("llama", torch.float16)
     spec = FaultSpec(p01=1e-3, p10=4e-4, bits="sign+exponent")

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from lm_eval_faults.core.range_restriction import ActivationBounds
+from lm_eval_faults.core.protection.clamping import ActivationBounds
 from lm_eval_faults.core.spec import FaultSpecError
 from lm_eval_faults.harness.calibration import CACHE_ENV, calibrated_bounds
 from torch import nn

@@ -9,7 +9,7 @@ import pytest
 import torch
 from lm_eval_faults import FaultSpec, inject
 from lm_eval_faults.core.report import FaultReport
-from lm_eval_faults.core.targets import select_params
+from lm_eval_faults.core.sites.targets import select_params
 from torch import nn
 
 from tiny import FAMILIES, tiny_model

@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 import torch
 from lm_eval_faults import FaultSpec, inject
-from lm_eval_faults.core.streams import StreamKind, site_key, spec_key
-from lm_eval_faults.core.words import WordAccess
+from lm_eval_faults.core.random.streams import StreamKind, site_key, spec_key
+from lm_eval_faults.core.storage.words import WordAccess
 
 from tiny import save_tiny_model, tiny_model
 

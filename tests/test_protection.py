@@ -11,17 +11,17 @@ import numpy as np
 import pytest
 import torch
 from lm_eval_faults import inject
-from lm_eval_faults.core import ecc
-from lm_eval_faults.core.faults import FaultBatch
-from lm_eval_faults.core.formats import layout_of, resolve_bits
-from lm_eval_faults.core.protected_analysis import expected_nonfinite
-from lm_eval_faults.core.protection import WeightProtection
-from lm_eval_faults.core.range_restriction import MissingBoundsError, record_bounds
-from lm_eval_faults.core.sampling import Hits
+from lm_eval_faults.core.analysis.protected import expected_nonfinite
+from lm_eval_faults.core.faults.host import FaultBatch
+from lm_eval_faults.core.protection import ecc
+from lm_eval_faults.core.protection.clamping import MissingBoundsError, record_bounds
+from lm_eval_faults.core.protection.schemes import WeightProtection
+from lm_eval_faults.core.random.streams import spec_key
+from lm_eval_faults.core.sampling.host import Hits
+from lm_eval_faults.core.sites.targets import ParamSite
 from lm_eval_faults.core.spec import FaultSpec, FaultSpecError, to_spec
-from lm_eval_faults.core.streams import spec_key
-from lm_eval_faults.core.targets import ParamSite
-from lm_eval_faults.core.words import WordAccess
+from lm_eval_faults.core.storage.layouts import layout_of, resolve_bits
+from lm_eval_faults.core.storage.words import WordAccess
 
 from tiny import tiny_model
 
@@ -312,7 +312,7 @@ def test_weight_schemes_on_activation_faults_are_called_out():
 
 def test_analyze_compares_schemes_and_its_unprotected_row_is_todays_analysis():
     from lm_eval_faults.cli.analyze import protection_table
-    from lm_eval_faults.core.analysis import analyze
+    from lm_eval_faults.core.analysis.exact import analyze
 
     model = tiny_model()
     table = protection_table(model, {"p": "1e-3"}, ["none", "ecc=secded", "clamp=weights"])

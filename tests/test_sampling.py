@@ -11,9 +11,9 @@ import sys
 import numpy as np
 import pytest
 import torch
-from lm_eval_faults.core.faults import draw_faults
-from lm_eval_faults.core.formats import LAYOUTS, resolve_bits, to_unsigned
-from lm_eval_faults.core.sampling import (
+from lm_eval_faults.core.faults.host import draw_faults
+from lm_eval_faults.core.random.streams import StreamKind, site_key, spec_key
+from lm_eval_faults.core.sampling.host import (
     DENSE_ABOVE,
     SMALL_MEAN,
     _binomial_inverse_cdf,
@@ -25,7 +25,7 @@ from lm_eval_faults.core.sampling import (
     nonzero_masks,
 )
 from lm_eval_faults.core.spec import FaultSpec
-from lm_eval_faults.core.streams import StreamKind, site_key, spec_key
+from lm_eval_faults.core.storage.layouts import LAYOUTS, resolve_bits, to_unsigned
 
 
 def stream(seed: int, name: str = "w", key: dict | None = None, index: int = 0) -> int:
@@ -173,7 +173,7 @@ def test_a_flip_of_the_top_exponent_bit_of_a_value_in_1_2_gives_inf_or_nan():
 @pytest.mark.slow
 def test_map_is_a_pure_function_of_seed_name_and_spec_across_processes():
     code = (
-        "import numpy as np; from lm_eval_faults.core.sampling import *; from lm_eval_faults.core.streams import *;"
+        "import numpy as np; from lm_eval_faults.core.sampling.host import *; from lm_eval_faults.core.random.streams import *;"
         "key = site_key(spec_key(4, {'p': 1e-3}), 'model.layers.0.mlp.up_proj.weight', StreamKind.CALL, 0, 0);"
         "print(bernoulli_hits(np.array([10**7]), 1e-4, np.array([key], dtype=np.uint64)).position.sum())"
     )

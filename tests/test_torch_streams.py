@@ -13,12 +13,18 @@ import numpy as np
 import pytest
 import torch
 from lm_eval_faults import inject
-from lm_eval_faults.core import FaultMap, Injection, device_faults, device_sampling, faults, sampling, streams, weights
-from lm_eval_faults.core import torch_streams as ts
-from lm_eval_faults.core.formats import LAYOUTS, resolve_bits
+from lm_eval_faults.core import FaultMap, Injection
+from lm_eval_faults.core.faults import device as device_faults
+from lm_eval_faults.core.faults import host as faults
+from lm_eval_faults.core.injectors import weights
+from lm_eval_faults.core.random import streams
+from lm_eval_faults.core.random import torch_streams as ts
+from lm_eval_faults.core.random.streams import Purpose, StreamKind, site_key, spec_key
+from lm_eval_faults.core.sampling import device as device_sampling
+from lm_eval_faults.core.sampling import host as sampling
 from lm_eval_faults.core.spec import FaultSpec
-from lm_eval_faults.core.streams import Purpose, StreamKind, site_key, spec_key
-from lm_eval_faults.core.words import WordAccess
+from lm_eval_faults.core.storage.layouts import LAYOUTS, resolve_bits
+from lm_eval_faults.core.storage.words import WordAccess
 
 from tiny import tiny_model
 

@@ -7,8 +7,8 @@ import json
 from typing import Any
 
 from lm_eval_faults.cli.paths import check_output_path, prepare_output_path
-from lm_eval_faults.core.analysis import analyze, check_analysable
-from lm_eval_faults.core.protected_analysis import expected_nonfinite
+from lm_eval_faults.core.analysis.exact import analyze, check_analysable
+from lm_eval_faults.core.analysis.protected import expected_nonfinite
 from lm_eval_faults.core.spec import FAULT_KEYS, PROTECTION_KEYS, FaultSpec, FaultSpecError, parse_arg_string, parse_fault_args, to_spec
 from lm_eval_faults.core.text_table import Column, text_table
 from lm_eval_faults.harness.loading import LOAD_KEYS, load_model

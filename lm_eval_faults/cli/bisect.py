@@ -16,8 +16,8 @@ from typing import Any
 
 from lm_eval_faults.cli.paths import check_output_path, prepare_output_path
 from lm_eval_faults.core.fault_map import FaultMap
+from lm_eval_faults.core.sites.targets import all_param_sites
 from lm_eval_faults.core.spec import FAULT_KEYS, FaultSpec, FaultSpecError, parse_arg_string, to_spec
-from lm_eval_faults.core.targets import all_param_sites
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

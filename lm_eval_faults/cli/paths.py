@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 
-from lm_eval_faults.core.output_paths import output_path_problem
+from lm_eval_faults.core.files import output_path_problem
 
 
 def check_output_path(option: str, path: str | None) -> None:

@@ -11,14 +11,14 @@ import argparse
 from collections import defaultdict
 from typing import Any
 
-from lm_eval_faults.core.formats import layout_of
-from lm_eval_faults.core.spec import layers_label, parse_arg_string, parse_fault_args
-from lm_eval_faults.core.targets import (
+from lm_eval_faults.core.sites.targets import (
     ParamSite,
     all_param_sites,
     decoder_layers,
     select_params,
 )
+from lm_eval_faults.core.spec import layers_label, parse_arg_string, parse_fault_args
+from lm_eval_faults.core.storage.layouts import layout_of
 from lm_eval_faults.core.text_table import Column, text_table
 from lm_eval_faults.harness.loading import LOAD_KEYS, load_model
 

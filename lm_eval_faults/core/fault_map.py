@@ -30,8 +30,8 @@ from typing import Any
 
 import numpy as np
 
-from lm_eval_faults.core.formats import LAYOUTS
-from lm_eval_faults.core.output_paths import output_path_problem
+from lm_eval_faults.core.files import output_path_problem
+from lm_eval_faults.core.storage.layouts import LAYOUTS
 
 FORMAT = "lm-eval-faults/fault-map/1"
 

@@ -22,14 +22,14 @@ from typing import Any
 
 from torch import nn
 
-from lm_eval_faults.core.activations import ActivationInjector, Rows
 from lm_eval_faults.core.fault_map import FaultMap, check_writable
-from lm_eval_faults.core.protection import backed_up, protection_gaps
-from lm_eval_faults.core.range_restriction import ActivationBounds, ActivationClamp, MissingBoundsError, clamp_sites
+from lm_eval_faults.core.injectors.activations import ActivationInjector, Rows
+from lm_eval_faults.core.injectors.weights import WeightInjector
+from lm_eval_faults.core.protection.clamping import ActivationBounds, ActivationClamp, MissingBoundsError, clamp_sites
+from lm_eval_faults.core.protection.schemes import backed_up, protection_gaps
 from lm_eval_faults.core.report import FaultReport
+from lm_eval_faults.core.sites.targets import all_param_sites, select_modules, select_params
 from lm_eval_faults.core.spec import FaultSpec, to_spec
-from lm_eval_faults.core.targets import all_param_sites, select_modules, select_params
-from lm_eval_faults.core.weights import WeightInjector
 
 _active: weakref.WeakKeyDictionary[nn.Module, list[Injection]] = weakref.WeakKeyDictionary()
 """Per model, its injections still applied, oldest first: restores must come newest first."""

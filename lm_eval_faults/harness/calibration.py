@@ -22,7 +22,7 @@ from typing import Any
 from lm_eval.api.instance import Instance
 from torch import nn
 
-from lm_eval_faults.core.range_restriction import ActivationBounds, record_bounds
+from lm_eval_faults.core.protection.clamping import ActivationBounds, record_bounds
 from lm_eval_faults.core.spec import FaultSpecError
 
 CACHE_ENV = "LM_EVAL_FAULTS_CACHE"

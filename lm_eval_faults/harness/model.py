@@ -26,13 +26,13 @@ from lm_eval.api.registry import register_model
 from lm_eval.models.huggingface import HFLM
 from transformers import LogitsProcessor, LogitsProcessorList
 
-from lm_eval_faults.core.activations import Rows
 from lm_eval_faults.core.fault_map import FaultMap
 from lm_eval_faults.core.injection import Injection, live_injections
-from lm_eval_faults.core.range_restriction import ActivationBounds
+from lm_eval_faults.core.injectors.activations import Rows
+from lm_eval_faults.core.protection.clamping import ActivationBounds
+from lm_eval_faults.core.random.streams import request_key, row_keys
 from lm_eval_faults.core.report import FaultReport, SiteStats
 from lm_eval_faults.core.spec import FAULT_KEYS, FaultSpec, parse_arg_string, parse_fault_args
-from lm_eval_faults.core.streams import request_key, row_keys
 from lm_eval_faults.harness.autoload import COMMAND_LINE_MODEL_ARGS
 from lm_eval_faults.harness.calibration import bounds_key, calibrated_bounds, swapped
 from lm_eval_faults.harness.lm_eval_silencing import install_quiet_git_hash

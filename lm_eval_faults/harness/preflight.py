@@ -25,9 +25,9 @@ import os
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-from lm_eval_faults.core.device_faults import device_path_mode
-from lm_eval_faults.core.formats import LAYOUTS, resolve_bits
+from lm_eval_faults.core.faults.device import device_path_mode
 from lm_eval_faults.core.spec import FAULT_KEYS, FaultSpec, FaultSpecError
+from lm_eval_faults.core.storage.layouts import LAYOUTS, resolve_bits
 
 logger = logging.getLogger(__name__)
 

@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 
 from lm_eval_faults.core.fault_map import FaultMap
-from lm_eval_faults.core.formats import LAYOUTS, word_value
+from lm_eval_faults.core.storage.layouts import LAYOUTS, word_value
 
 
 def minimal_failing_subset(indices: np.ndarray, fails: Callable[[np.ndarray], bool]) -> np.ndarray:

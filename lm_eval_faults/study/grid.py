@@ -467,8 +467,8 @@ def check_selections(points: list[SweepPoint], lm: FaultyHFLM) -> None:
 
 def _check_spec(spec: FaultSpec, lm: FaultyHFLM) -> None:
     """Raise ValueError/TypeError if `spec` selects nothing or names bits its tensors lack."""
-    from lm_eval_faults.core.formats import layout_of, resolve_bits
-    from lm_eval_faults.core.targets import select_modules, select_params
+    from lm_eval_faults.core.sites.targets import select_modules, select_params
+    from lm_eval_faults.core.storage.layouts import layout_of, resolve_bits
 
     dtypes = set()
     if spec.on_weights:

@@ -503,7 +503,7 @@ def _run_points(
 
 
 def _decoder_stack_size(lm: FaultyHFLM) -> int | None:
-    from lm_eval_faults.core.targets import decoder_layers
+    from lm_eval_faults.core.sites.targets import decoder_layers
 
     stack = decoder_layers(lm.model)
     return len(stack[1]) if stack else None

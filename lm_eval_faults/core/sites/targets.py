@@ -17,8 +17,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from lm_eval_faults.core.formats import LAYOUTS
 from lm_eval_faults.core.spec import FaultSpec
+from lm_eval_faults.core.storage.layouts import LAYOUTS
 
 logger = logging.getLogger(__name__)
 

@@ -28,7 +28,7 @@ from functools import lru_cache
 
 import numpy as np
 
-from lm_eval_faults.core.streams import Purpose, random_words, to_uniform
+from lm_eval_faults.core.random.streams import Purpose, random_words, to_uniform
 
 DENSE_ABOVE = 0.05
 """Element rate above which a chunked dense draw beats the sparse one (measured in bench/)."""

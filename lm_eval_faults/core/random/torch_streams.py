@@ -20,7 +20,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from lm_eval_faults.core.streams import _GAMMA, _MIX1, _MIX2, PURPOSE_SHIFT, Purpose
+from lm_eval_faults.core.random.streams import _GAMMA, _MIX1, _MIX2, PURPOSE_SHIFT, Purpose
 
 _SIGN = -(1 << 63)
 """The top bit of a word, as an int64."""

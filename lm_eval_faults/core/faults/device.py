@@ -19,14 +19,14 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from lm_eval_faults.core import torch_streams as ts
-from lm_eval_faults.core.device_sampling import DeviceHits, bernoulli_hits, nonzero_masks
-from lm_eval_faults.core.faults import _THIN_STRIDE, NO_FAULTS, FaultBatch, bit_fault_words
-from lm_eval_faults.core.formats import BitLayout, from_unsigned, to_unsigned
-from lm_eval_faults.core.sampling import Hits, _ranks, element_rate
+from lm_eval_faults.core.faults.host import _THIN_STRIDE, NO_FAULTS, FaultBatch, bit_fault_words
+from lm_eval_faults.core.random import torch_streams as ts
+from lm_eval_faults.core.random.streams import Purpose
+from lm_eval_faults.core.sampling.device import DeviceHits, bernoulli_hits, nonzero_masks
+from lm_eval_faults.core.sampling.host import Hits, _ranks, element_rate
 from lm_eval_faults.core.spec import FaultSpec
-from lm_eval_faults.core.streams import Purpose
-from lm_eval_faults.core.words import flat_words
+from lm_eval_faults.core.storage.layouts import BitLayout, from_unsigned, to_unsigned
+from lm_eval_faults.core.storage.words import flat_words
 
 DEVICE_PATH_ENV = "LM_EVAL_FAULTS_DEVICE_PATH"
 _MODES = ("auto", "always", "never")

@@ -14,17 +14,17 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from lm_eval_faults.core.device_faults import device_path_wanted, fault_tensors
 from lm_eval_faults.core.fault_map import FaultMap, FaultMapError, ParamInfo
-from lm_eval_faults.core.faults import FaultBatch, count_by_site, draw_faults
-from lm_eval_faults.core.formats import BitLayout, layout_of, resolve_bits
-from lm_eval_faults.core.protection import WeightProtection, protection_bits
+from lm_eval_faults.core.faults.device import device_path_wanted, fault_tensors
+from lm_eval_faults.core.faults.host import FaultBatch, count_by_site, draw_faults
+from lm_eval_faults.core.protection.schemes import WeightProtection, protection_bits
+from lm_eval_faults.core.random.streams import site_key, spec_key
 from lm_eval_faults.core.report import SiteStats
-from lm_eval_faults.core.sampling import Hits, element_rate
+from lm_eval_faults.core.sampling.host import Hits, element_rate
+from lm_eval_faults.core.sites.targets import ParamSite
 from lm_eval_faults.core.spec import FaultSpec
-from lm_eval_faults.core.streams import site_key, spec_key
-from lm_eval_faults.core.targets import ParamSite
-from lm_eval_faults.core.words import WordAccess
+from lm_eval_faults.core.storage.layouts import BitLayout, layout_of, resolve_bits
+from lm_eval_faults.core.storage.words import WordAccess
 
 
 @dataclass(frozen=True)

@@ -14,9 +14,8 @@ from typing import TypeVar
 import numpy as np
 import torch
 
-from lm_eval_faults.core.formats import BitLayout, to_unsigned
 from lm_eval_faults.core.report import FAULT_COUNT_FIELDS, SiteStats, add_lists
-from lm_eval_faults.core.sampling import (
+from lm_eval_faults.core.sampling.host import (
     Hits,
     Purpose,
     bernoulli_hits,
@@ -26,6 +25,7 @@ from lm_eval_faults.core.sampling import (
     to_uniform,
 )
 from lm_eval_faults.core.spec import FaultSpec
+from lm_eval_faults.core.storage.layouts import BitLayout, to_unsigned
 
 WordReader = Callable[[Hits], np.ndarray]
 """Reads the stored words at the hits (site index, flat element position), as unsigned int64."""

@@ -19,8 +19,9 @@ from functools import lru_cache
 import numpy as np
 import torch
 
-from lm_eval_faults.core import torch_streams as ts
-from lm_eval_faults.core.sampling import (
+from lm_eval_faults.core.random import torch_streams as ts
+from lm_eval_faults.core.random.streams import Purpose
+from lm_eval_faults.core.sampling.host import (
     _POSITION_BITS,
     DENSE_ABOVE,
     DENSE_CHUNK,
@@ -30,7 +31,6 @@ from lm_eval_faults.core.sampling import (
     fault_counts,
     rejection_limit,
 )
-from lm_eval_faults.core.streams import Purpose
 
 _NO_VALUE = torch.iinfo(torch.int64).max
 """Sorts after every site-major position: marks a rejected or repeated POSITION draw."""

@@ -33,12 +33,12 @@ import numpy as np
 import torch
 from torch import nn
 
-from lm_eval_faults.core import ecc
-from lm_eval_faults.core.formats import BitLayout, layout_of, resolve_bits
-from lm_eval_faults.core.protection import backed_up, protected_positions
+from lm_eval_faults.core.protection import ecc
+from lm_eval_faults.core.protection.schemes import backed_up, protected_positions
+from lm_eval_faults.core.sites.targets import ParamSite, select_params
 from lm_eval_faults.core.spec import FaultSpec, to_spec
-from lm_eval_faults.core.targets import ParamSite, select_params
-from lm_eval_faults.core.words import flat_words
+from lm_eval_faults.core.storage.layouts import BitLayout, layout_of, resolve_bits
+from lm_eval_faults.core.storage.words import flat_words
 
 MAX_ENUMERATED_ERRORS = 4
 """SECDED patterns are enumerated up to this many bits; the rest is bounded, not ignored."""

@@ -22,9 +22,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from lm_eval_faults.core.hooks import ForwardHooks
+from lm_eval_faults.core.sites.hooks import ForwardHooks
+from lm_eval_faults.core.sites.targets import ModuleSite, select_modules
 from lm_eval_faults.core.spec import FaultSpec
-from lm_eval_faults.core.targets import ModuleSite, select_modules
 
 BOUND_BITS = 2 * 32
 """Storage of one module's bounds: two float32 values."""

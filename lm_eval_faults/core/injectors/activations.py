@@ -42,18 +42,18 @@ from typing import Any, NamedTuple, cast
 import numpy as np
 import torch
 
-from lm_eval_faults.core.device_faults import device_path_mode
-from lm_eval_faults.core.formats import LAYOUTS, BitLayout, resolve_bits
-from lm_eval_faults.core.hooks import ForwardHooks
-from lm_eval_faults.core.output_draws import OutputSampler, PlannedFaults
-from lm_eval_faults.core.output_writes import add, flip, on_device, writable, write_and_count, write_on_device
+from lm_eval_faults.core.faults.device import device_path_mode
+from lm_eval_faults.core.injectors.activation_writes import add, flip, on_device, writable, write_and_count, write_on_device
+from lm_eval_faults.core.injectors.weights import expected_counts
+from lm_eval_faults.core.random.streams import StreamKind, mix64, site_key, spec_key
 from lm_eval_faults.core.report import SiteStats
-from lm_eval_faults.core.sampling import Hits
+from lm_eval_faults.core.sampling.host import Hits
+from lm_eval_faults.core.sampling.planned import OutputSampler, PlannedFaults
+from lm_eval_faults.core.sites.hooks import ForwardHooks
+from lm_eval_faults.core.sites.targets import ModuleSite
 from lm_eval_faults.core.spec import FaultSpec
-from lm_eval_faults.core.streams import StreamKind, mix64, site_key, spec_key
-from lm_eval_faults.core.targets import ModuleSite
-from lm_eval_faults.core.weights import expected_counts
-from lm_eval_faults.core.words import WordAccess
+from lm_eval_faults.core.storage.layouts import LAYOUTS, BitLayout, resolve_bits
+from lm_eval_faults.core.storage.words import WordAccess
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from lm_eval_faults.core.formats import BitLayout, from_unsigned, to_unsigned
+from lm_eval_faults.core.storage.layouts import BitLayout, from_unsigned, to_unsigned
 
 _UNSIGNED = {8: np.uint8, 16: np.uint16, 32: np.uint32}
 

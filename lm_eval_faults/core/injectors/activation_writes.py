@@ -24,10 +24,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from lm_eval_faults.core.faults import FaultBatch, becomes_nonfinite, bit_fault_words, count_by_site
-from lm_eval_faults.core.formats import BitLayout, from_unsigned, to_unsigned
+from lm_eval_faults.core.faults.host import FaultBatch, becomes_nonfinite, bit_fault_words, count_by_site
 from lm_eval_faults.core.report import SiteStats, add_lists
-from lm_eval_faults.core.words import WordAccess, flat_words
+from lm_eval_faults.core.storage.layouts import BitLayout, from_unsigned, to_unsigned
+from lm_eval_faults.core.storage.words import WordAccess, flat_words
 
 MANY_HITS = 64
 """Hits in one output above which numpy's fixed cost (~60-90 µs after a matrix product) beats

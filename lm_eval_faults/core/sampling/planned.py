@@ -26,9 +26,9 @@ import math
 import numpy as np
 import torch
 
-from lm_eval_faults.core.faults import NO_FAULTS, FaultBatch, WordReader, bit_fault_words, draw_faults
-from lm_eval_faults.core.formats import BitLayout
-from lm_eval_faults.core.sampling import (
+from lm_eval_faults.core.faults.host import NO_FAULTS, FaultBatch, WordReader, bit_fault_words, draw_faults
+from lm_eval_faults.core.random.streams import Purpose, random_words, to_uniform
+from lm_eval_faults.core.sampling.host import (
     DENSE_ABOVE,
     SMALL_MEAN,
     WINDOW_SIGMAS,
@@ -38,7 +38,7 @@ from lm_eval_faults.core.sampling import (
     nonzero_masks,
 )
 from lm_eval_faults.core.spec import FaultSpec
-from lm_eval_faults.core.streams import Purpose, random_words, to_uniform
+from lm_eval_faults.core.storage.layouts import BitLayout
 
 
 class OutputSampler:

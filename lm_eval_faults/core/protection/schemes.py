@@ -27,15 +27,15 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from lm_eval_faults.core import ecc
-from lm_eval_faults.core.faults import NO_FAULTS, FaultBatch, draw_faults
-from lm_eval_faults.core.formats import BitLayout, from_unsigned, layout_of, resolve_bits, to_unsigned
+from lm_eval_faults.core.faults.host import NO_FAULTS, FaultBatch, draw_faults
+from lm_eval_faults.core.protection import ecc
+from lm_eval_faults.core.random.streams import StreamKind, site_key
 from lm_eval_faults.core.report import PROTECTION_COUNT_FIELDS
-from lm_eval_faults.core.sampling import Hits
+from lm_eval_faults.core.sampling.host import Hits
+from lm_eval_faults.core.sites.targets import ModuleSite, ParamSite
 from lm_eval_faults.core.spec import BIT_FAULTS, FaultSpec
-from lm_eval_faults.core.streams import StreamKind, site_key
-from lm_eval_faults.core.targets import ModuleSite, ParamSite
-from lm_eval_faults.core.words import WordAccess
+from lm_eval_faults.core.storage.layouts import BitLayout, from_unsigned, layout_of, resolve_bits, to_unsigned
+from lm_eval_faults.core.storage.words import WordAccess
 
 _CHECK_LAYOUT = BitLayout("check bits", torch.uint8, torch.uint8, 8, (), (), tuple(range(8)))
 """Check bits drawn as 8-bit words: SECDED's 8 per data word, or parity's bit 0 per element."""

@@ -38,18 +38,18 @@ import numpy as np
 import torch
 from torch import nn
 
-from lm_eval_faults.core.formats import (
+from lm_eval_faults.core.sampling.host import element_rate
+from lm_eval_faults.core.sites.targets import ParamSite, select_params
+from lm_eval_faults.core.spec import FaultSpec, FaultSpecError, to_spec
+from lm_eval_faults.core.storage.layouts import (
     BitLayout,
     from_unsigned,
     layout_of,
     resolve_bits,
     word_value,
 )
-from lm_eval_faults.core.sampling import element_rate
-from lm_eval_faults.core.spec import FaultSpec, FaultSpecError, to_spec
-from lm_eval_faults.core.targets import ParamSite, select_params
+from lm_eval_faults.core.storage.words import flat_words
 from lm_eval_faults.core.text_table import Column, text_table
-from lm_eval_faults.core.words import flat_words
 
 CHUNK = 1 << 17
 """Words read per pass step: the step's temporaries (about 10 bytes a word) stay in a core's L2

@@ -1,0 +1,1 @@
+"""What protects stored weights and activations: backup and ECC schemes, the SECDED code, range clamping."""

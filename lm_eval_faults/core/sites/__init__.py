@@ -1,0 +1,1 @@
+"""Where faults can go: the component taxonomy that selects parameters and modules, and the hooks on them."""
