@@ -204,9 +204,9 @@ def test_device_counts_wait_on_the_device_until_the_report_is_read(monkeypatch):
         with torch.no_grad(), inject(model, p=5e-3, bits="exponent", site="activations") as faults:
             for _ in range(3):
                 model(x)
-            held = [hook.device_counts is not None for hook in faults._activations._hooks]
+            held = [hook.device_counts is not None for hook in faults.injectors["activations"]._hooks]
             result = faults.report.totals("activations")
-            assert all(hook.device_counts is None for hook in faults._activations._hooks)
+            assert all(hook.device_counts is None for hook in faults.injectors["activations"]._hooks)
         return result, held
 
     on_device, held = totals("always")
@@ -268,10 +268,10 @@ def test_after_the_first_forward_every_bit_fault_is_planned(mode, monkeypatch):
             raise AssertionError("a hook drew its own faults after the first forward")
 
         monkeypatch.setattr(output_draws.OutputSampler, "draw", own_draw)
-        plans_before = faults._activations.plan_number
+        plans_before = faults.injectors["activations"].plan_number
         for _ in range(5):
             forward()
-        assert faults._activations.plan_number - plans_before == 5  # one planning pass per forward
+        assert faults.injectors["activations"].plan_number - plans_before == 5  # one planning pass per forward
         assert faults.report.totals("activations")["hit_elements"] > 0
 
 
@@ -282,13 +282,13 @@ def test_a_module_called_in_a_loop_is_planned_every_half_round_not_every_call():
     with torch.no_grad(), inject(model, p=1e-4, site="activations") as faults:
         model(tokens)
         model(tokens)
-        hooks = len(faults._activations._hooks)
-        before = faults._activations.plan_number
+        hooks = len(faults.injectors["activations"]._hooks)
+        before = faults.injectors["activations"].plan_number
         norm = model.model.norm
         hidden = torch.randn(1, 6, 32)
         for _ in range(4 * hooks):
             norm(hidden)
-        assert faults._activations.plan_number - before <= 9
+        assert faults.injectors["activations"].plan_number - before <= 9
 
 
 def ours(snapshot: tracemalloc.Snapshot) -> int:

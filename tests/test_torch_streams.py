@@ -247,7 +247,7 @@ def injected(model: torch.nn.Module, monkeypatch: pytest.MonkeyPatch, mode: str,
 
     monkeypatch.setattr(weights, "fault_tensors", counted)
     handle = inject(model, **fields)
-    undo = [(e.site, e.positions, e.original, e.new) for e in handle._weights._undo]
+    undo = [(e.site, e.positions, e.original, e.new) for e in handle.injectors["weights"]._undo]
     faulted = {name: tensor.detach().cpu().clone() for name, tensor in bits_of(model.state_dict()).items()}
     return Injected(handle, undo, handle.fault_map(), faulted, len(calls))
 

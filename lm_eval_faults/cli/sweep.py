@@ -6,7 +6,8 @@ import argparse
 import sys
 from dataclasses import fields
 
-from lm_eval_faults.core.spec import FAULT_KINDS, SITES, FaultSpecError
+from lm_eval_faults.core.sites.registry import site_names
+from lm_eval_faults.core.spec import FAULT_KINDS, FaultSpecError
 from lm_eval_faults.study.grid import SweepConfig, SweepConfigError
 from lm_eval_faults.study.metrics import RESULTS_FILE
 from lm_eval_faults.study.ray_pool import INSTALL_HINT, LOCAL, RayOptions
@@ -33,7 +34,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--p", required=True, help="fault rates: 1e-9:1e-1 (one per decade), 1e-9:1e-1:17 (17 log-spaced), or a list 1e-5,1e-4"
     )
     grid.add_argument("--faults", default="bitflip", help=f"comma list of fault kinds ({', '.join(FAULT_KINDS)})")
-    grid.add_argument("--sites", default="weights", help=f"comma list of sites ({', '.join(SITES)})")
+    grid.add_argument("--sites", default="weights", help=f"comma list of sites ({', '.join(site_names())}, or several joined with +)")
     grid.add_argument(
         "--targets", default="all", help="comma list, one series each, e.g. embedding,attention,mlp,norm,lm_head (join with + to merge)"
     )

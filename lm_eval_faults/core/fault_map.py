@@ -69,6 +69,19 @@ class FaultMap:
         """Bit masks of the flipped bits, one per fault."""
         return self.old ^ self.new
 
+    @classmethod
+    def merged(cls, maps: list[FaultMap], spec: dict[str, Any], version: str) -> FaultMap:
+        """One map of several injectors' maps (their parameters renumbered in order); none is the empty map."""
+        params = tuple(info for fault_map in maps for info in fault_map.params)
+        offsets = np.cumsum([0, *(len(fault_map.params) for fault_map in maps)])
+
+        def column(name: str) -> np.ndarray:
+            shift = {"param": offsets}.get(name, np.zeros(len(maps), dtype=np.int64))
+            parts = [getattr(fault_map, name) + int(add) for fault_map, add in zip(maps, shift, strict=False)]
+            return np.concatenate([np.empty(0, dtype=np.int64), *parts]).astype(np.int64)
+
+        return cls(params, column("param"), column("index"), column("old"), column("new"), spec, version)
+
     def subset(self, faults: np.ndarray | list[int]) -> FaultMap:
         """The map restricted to faults at positions `faults` (indices or a boolean mask)."""
         keep = np.asarray(faults)

@@ -22,13 +22,13 @@ from typing import Any
 
 from torch import nn
 
+from lm_eval_faults.core import injectors as _registers_the_sites  # noqa: F401
 from lm_eval_faults.core.fault_map import FaultMap, check_writable
-from lm_eval_faults.core.injectors.activations import ActivationInjector, Rows
-from lm_eval_faults.core.injectors.weights import WeightInjector
 from lm_eval_faults.core.protection.clamping import ActivationBounds, ActivationClamp, MissingBoundsError, clamp_sites
-from lm_eval_faults.core.protection.schemes import backed_up, protection_gaps
+from lm_eval_faults.core.protection.schemes import protection_gaps
 from lm_eval_faults.core.report import FaultReport
-from lm_eval_faults.core.sites.targets import all_param_sites, select_modules, select_params
+from lm_eval_faults.core.sites.registry import Injector, MapsFaults, site_kind
+from lm_eval_faults.core.sites.rows import Rows
 from lm_eval_faults.core.spec import FaultSpec, to_spec
 
 _active: weakref.WeakKeyDictionary[nn.Module, list[Injection]] = weakref.WeakKeyDictionary()
@@ -38,8 +38,9 @@ _active: weakref.WeakKeyDictionary[nn.Module, list[Injection]] = weakref.WeakKey
 class Injection:
     """Faults applied to one model under one spec: the report, and the way back.
 
-    Built by `inject` (or `Injection.apply`): weight faults are applied once; activation faults at
-    every forward call while the hooks are attached. `restore()` undoes both in O(faults).
+    Built by `inject` (or `Injection.apply`): one injector per site the spec selects (see
+    `sites.registry`), driven alike: weight faults are applied once, activation faults at every
+    forward call while the hooks are attached. `restore()` undoes them all in O(faults).
     """
 
     def __init__(
@@ -50,26 +51,26 @@ class Injection:
         self.spec = spec
         self.report = FaultReport(spec={**spec.to_dict(), "description": spec.describe()})
         # Selecting validates the selectors even at p=0: `layers=40` on a 4-layer model is an
-        # error whatever p is, so a sweep's clean baseline catches it too. A replay may name any
-        # parameter of the model: its map, not the selectors, says which.
-        weight_sites = all_param_sites(model) if replaying else select_params(model, spec) if spec.on_weights else []
-        selected_modules = select_modules(model, spec) if spec.on_activations else []
-        # backed-up components compute and store their outputs fault-free
-        module_sites = [site for site in selected_modules if not backed_up(spec, site)]
-        self._weights = WeightInjector(spec, weight_sites)
-        self._activations = ActivationInjector(spec, module_sites)
+        # error whatever p is, so a sweep's clean baseline catches it too.
+        self._injectors: dict[str, Injector] = {name: site_kind(name).build(model, spec, replaying) for name in spec.sites}
         self._clamp: ActivationClamp | None = None
         if "activations" in spec.clamp and spec.active:
             if activation_bounds is None:
                 raise MissingBoundsError(
                     "clamp=activations needs output bounds calibrated on clean data: pass activation_bounds= "
-                    "(see range_restriction.record_bounds); under lm-eval, faulty_hf calibrates on the task's own requests"
+                    "(see protection.clamping.record_bounds); under lm-eval, faulty_hf calibrates on the task's own requests"
                 )
             self._clamp = ActivationClamp(clamp_sites(model, spec), activation_bounds)
             self.report.clamp_counts = self._clamp.counts
             self.report.activation_bound_bits = self._clamp.bound_bits
-        self.report.protection_notes = protection_gaps(spec, weight_sites, selected_modules)
+        selected = {name: list(getattr(injector, "selected", [])) for name, injector in self._injectors.items()}
+        self.report.protection_notes = protection_gaps(spec, selected)
         self.applied = False
+
+    @property
+    def injectors(self) -> Mapping[str, Injector]:
+        """This injection's injector per site, in registration order."""
+        return dict(self._injectors)
 
     @classmethod
     def apply(
@@ -99,25 +100,26 @@ class Injection:
             return injection
         for note in injection.report.protection_notes:
             warnings.warn(f"lm_eval_faults: {note}", stacklevel=2)
+        attached: list[Injector] = []
         try:
-            if fault_map is not None:
-                injection.report.weights = injection._weights.apply_map(fault_map)
-            else:
-                injection.report.weights = injection._weights.apply(progress=progress)
-            injection._activations.attach()
+            for injector in injection._injectors.values():
+                attached.append(injector)
+                injector.attach(fault_map, progress)
             if injection._clamp is not None:
                 injection._clamp.attach()  # after the fault hooks: it clamps what they corrupted
         except BaseException:
-            injection._weights.restore()
-            injection._activations.detach()
+            for injector in reversed(attached):
+                injector.restore()
             if injection._clamp is not None:
                 injection._clamp.detach()
             raise
-        injection.report.activations = injection._activations.stats
-        injection.report.pending = injection._activations.settle
+        for name, injector in injection._injectors.items():
+            injection.report.parts[name] = injector.part()
         injection.applied = True
         _active.setdefault(model, []).append(injection)
-        injection.report.check_not_silent("weights")
+        for name, part in injection.report.parts.items():
+            if not part.per_call:  # a site faulted per call is checked once it has been called
+                injection.report.check_not_silent(name)
         if spec.save_map is not None:
             try:
                 injection.fault_map().save(spec.save_map)
@@ -133,11 +135,16 @@ class Injection:
         return cls.apply(model, spec, fault_map=fault_map)
 
     def fault_map(self) -> FaultMap:
-        """The exact weight faults this injection wrote: save it, replay it, bisect it."""
-        return self._weights.fault_map(self.report.spec, self.report.version)
+        """The exact persistent faults this injection wrote: save it, replay it, bisect it."""
+        maps = [
+            injector.fault_map(self.report.spec, self.report.version)
+            for injector in self._injectors.values()
+            if isinstance(injector, MapsFaults)
+        ]
+        return FaultMap.merged(maps, self.report.spec, self.report.version)
 
     def restore(self) -> None:
-        """Return the model to its weights before this injection and remove its hooks."""
+        """Return the model to its state before this injection and remove its hooks."""
         if not self.applied:
             return
         stack = _active.get(self.model, [])
@@ -146,8 +153,8 @@ class Injection:
                 "lm_eval_faults: restore the later injection first (injections on one model undo in "
                 f"reverse order); still applied after this one: {stack[-1].spec.describe()}"
             )
-        self._weights.restore()
-        self._activations.detach()
+        for injector in reversed(self._injectors.values()):
+            injector.restore()
         if self._clamp is not None:
             self._clamp.detach()
         self.applied = False
@@ -156,13 +163,16 @@ class Injection:
 
     @contextlib.contextmanager
     def paused(self) -> Iterator[None]:
-        """Activation faults off and uncounted inside (probe passes); weight faults stay."""
-        with self._activations.pause():
+        """Faults made per forward call off and uncounted inside (probe passes); persistent ones stay."""
+        with contextlib.ExitStack() as stack:
+            for injector in self._injectors.values():
+                stack.enter_context(injector.pause())
             yield
 
     def next_forward(self, rows: Rows | None) -> None:
-        """Declare the request rows of the next forward pass (see `activations.py`)."""
-        self._activations.next_forward(rows)
+        """Declare the request rows of the next forward pass (see `injectors/activations.py`)."""
+        for injector in self._injectors.values():
+            injector.next_forward(rows)
 
     def __enter__(self) -> Injection:
         return self

@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from lm_eval_faults import __version__ as PACKAGE_VERSION
+from lm_eval_faults.core.sites.registry import site_kind, site_names
 from lm_eval_faults.core.text_table import Column, text_table
 
 SILENT_NO_OP_EXPECTATION = 10.0
@@ -121,14 +122,81 @@ def _drop_key(data: Any, key: str) -> None:
 
 
 @dataclass
+class ReportPart:
+    """One site's counts in a report: a record per faulted place, live while the faults are on.
+
+    A persistent site (weights) lists its records, one per tensor, fixed once injected; a site
+    faulted per forward call (activations) keeps one record per module that grows with every call,
+    some of it summed on a device until `settle` brings it over.
+    """
+
+    stats: list[SiteStats] | dict[str, SiteStats]
+    per_call: bool = False
+    settle: Callable[[], None] | None = None
+
+    def sites(self) -> list[SiteStats]:
+        if self.settle is not None:
+            self.settle()
+        return list(self.stats.values()) if isinstance(self.stats, dict) else list(self.stats)
+
+    def to_dict(self) -> dict[str, Any]:
+        """This part's JSON: the same keys the weights and activations parts have always had."""
+        sites = self.sites()
+        totals: dict[str, Any] = _totals(sites)
+        data: dict[str, Any] = {
+            "totals": {**totals, "calls": sum(s.calls for s in sites)} if self.per_call else totals,
+            "by_component": _rollup(sites, lambda s: s.component),
+            "by_layer": _rollup(sites, _layer_label),
+            "bit_histogram": _bit_histogram(sites),
+        }
+        if not self.per_call:
+            data["shared_tensors"] = {s.name: s.shared_with for s in sites if s.shared_with}
+            data["sites"] = [asdict(s) for s in sites]
+        return data
+
+    @classmethod
+    def stacked(cls, parts: list[ReportPart]) -> ReportPart:
+        """Several injections' parts of one site as one: a persistent site lists every record (a
+        tensor faulted twice appears twice, so totals add up); per-call records of one module add."""
+        if not any(part.per_call for part in parts):
+            return cls([site for part in parts for site in part.sites()])
+        merged: dict[str, SiteStats] = {}
+        for part in parts:
+            for site in part.sites():
+                if site.name in merged:
+                    merged[site.name].add(site)
+                else:
+                    merged[site.name] = SiteStats(**vars(site))
+        return cls(merged, per_call=True)
+
+
+def _layer_label(site: SiteStats) -> str:
+    return "-" if site.layer is None else f"{site.layer:03d}"
+
+
+def _bit_histogram(sites: Iterable[SiteStats]) -> dict[str, list[int]]:
+    """Changed elements per bit position, per dtype (positions differ between dtypes)."""
+    histograms: dict[str, list[int]] = {}
+    for site in sites:
+        histograms[site.dtype] = add_lists(histograms.get(site.dtype, []), site.bit_histogram)
+    return histograms
+
+
+def _default_parts() -> dict[str, ReportPart]:
+    """An empty part for every site a report always shows (see `SiteKind.always_reported`)."""
+    kinds = [site_kind(name) for name in site_names()]
+    return {kind.name: ReportPart({} if kind.per_call else [], per_call=kind.per_call) for kind in kinds if kind.always_reported}
+
+
+@dataclass
 class FaultReport:
-    """Everything injected under one spec: weights (once) and activations (accumulated per call)."""
+    """Everything injected under one spec: a part per site (weights once, activations per call)."""
 
     spec: dict[str, Any]
     version: str = field(default_factory=lambda: PACKAGE_VERSION)
     """The package version whose sampler drew the map: a map is a function of (seed, name, spec, version)."""
-    weights: list[SiteStats] = field(default_factory=list)
-    activations: dict[str, SiteStats] = field(default_factory=dict)
+    parts: dict[str, ReportPart] = field(default_factory=_default_parts)
+    """Per site, its counts, in registration order."""
     requests: dict[str, int] = field(default_factory=dict)
     nonfinite_requests: dict[str, int] = field(default_factory=dict)
     degenerate_requests: dict[str, int] = field(default_factory=dict)
@@ -139,8 +207,43 @@ class FaultReport:
     """Storage of the calibrated activation bounds (two values per clamped module)."""
     protection_notes: list[str] = field(default_factory=list)
     """Why a chosen scheme protects nothing under this spec (also warned when injecting)."""
-    pending: Callable[[], None] | None = None
-    """Adds the activation counts still summed on a device into `activations` (see `settle`)."""
+
+    @classmethod
+    def stacked(cls, reports: list[FaultReport]) -> FaultReport:
+        """One report for several injections stacked on a model: the specs side by side, every
+        faulted site of each."""
+        names = dict.fromkeys(name for report in reports for name in report.parts)
+        return cls(
+            spec={
+                "stack": [report.spec for report in reports],
+                "description": " + ".join(report.spec["description"] for report in reports),
+            },
+            parts={name: ReportPart.stacked([report.parts[name] for report in reports if name in report.parts]) for name in names},
+            protection_notes=[note for report in reports for note in report.protection_notes],
+        )
+
+    # The two original sites by name: the Python API has always offered them as attributes.
+    @property
+    def weights(self) -> list[SiteStats]:
+        """The weights part's per-tensor records."""
+        return self._sites("weights")
+
+    @weights.setter
+    def weights(self, sites: list[SiteStats]) -> None:
+        self.parts["weights"] = ReportPart(sites)
+
+    @property
+    def activations(self) -> dict[str, SiteStats]:
+        """The activations part's per-module records, up to date."""
+        part = self.parts.get("activations")
+        if part is None:
+            return {}
+        part.sites()  # settles
+        return part.stats if isinstance(part.stats, dict) else {s.name: s for s in part.stats}
+
+    @activations.setter
+    def activations(self, stats: dict[str, SiteStats]) -> None:
+        self.parts["activations"] = ReportPart(stats, per_call=True)
 
     @property
     def activation_clamps(self) -> dict[str, int]:
@@ -148,10 +251,10 @@ class FaultReport:
         return self.clamp_counts() if self.clamp_counts is not None else {}
 
     def settle(self) -> None:
-        """Bring `activations` up to date: on a GPU some counts are summed on the device between
+        """Bring every part up to date: on a GPU some counts are summed on the device between
         reads (one transfer here instead of one per forward). Every summary below calls it."""
-        if self.pending is not None:
-            self.pending()
+        for part in self.parts.values():
+            part.sites()
 
     @property
     def protected(self) -> bool:
@@ -181,23 +284,17 @@ class FaultReport:
         return _totals(self._sites(part))
 
     def _sites(self, part: str) -> list[SiteStats]:
-        if part == "weights":
-            return self.weights
-        self.settle()
-        return list(self.activations.values())
+        return self.parts[part].sites() if part in self.parts else []
 
     def by_component(self, part: str = "weights") -> dict[str, dict[str, float]]:
         return _rollup(self._sites(part), lambda s: s.component)
 
     def by_layer(self, part: str = "weights") -> dict[str, dict[str, float]]:
-        return _rollup(self._sites(part), lambda s: "-" if s.layer is None else f"{s.layer:03d}")
+        return _rollup(self._sites(part), _layer_label)
 
     def bit_histogram(self, part: str = "weights") -> dict[str, list[int]]:
         """Changed elements per bit position, per dtype (positions differ between dtypes)."""
-        histograms: dict[str, list[int]] = {}
-        for site in self._sites(part):
-            histograms[site.dtype] = add_lists(histograms.get(site.dtype, []), site.bit_histogram)
-        return histograms
+        return _bit_histogram(self._sites(part))
 
     def to_dict(self) -> dict[str, Any]:
         """The JSON form that goes into lm-eval's results under config.fault_injection.
@@ -205,23 +302,10 @@ class FaultReport:
         Element faults (value, zero) have no expected bit count (it depends on each drawn value
         and the stored word), so `expected_bits` is left out for them rather than shown as 0.
         """
-        data = {
+        data: dict[str, Any] = {
             "spec": self.spec,
             "version": self.version,
-            "weights": {
-                "totals": self.totals("weights"),
-                "by_component": self.by_component("weights"),
-                "by_layer": self.by_layer("weights"),
-                "bit_histogram": self.bit_histogram("weights"),
-                "shared_tensors": {s.name: s.shared_with for s in self.weights if s.shared_with},
-                "sites": [asdict(s) for s in self.weights],
-            },
-            "activations": {
-                "totals": {**self.totals("activations"), "calls": sum(s.calls for s in self.activations.values())},
-                "by_component": self.by_component("activations"),
-                "by_layer": self.by_layer("activations"),
-                "bit_histogram": self.bit_histogram("activations"),
-            },
+            **{name: part.to_dict() for name, part in self.parts.items()},
             "requests": dict(self.requests),
             "nonfinite_requests": dict(self.nonfinite_requests),
             "degenerate_requests": dict(self.degenerate_requests),
@@ -254,7 +338,7 @@ class FaultReport:
             Column("bits", 10, ","),
             Column("non-finite", 12, ","),
         ]
-        for part in ("weights", "activations"):
+        for part in self.parts:
             if not self._sites(part):
                 continue
             rows = [

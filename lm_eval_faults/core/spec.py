@@ -18,6 +18,8 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
+from lm_eval_faults.core.sites.registry import parse_sites, site_names
+
 FAULT_KINDS = {
     "bitflip": "each eligible bit flips with probability p (0->1 and 1->0; or p01/p10 separately)",
     "stuck0": "each eligible bit is stuck at 0 with probability p",
@@ -26,7 +28,6 @@ FAULT_KINDS = {
     "zero": "each element is set to 0 with probability p",
 }
 BIT_FAULTS = ("bitflip", "stuck0", "stuck1")
-SITES = ("weights", "activations", "weights+activations")
 COMPONENTS = ("embedding", "attention", "mlp", "norm", "lm_head", "lora", "other")
 TARGET_ALIASES = {
     "feed_forward": "mlp",
@@ -177,8 +178,10 @@ class FaultSpec:
                 raise _error("fault", self.fault, "p01/p10 describe asymmetric bit flips; use fault=bitflip")
             if self.p:
                 raise _error("p", self.p, "give either p (symmetric) or p01/p10 (asymmetric), not both")
-        if self.site not in SITES:
-            raise _error("site", self.site, "choose one of " + ", ".join(SITES))
+        sites = parse_sites(str(self.site))
+        if sites is None:
+            raise _error("site", self.site, f"choose from {', '.join(site_names())}, or several joined with + (weights+activations)")
+        set_("site", "+".join(sites))
         set_("target", parse_targets("+".join(self.target) if isinstance(self.target, tuple) else self.target))
         if not isinstance(self.layers, tuple):
             set_("layers", parse_layers(self.layers))
@@ -250,12 +253,17 @@ class FaultSpec:
         return bool(self.p or self.p01 or self.p10 or self.replay)
 
     @property
+    def sites(self) -> tuple[str, ...]:
+        """The registered sites `site=` selects, in registration order."""
+        return tuple(self.site.split("+"))
+
+    @property
     def on_weights(self) -> bool:
-        return "weights" in self.site
+        return "weights" in self.sites
 
     @property
     def on_activations(self) -> bool:
-        return "activations" in self.site
+        return "activations" in self.sites
 
     def sampling_key(self) -> dict[str, Any]:
         """The fields that shape a fault map at one site (target/layers/modules only choose sites)."""

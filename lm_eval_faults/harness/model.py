@@ -73,24 +73,7 @@ def combined_report(injections: list[Injection]) -> FaultReport:
     faulted site of each (a tensor faulted twice appears twice, so the totals add up)."""
     if len(injections) == 1:
         return injections[0].report
-    for injection in injections:
-        injection.report.settle()
-    activations: dict[str, SiteStats] = {}
-    for injection in injections:
-        for name, stats in injection.report.activations.items():
-            if name in activations:
-                activations[name].add(stats)
-            else:
-                activations[name] = SiteStats(**vars(stats))
-    return FaultReport(
-        spec={
-            "stack": [injection.report.spec for injection in injections],
-            "description": " + ".join(injection.report.spec["description"] for injection in injections),
-        },
-        weights=[site for injection in injections for site in injection.report.weights],
-        activations=activations,
-        protection_notes=[note for injection in injections for note in injection.report.protection_notes],
-    )
+    return FaultReport.stacked([injection.report for injection in injections])
 
 
 RATE_KEYS = ("p", "p01", "p10", "replay")

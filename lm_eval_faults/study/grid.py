@@ -14,11 +14,11 @@ from itertools import product
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from lm_eval_faults.core.sites.registry import parse_sites, site_names
 from lm_eval_faults.core.spec import (
     FAULT_KEYS,
     FAULT_KINDS,
     PROTECTION_KEYS,
-    SITES,
     FaultSpec,
     FaultSpecError,
     parse_arg_string,
@@ -139,6 +139,14 @@ def _choices(option: str, value: str | tuple[str, ...] | list[str], valid: tuple
         if name not in valid:
             raise SweepConfigError(f"{option} {name!r} is invalid: choose from {', '.join(valid)}")
     return names
+
+
+def _site_set(value: str) -> str:
+    """One `--sites` entry (`weights`, `weights+activations`) as registered sites, in their order."""
+    sites = parse_sites(value)
+    if sites is None:
+        raise SweepConfigError(f"--sites {value!r} is invalid: choose from {', '.join(site_names())}, or several joined with +")
+    return "+".join(sites)
 
 
 def _split_commas(value: str | tuple[str, ...] | list[str]) -> tuple[str, ...]:
@@ -280,7 +288,7 @@ class SweepConfig:
             raise SweepConfigError("--tasks is empty; name at least one lm-eval task")
         set_("p", parse_p_grid(self.p))
         set_("faults", _choices("--faults", self.faults, FAULT_KINDS))
-        set_("sites", _choices("--sites", self.sites, SITES))
+        set_("sites", tuple(_site_set(name) for name in _split_commas(self.sites)))
         set_("targets", parse_target_series(self.targets))
         set_("layers", parse_layer_groups(self.layers))
         set_("seeds", parse_seeds(self.seeds))

@@ -42,36 +42,22 @@ from typing import Any, NamedTuple, cast
 import numpy as np
 import torch
 
+from lm_eval_faults.core.fault_map import FaultMap
 from lm_eval_faults.core.faults.device import device_path_mode
 from lm_eval_faults.core.injectors.activation_writes import add, flip, on_device, writable, write_and_count, write_on_device
 from lm_eval_faults.core.injectors.weights import expected_counts
+from lm_eval_faults.core.protection.schemes import backed_up
 from lm_eval_faults.core.random.streams import StreamKind, mix64, site_key, spec_key
-from lm_eval_faults.core.report import SiteStats
+from lm_eval_faults.core.report import ReportPart, SiteStats
 from lm_eval_faults.core.sampling.host import Hits
 from lm_eval_faults.core.sampling.planned import OutputSampler, PlannedFaults
 from lm_eval_faults.core.sites.hooks import ForwardHooks
-from lm_eval_faults.core.sites.targets import ModuleSite
+from lm_eval_faults.core.sites.registry import SiteKind, register_site
+from lm_eval_faults.core.sites.rows import Rows
+from lm_eval_faults.core.sites.targets import ModuleSite, select_modules
 from lm_eval_faults.core.spec import FaultSpec
 from lm_eval_faults.core.storage.layouts import LAYOUTS, BitLayout, resolve_bits
 from lm_eval_faults.core.storage.words import WordAccess
-
-
-@dataclass(frozen=True)
-class Rows:
-    """The rows of one forward call: each row's request key and its real positions [start, end).
-
-    Positions index the sequence dimension (dim 1) of batch-first outputs; everything outside
-    [start, end) is padding and is never faulted.
-    """
-
-    keys: np.ndarray
-    starts: np.ndarray
-    ends: np.ndarray
-    length: int
-
-    def __len__(self) -> int:
-        return len(self.keys)
-
 
 ShapeKey = tuple[torch.dtype, bool, int]
 """An output's dtype, whether it is split into request rows, and its elements (per row position if split)."""
@@ -112,11 +98,14 @@ model that makes a new size at every call keeps memory flat."""
 
 
 class ActivationInjector:
-    """Attaches fault hooks to modules; `stats` accumulates per module over all calls."""
+    """Attaches fault hooks to modules; `stats` accumulates per module over all calls (the
+    `activations` site's `Injector`)."""
 
-    def __init__(self, spec: FaultSpec, sites: list[ModuleSite]) -> None:
+    def __init__(self, spec: FaultSpec, sites: list[ModuleSite], selected: list[ModuleSite] | None = None) -> None:
         self.spec = spec
         self.sites = sites
+        self.selected = sites if selected is None else selected
+        """What the spec selected, backed-up modules included (they compute fault-free)."""
         self.stats: dict[str, SiteStats] = {}
         self.paused = False
         self.rows: Rows | None = None
@@ -136,8 +125,18 @@ class ActivationInjector:
         self._calls_since_plan = 0
         self._spec_key = spec_key(spec.seed, spec.sampling_key())
 
-    def attach(self) -> None:
-        """Register one hook per site; if any registration fails, none stays registered."""
+    @classmethod
+    def build(cls, model: torch.nn.Module, spec: FaultSpec, replaying: bool) -> ActivationInjector:
+        """The injector of `spec`'s modules; backed-up components compute and store their outputs fault-free."""
+        selected = select_modules(model, spec)
+        return cls(spec, [site for site in selected if not backed_up(spec, site)], selected)
+
+    def part(self) -> ReportPart:
+        return ReportPart(self.stats, per_call=True, settle=self.settle)
+
+    def attach(self, fault_map: FaultMap | None = None, progress: bool = False) -> None:
+        """Register one hook per site; if any registration fails, none stays registered. (Maps
+        hold weight faults only: a spec with `replay=` selects no activations.)"""
         if self._registered:
             return
         self.device_mode = device_path_mode()
@@ -150,7 +149,8 @@ class ActivationInjector:
             self._hooks.clear()
             raise
 
-    def detach(self) -> None:
+    def restore(self) -> None:
+        """Remove the hooks, keeping the counts: the model computes clean outputs again."""
         self.settle()
         self._registered.remove()
         self._hooks.clear()
@@ -432,3 +432,6 @@ class _OutputFaultHook:
         hits, bits, changed, histogram = planned.known
         add(self.stats, hits, bits, changed, bits, nonfinite, histogram)
         return target
+
+
+register_site(SiteKind("activations", ActivationInjector.build, per_call=True, always_reported=True))

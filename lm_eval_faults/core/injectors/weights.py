@@ -7,6 +7,7 @@ without keeping a copy of the model.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,9 +20,10 @@ from lm_eval_faults.core.faults.device import device_path_wanted, fault_tensors
 from lm_eval_faults.core.faults.host import FaultBatch, count_by_site, draw_faults
 from lm_eval_faults.core.protection.schemes import WeightProtection, protection_bits
 from lm_eval_faults.core.random.streams import site_key, spec_key
-from lm_eval_faults.core.report import SiteStats
+from lm_eval_faults.core.report import ReportPart, SiteStats
 from lm_eval_faults.core.sampling.host import Hits, element_rate
-from lm_eval_faults.core.sites.targets import ParamSite
+from lm_eval_faults.core.sites.registry import SiteKind, register_site
+from lm_eval_faults.core.sites.targets import ParamSite, all_param_sites, select_params
 from lm_eval_faults.core.spec import FaultSpec
 from lm_eval_faults.core.storage.layouts import BitLayout, layout_of, resolve_bits
 from lm_eval_faults.core.storage.words import WordAccess
@@ -54,14 +56,38 @@ small p every site of the model goes into one vectorised draw."""
 
 
 class WeightInjector:
-    """Injects one spec's faults into a list of parameter sites, and undoes them."""
+    """Injects one spec's faults into a list of parameter sites, and undoes them (the `weights`
+    site's `Injector`)."""
 
     def __init__(self, spec: FaultSpec, sites: list[ParamSite]) -> None:
         self.spec = spec
         self.sites = sites
+        self.selected = sites
+        """What the spec selected; all of it is faulted (backed-up weights are masked per word)."""
+        self.stats: list[SiteStats] = []
         self._spec_key = spec_key(spec.seed, spec.sampling_key())
         self._protection = WeightProtection(spec, self._spec_key) if spec.protected else None
         self._undo: list[UndoEntry] = []
+
+    @classmethod
+    def build(cls, model: torch.nn.Module, spec: FaultSpec, replaying: bool) -> WeightInjector:
+        """The injector of `spec`'s parameters; a replay may name any parameter of the model (its
+        map, not the selectors, says which)."""
+        return cls(spec, all_param_sites(model) if replaying else select_params(model, spec))
+
+    def attach(self, fault_map: FaultMap | None, progress: bool = False) -> None:
+        """Write the faults: the map's words when replaying, else freshly drawn ones."""
+        self.stats = self.apply_map(fault_map) if fault_map is not None else self.apply(progress=progress)
+
+    def part(self) -> ReportPart:
+        return ReportPart(self.stats)
+
+    def pause(self) -> contextlib.AbstractContextManager[None]:
+        """Weight faults stay while activation faults pause: they are the model's stored state."""
+        return contextlib.nullcontext()
+
+    def next_forward(self, rows: Any) -> None:
+        """Nothing to do per forward call: the faults are already in the weights."""
 
     def apply(self, progress: bool = False) -> list[SiteStats]:
         """Fault every site once; returns per-site counts. Calling twice without restore is an error.
@@ -239,3 +265,6 @@ class WeightInjector:
 def _concatenate(parts: list[np.ndarray]) -> np.ndarray:
     """One int64 column from per-tensor parts (empty when no word changed)."""
     return np.concatenate(parts).astype(np.int64) if parts else np.empty(0, dtype=np.int64)
+
+
+register_site(SiteKind("weights", WeightInjector.build, always_reported=True))

@@ -21,7 +21,7 @@ Each stage is O(faults): it touches the words that faults hit, plus the other el
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -59,11 +59,13 @@ def protection_bits(spec: FaultSpec, site: ParamSite, layout: BitLayout) -> int:
     return extra
 
 
-def protection_gaps(spec: FaultSpec, weight_sites: list[ParamSite], module_sites: list[ModuleSite]) -> list[str]:
+def protection_gaps(spec: FaultSpec, selected: Mapping[str, Sequence[ParamSite | ModuleSite]]) -> list[str]:
     """Each chosen scheme that can protect nothing under `spec`, with why: said loudly, since a
-    protected run that equals the unprotected one would otherwise pass for a robust model."""
+    protected run that equals the unprotected one would otherwise pass for a robust model.
+    `selected` holds each site's selection; the bit and ECC schemes cover stored weights only."""
     notes = []
-    labels = [site.component for site in weight_sites] + [site.component for site in module_sites]
+    weight_sites = [site for site in selected.get("weights", ()) if isinstance(site, ParamSite)]
+    labels = [site.component for sites in selected.values() for site in sites]
     components = {part for label in labels for part in label.split("+")}
     if spec.protect and "all" not in spec.protect and not components & set(spec.protect):
         notes.append(
