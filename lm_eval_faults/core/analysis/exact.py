@@ -44,7 +44,6 @@ from lm_eval_faults.core.spec import FaultSpec, FaultSpecError, to_spec
 from lm_eval_faults.core.storage.layouts import (
     BitLayout,
     from_unsigned,
-    layout_of,
     resolve_bits,
     word_value,
 )
@@ -718,7 +717,7 @@ class Analysis:
 
 def site_risk(site: ParamSite, spec: FaultSpec, threshold: float | None) -> tuple[RiskModel, torch.Tensor]:
     """The risk model and flat word view of one parameter site."""
-    layout = layout_of(site.param.dtype)
+    layout = site.layout
     eligible = resolve_bits(layout, spec.bits) if spec.per_bit else tuple(range(layout.width))
     return RiskModel.build(layout, eligible, threshold), flat_words(site.param, layout)
 

@@ -37,7 +37,7 @@ from lm_eval_faults.core.protection import ecc
 from lm_eval_faults.core.protection.schemes import backed_up, protected_positions
 from lm_eval_faults.core.sites.targets import ParamSite, select_params
 from lm_eval_faults.core.spec import FaultSpec, to_spec
-from lm_eval_faults.core.storage.layouts import BitLayout, layout_of, resolve_bits
+from lm_eval_faults.core.storage.layouts import BitLayout, resolve_bits
 from lm_eval_faults.core.storage.words import flat_words
 
 MAX_ENUMERATED_ERRORS = 4
@@ -67,7 +67,7 @@ def expected_nonfinite(model: nn.Module, spec: FaultSpec | str) -> ProtectedExpe
     by_component: dict[str, float] = {}
     remainder = 0.0
     for site in select_params(model, spec):
-        layout = layout_of(site.param.dtype)
+        layout = site.layout
         if not layout.is_float:
             continue
         expected, bound = _site_expectation(site, spec, layout)

@@ -25,7 +25,7 @@ from lm_eval_faults.core.sampling.host import Hits, element_rate
 from lm_eval_faults.core.sites.registry import SiteKind, register_site
 from lm_eval_faults.core.sites.targets import ParamSite, all_param_sites, select_params
 from lm_eval_faults.core.spec import FaultSpec
-from lm_eval_faults.core.storage.layouts import BitLayout, layout_of, resolve_bits
+from lm_eval_faults.core.storage.layouts import BitLayout, resolve_bits
 from lm_eval_faults.core.storage.words import WordAccess
 
 
@@ -112,7 +112,7 @@ class WeightInjector:
         return stats
 
     def _site_stats(self, site: ParamSite) -> SiteStats:
-        layout = layout_of(site.param.dtype)
+        layout = site.layout
         eligible = self._eligible(layout)
         numel = site.param.numel()
         expected_elements, expected_bits = expected_counts(self.spec, numel, len(eligible))
@@ -154,7 +154,7 @@ class WeightInjector:
     def _fault_batch(self, members: list[int], stats: list[SiteStats]) -> None:
         """Draw and apply the faults of sites `members` (one dtype) in one vectorised pass."""
         sites = [self.sites[i] for i in members]
-        layout = layout_of(sites[0].param.dtype)
+        layout = sites[0].layout
         keys = np.array([site_key(self._spec_key, site.name) for site in sites], dtype=np.uint64)
         numels = np.array([stats[i].elements for i in members], dtype=np.int64)
         access: dict[int, WordAccess] = {}
@@ -199,9 +199,7 @@ class WeightInjector:
         """The changed words of this injection, as a map that replays them exactly."""
         used = sorted({entry.site for entry in self._undo})
         number = {site: n for n, site in enumerate(used)}
-        params = tuple(
-            ParamInfo(self.sites[site].name, layout_of(self.sites[site].param.dtype).name, self.sites[site].param.numel()) for site in used
-        )
+        params = tuple(ParamInfo(self.sites[site].name, self.sites[site].layout.name, self.sites[site].param.numel()) for site in used)
         entries = sorted(self._undo, key=lambda entry: entry.site)
         return FaultMap(
             params,
@@ -225,7 +223,7 @@ class WeightInjector:
                 raise FaultMapError(f"fault map parameter {info.name!r} is not a parameter of this model")
             site = by_name[info.name]
             param = self.sites[site].param
-            layout = layout_of(param.dtype)
+            layout = self.sites[site].layout
             if (layout.name, param.numel()) != (info.dtype, info.numel):
                 raise FaultMapError(
                     f"fault map parameter {info.name!r} is {info.dtype} x {info.numel}; this model has {layout.name} x {param.numel()}"

@@ -34,7 +34,7 @@ from lm_eval_faults.core.report import PROTECTION_COUNT_FIELDS
 from lm_eval_faults.core.sampling.host import Hits
 from lm_eval_faults.core.sites.targets import ModuleSite, ParamSite
 from lm_eval_faults.core.spec import BIT_FAULTS, FaultSpec
-from lm_eval_faults.core.storage.layouts import BitLayout, from_unsigned, layout_of, resolve_bits, to_unsigned
+from lm_eval_faults.core.storage.layouts import BitLayout, from_unsigned, resolve_bits, to_unsigned
 from lm_eval_faults.core.storage.words import WordAccess
 
 _CHECK_LAYOUT = BitLayout("check bits", torch.uint8, torch.uint8, 8, (), (), tuple(range(8)))
@@ -72,7 +72,7 @@ def protection_gaps(spec: FaultSpec, selected: Mapping[str, Sequence[ParamSite |
             f"protect={'+'.join(spec.protect)} protects nothing: the faulted sites are in {', '.join(sorted(components)) or 'no component'}"
         )
     if spec.protect_bits != "none" and spec.per_bit and weight_sites:
-        layouts = {layout_of(site.param.dtype) for site in weight_sites}
+        layouts = {site.layout for site in weight_sites}
         if all(not set(protected_positions(spec, layout)) & set(resolve_bits(layout, spec.bits)) for layout in layouts):
             notes.append(f"protect_bits={spec.protect_bits} protects nothing: faults only hit bits={spec.bits}")
     weight_only = [

@@ -18,7 +18,8 @@ import torch
 from torch import nn
 
 from lm_eval_faults.core.spec import FaultSpec
-from lm_eval_faults.core.storage.layouts import LAYOUTS
+from lm_eval_faults.core.storage.formats import UnsupportedStorageError, format_names, storage_format, storage_problem
+from lm_eval_faults.core.storage.layouts import LAYOUTS, BitLayout
 
 logger = logging.getLogger(__name__)
 
@@ -61,12 +62,24 @@ class ModuleSite:
 
 @dataclass(frozen=True)
 class ParamSite:
-    """One stored tensor. `names` has several entries when weights are tied."""
+    """One stored field of a weight: its words (`param`, sharing memory with the weight) and
+    their layout, from the weight's storage format (`storage.formats`). A plain tensor is one
+    field, named as the parameter; `names` has several entries when weights are tied.
+    `stored_layout` is None, and `problem` says why, for a weight no storage format recognises."""
 
     names: tuple[str, ...]
     param: torch.Tensor
     component: str
     layer: int | None
+    stored_layout: BitLayout | None = None
+    problem: str | None = None
+
+    @property
+    def layout(self) -> BitLayout:
+        """The layout of the stored words; a site no format recognises can't be faulted."""
+        if self.stored_layout is None:
+            raise UnsupportedStorageError(f"{self.name} is stored as {self.problem}; it can't be faulted")
+        return self.stored_layout
 
     @property
     def name(self) -> str:
@@ -188,8 +201,19 @@ def all_param_sites(model: nn.Module, modules: dict[str, ModuleSite] | None = No
         owners = [modules[name.rpartition(".")[0]] for name in names]
         components = sorted({owner.component for owner in owners})
         layer = next((owner.layer for owner in owners if owner.layer is not None), None)
-        sites.append(ParamSite(names, entries[0][1], "+".join(components), layer))
+        sites.extend(_field_sites(names, entries[0][1], "+".join(components), layer))
     return sites
+
+
+def _field_sites(names: tuple[str, ...], param: torch.Tensor, component: str, layer: int | None) -> list[ParamSite]:
+    """One site per stored field of `param` (see `ParamSite`)."""
+    storage = storage_format(param)
+    if storage is None:
+        return [ParamSite(names, param, component, layer, problem=storage_problem(param))]
+    return [
+        ParamSite(tuple(f"{name}.{field.name}" if field.name else name for name in names), field.words, component, layer, field.layout)
+        for field in storage.fields(param)
+    ]
 
 
 def select_params(model: nn.Module, spec: FaultSpec) -> list[ParamSite]:
@@ -212,10 +236,20 @@ def select_params(model: nn.Module, spec: FaultSpec) -> list[ParamSite]:
     sites = [site for site in all_param_sites(model) if _selected(spec, site.component, site.layer, site.names)]
     if not sites:
         raise ValueError(_nothing_matched(model, spec, "parameters"))
-    unsupported = sorted({str(site.param.dtype) for site in sites if site.param.dtype not in LAYOUTS})
-    if unsupported:
+    refused = [site for site in sites if site.stored_layout is None]
+    subclassed = [site for site in refused if type(site.param.data) is not torch.Tensor]
+    if subclassed:
+        raise UnsupportedStorageError(
+            f"{len(subclassed)} selected weights are stored as {subclassed[0].problem} (e.g. {subclassed[0].name}), "
+            f"so their stored bits are unknown; storage formats: {', '.join(format_names())}. "
+            "Load the model unquantized, or narrow target/modules to exclude them"
+        )
+    if refused:
+        unsupported = sorted({str(site.param.dtype) for site in refused})
         supported = ", ".join(layout.name for layout in LAYOUTS.values())
-        raise TypeError(f"selected weights have dtypes {', '.join(unsupported)}, which cannot be faulted; supported: {supported}")
+        raise UnsupportedStorageError(
+            f"selected weights have dtypes {', '.join(unsupported)}, which cannot be faulted; supported: {supported}"
+        )
     return sites
 
 
