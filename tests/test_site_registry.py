@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 import torch
 from lm_eval_faults import inject
-from lm_eval_faults.core.faults.host import count_by_site, draw_faults
+from lm_eval_faults.core.faults.counts import count_by_site
+from lm_eval_faults.core.faults.host import draw_faults
 from lm_eval_faults.core.random.streams import site_key, spec_key
 from lm_eval_faults.core.report import ReportPart, SiteStats
 from lm_eval_faults.core.sites.registry import SiteKind, registered_site, site_names

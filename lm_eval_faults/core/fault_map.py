@@ -26,11 +26,11 @@ import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 
-from lm_eval_faults.core.files import output_path_problem
+from lm_eval_faults.core.files import output_path_problem, write_atomically
 from lm_eval_faults.core.storage.layouts import LAYOUTS
 
 FORMAT = "lm-eval-faults/fault-map/1"
@@ -108,24 +108,19 @@ class FaultMap:
             "spec": self.spec,
             "params": [vars(info) for info in self.params],
         }
-        path = Path(path)
         check_writable(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # atomic: every rank may save
-        try:
-            with open(temporary, "wb") as handle:  # a file handle: numpy would otherwise append `.npz`
-                np.savez_compressed(
-                    handle,
-                    param=self.param.astype(np.int32),
-                    index=self.index.astype(np.int64),
-                    old=self.old.astype(np.uint32),
-                    new=self.new.astype(np.uint32),
-                    meta=np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8),
-                )
-            os.replace(temporary, path)
-        finally:
-            temporary.unlink(missing_ok=True)  # never a stray `.tmp` beside a failed save
-        return path
+
+        def write(handle: BinaryIO) -> None:  # a file handle: numpy would otherwise append `.npz`
+            np.savez_compressed(
+                handle,
+                param=self.param.astype(np.int32),
+                index=self.index.astype(np.int64),
+                old=self.old.astype(np.uint32),
+                new=self.new.astype(np.uint32),
+                meta=np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8),
+            )
+
+        return write_atomically(path, write)  # every rank may save
 
     def check(self, source: object = "fault map") -> None:
         """Refuse an inconsistent map in one line naming `source`: replaying one would drop,

@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from lm_eval_faults import __version__ as PACKAGE_VERSION
+from lm_eval_faults.core.faults.kinds import FAULT_KIND_TABLE
 from lm_eval_faults.core.sites.registry import site_kind, site_names
 from lm_eval_faults.core.text_table import Column, text_table
 
@@ -105,9 +106,6 @@ def _rollup(sites: Iterable[SiteStats], key) -> dict[str, dict[str, float]]:
     for site in sites:
         groups[key(site)].append(site)
     return {name: _totals(members) for name, members in sorted(groups.items())}
-
-
-ELEMENT_FAULTS = ("value", "zero")
 
 
 def _drop_key(data: Any, key: str) -> None:
@@ -321,7 +319,8 @@ class FaultReport:
         else:
             for name in PROTECTION_FIELDS:
                 _drop_key(data, name)
-        if self.spec.get("fault") in ELEMENT_FAULTS:
+        kind = FAULT_KIND_TABLE.get(str(self.spec.get("fault")))
+        if kind is not None and not kind.per_bit:
             _drop_key(data, "expected_bits")
         return data
 

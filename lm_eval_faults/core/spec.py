@@ -18,16 +18,12 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
+from lm_eval_faults.core.faults.kinds import FAULT_KIND_TABLE, FaultKind
+from lm_eval_faults.core.protection.codes import ECC_CODES
 from lm_eval_faults.core.sites.registry import parse_sites, site_names
 
-FAULT_KINDS = {
-    "bitflip": "each eligible bit flips with probability p (0->1 and 1->0; or p01/p10 separately)",
-    "stuck0": "each eligible bit is stuck at 0 with probability p",
-    "stuck1": "each eligible bit is stuck at 1 with probability p",
-    "value": "each element is replaced, with probability p, by a uniform draw from value_range",
-    "zero": "each element is set to 0 with probability p",
-}
-BIT_FAULTS = ("bitflip", "stuck0", "stuck1")
+FAULT_KINDS = {name: kind.description for name, kind in FAULT_KIND_TABLE.items()}
+BIT_FAULTS = tuple(name for name, kind in FAULT_KIND_TABLE.items() if kind.per_bit)
 COMPONENTS = ("embedding", "attention", "mlp", "norm", "lm_head", "lora", "other")
 TARGET_ALIASES = {
     "feed_forward": "mlp",
@@ -37,11 +33,7 @@ TARGET_ALIASES = {
     "head": "lm_head",
 }
 ACT_SCOPES = ("leaf", "all")
-ECC_SCHEMES = {
-    "none": "no error-correcting code",
-    "secded": "SECDED(72,64): 8 check bits per 64-bit word of the tensor's bytes; 1 error corrected, 2 detected",
-    "parity": "one parity bit per element: an odd number of errors is detected and the element zeroed",
-}
+ECC_SCHEMES = {"none": "no error-correcting code", **{name: code.description for name, code in ECC_CODES.items()}}
 ECC_POLICIES = ("zero", "keep")
 """What a SECDED word that is detected but uncorrectable reads as: all zeros, or its corrupted data."""
 CLAMP_SITES = ("none", "weights", "activations", "weights+activations")
@@ -191,7 +183,7 @@ class FaultSpec:
             except re.error as err:
                 raise _error("modules", self.modules, f"not a valid regular expression ({err})") from None
         set_("bits", str(self.bits).strip().lower())
-        if self.fault not in BIT_FAULTS and self.bits != "all":
+        if not self.per_bit and self.bits != "all":
             raise _error("bits", self.bits, f"fault={self.fault} replaces whole elements; bits applies to bitflip, stuck0, stuck1")
         _validate_bits_syntax(self.bits)
         set_("value_range", parse_value_range(self.value_range))
@@ -243,9 +235,24 @@ class FaultSpec:
         return self.p01 is not None or self.p10 is not None
 
     @property
+    def kind(self) -> FaultKind:
+        """What `fault` does (see `faults.kinds`)."""
+        return FAULT_KIND_TABLE[self.fault]
+
+    @property
     def per_bit(self) -> bool:
         """True when probabilities are per bit (bit faults), False when per element."""
-        return self.fault in BIT_FAULTS
+        return self.kind.per_bit
+
+    @property
+    def rate(self) -> float:
+        """The probability positions are sampled at, per bit or per element: the larger of p01
+        and p10 for asymmetric flips (the sampler thins each hit to its bit's own rate)."""
+        return max(self.p01 or 0.0, self.p10 or 0.0) if self.asymmetric else self.p
+
+    def bit_rates(self) -> tuple[float, float]:
+        """(probability an eligible bit holding 0 changes, same for a bit holding 1)."""
+        return self.kind.bit_rates(self.p, self.p01, self.p10)
 
     @property
     def active(self) -> bool:

@@ -80,16 +80,9 @@ KeyFn = Callable[[np.ndarray], np.ndarray]
 def bit_rates(spec: FaultSpec) -> tuple[float, float]:
     """(probability an eligible bit holding 0 changes, same for a bit holding 1) under `spec`.
 
-    Every bit fault is a per-bit change whose probability depends only on the bit's stored value:
-    stuck-at-0 changes only ones, stuck-at-1 only zeros, asymmetric flips use p01/p10.
-    """
-    if spec.fault == "stuck0":
-        return 0.0, spec.p
-    if spec.fault == "stuck1":
-        return spec.p, 0.0
-    if spec.asymmetric:
-        return spec.p01 or 0.0, spec.p10 or 0.0
-    return spec.p, spec.p
+    Every bit fault is a per-bit change whose probability depends only on the bit's stored value
+    (see `faults.kinds.FaultKind.bit_rates`)."""
+    return spec.bit_rates()
 
 
 def default_threshold(layout: BitLayout) -> float:
@@ -564,13 +557,13 @@ def expect(stats: WordStats, risk: RiskModel, spec: FaultSpec) -> Expectation:
     if spec.per_bit:
         flip0, flip1 = bit_rates(spec)
         result = expect_bit_changes(stats, risk, flip0, flip1)
-        if spec.fault in ("stuck0", "stuck1"):
+        if spec.kind.stuck_at is not None:
             # The injector counts a stuck bit that already held its value as hit, not changed.
             result.hit_elements = stats.numel * element_rate(spec.p, len(risk.eligible))
         return result
     result = Expectation(elements=stats.numel, eligible_bits=stats.numel * len(risk.eligible))
     result.hit_elements = stats.numel * spec.p
-    if spec.fault == "zero":
+    if spec.kind.zeroes:
         result.changed_elements = stats.nonzero * spec.p
         result.flipped_bits = float(stats.eligible_ones * spec.p)  # every bit is eligible for element faults
         nan = inf = huge = np.zeros(len(stats.key_values))

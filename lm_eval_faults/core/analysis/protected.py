@@ -34,6 +34,7 @@ import torch
 from torch import nn
 
 from lm_eval_faults.core.protection import ecc
+from lm_eval_faults.core.protection.codes import ECC_CODES
 from lm_eval_faults.core.protection.schemes import backed_up, protected_positions
 from lm_eval_faults.core.sites.targets import ParamSite, select_params
 from lm_eval_faults.core.spec import FaultSpec, to_spec
@@ -60,7 +61,7 @@ class ProtectedExpectation:
 def expected_nonfinite(model: nn.Module, spec: FaultSpec | str) -> ProtectedExpectation:
     """Expected finite weights turned NaN/Inf, after `spec`'s protection, per component."""
     spec = to_spec(spec)
-    if spec.fault != "bitflip" or spec.asymmetric:
+    if not spec.kind.flips or spec.asymmetric:
         raise ValueError(
             "the protected analysis assumes symmetric bit flips (fault=bitflip with p): other faults depend on the stored bits"
         )
@@ -79,7 +80,8 @@ def expected_nonfinite(model: nn.Module, spec: FaultSpec | str) -> ProtectedExpe
 def _site_expectation(site: ParamSite, spec: FaultSpec, layout: BitLayout) -> tuple[float, float]:
     if backed_up(spec, site) or "weights" in spec.clamp or spec.p == 0:
         return 0.0, 0.0
-    slots = ecc.DATA_BITS // layout.width if spec.ecc == "secded" else 1
+    code = ECC_CODES.get(spec.ecc)
+    slots = 1 if code is None else code.elements_per_word(layout)
     counts = exponent_histogram(site.param, layout, slots)
     active = frozenset(resolve_bits(layout, spec.bits)) - frozenset(protected_positions(spec, layout))
     probability = event_probabilities(layout, spec.p, active, spec.ecc, spec.ecc_policy)

@@ -19,11 +19,12 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from lm_eval_faults.core.faults.host import _THIN_STRIDE, NO_FAULTS, FaultBatch, bit_fault_words
+from lm_eval_faults.core.faults.host import NO_FAULTS, THIN_STRIDE, FaultBatch
+from lm_eval_faults.core.faults.kinds import bit_fault_words
 from lm_eval_faults.core.random import torch_streams as ts
 from lm_eval_faults.core.random.streams import Purpose
 from lm_eval_faults.core.sampling.device import DeviceHits, bernoulli_hits, nonzero_masks
-from lm_eval_faults.core.sampling.host import Hits, _ranks, element_rate
+from lm_eval_faults.core.sampling.host import Hits, element_rate, group_ranks
 from lm_eval_faults.core.spec import FaultSpec
 from lm_eval_faults.core.storage.layouts import BitLayout, from_unsigned, to_unsigned
 from lm_eval_faults.core.storage.words import flat_words
@@ -66,7 +67,7 @@ class DeviceFaults:
     def to_host(self) -> FaultBatch:
         """The batch the host path draws: one copy of each column from the device (none from the CPU)."""
         position, fault_bits, old, new = (column.cpu().numpy() for column in (self.hits.position, self.fault_bits, self.old, self.new))
-        hits = Hits(np.repeat(self.hits.sites, self.hits.sizes), position, _ranks(self.hits.sizes))
+        hits = Hits(np.repeat(self.hits.sites, self.hits.sizes), position, group_ranks(self.hits.sizes))
         batch = FaultBatch(hits, fault_bits, old, new)
         if not self.thinned:
             return batch
@@ -85,14 +86,14 @@ def draw_faults(
 ) -> DeviceFaults | None:
     """`faults.draw_faults` on `device`; None where no fault landed (then nothing is read)."""
     keys = np.asarray(keys, dtype=np.uint64)
-    rate = max(spec.p01 or 0.0, spec.p10 or 0.0) if spec.asymmetric else spec.p  # per bit, or per element
+    rate = spec.rate  # per bit, or per element
     hits = bernoulli_hits(numels, element_rate(rate, len(eligible_bits)) if spec.per_bit else rate, keys, device)
     if not len(hits):
         return None
     hit_keys = ts.to_device(keys, device)[hits.site]
     if not spec.per_bit:
         old = read_words(hits)
-        if spec.fault == "zero":
+        if spec.kind.zeroes:
             return DeviceFaults(hits, torch.zeros_like(old), old, torch.zeros_like(old))
         low, high = spec.value_range
         u = ts.to_uniform(ts.random_words(hit_keys, Purpose.VALUE, hits.rank))
@@ -121,7 +122,7 @@ def _thin_by_bit_value(
     """
     keep_if_zero, keep_if_one = (torch.tensor(value, dtype=torch.float64, device=masks.device) for value in keep)
     kept = masks.clone()
-    first_word = rank * _THIN_STRIDE
+    first_word = rank * THIN_STRIDE
     for bit in bits:
         candidate = (masks >> bit & 1).to(torch.bool)
         u = ts.to_uniform(ts.random_words(hit_keys, Purpose.THIN, first_word + bit))

@@ -24,7 +24,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from lm_eval_faults.core.faults.host import FaultBatch, becomes_nonfinite, bit_fault_words, count_by_site
+from lm_eval_faults.core.faults.counts import becomes_nonfinite, count_by_site
+from lm_eval_faults.core.faults.host import FaultBatch
+from lm_eval_faults.core.faults.kinds import bit_fault_words
 from lm_eval_faults.core.report import SiteStats, add_lists
 from lm_eval_faults.core.storage.layouts import BitLayout, from_unsigned, to_unsigned
 from lm_eval_faults.core.storage.words import WordAccess, flat_words

@@ -43,13 +43,13 @@ import numpy as np
 import torch
 
 from lm_eval_faults.core.fault_map import FaultMap
+from lm_eval_faults.core.faults.counts import expected_counts
 from lm_eval_faults.core.faults.device import device_path_mode
 from lm_eval_faults.core.injectors.activation_writes import add, flip, on_device, writable, write_and_count, write_on_device
-from lm_eval_faults.core.injectors.weights import expected_counts
 from lm_eval_faults.core.protection.schemes import backed_up
 from lm_eval_faults.core.random.streams import StreamKind, mix64, site_key, spec_key
 from lm_eval_faults.core.report import ReportPart, SiteStats
-from lm_eval_faults.core.sampling.host import Hits
+from lm_eval_faults.core.sampling.host import POSITION_BITS, Hits
 from lm_eval_faults.core.sampling.planned import OutputSampler, PlannedFaults
 from lm_eval_faults.core.sites.hooks import ForwardHooks
 from lm_eval_faults.core.sites.registry import SiteKind, register_site
@@ -268,7 +268,7 @@ class ActivationInjector:
         for (dtype, per_row), outputs in groups.items():
             sizes = np.array([size for *_, size in outputs], dtype=np.int64)
             numels, offsets = self._sites(per_row, sizes)
-            if numels.max(initial=0) >= 1 << 40:  # refused by the sampler: let the hook itself raise
+            if numels.max(initial=0) >= 1 << POSITION_BITS:  # refused by the sampler: let the hook itself raise
                 continue
             keys = np.array([hook.stream_key(kind, call, index) for hook, index, kind, call, _ in outputs], dtype=np.uint64)
             if per_row:

@@ -16,12 +16,13 @@ import torch
 from tqdm.auto import tqdm
 
 from lm_eval_faults.core.fault_map import FaultMap, FaultMapError, ParamInfo
+from lm_eval_faults.core.faults.counts import count_by_site, expected_counts
 from lm_eval_faults.core.faults.device import device_path_wanted, fault_tensors
-from lm_eval_faults.core.faults.host import FaultBatch, count_by_site, draw_faults
+from lm_eval_faults.core.faults.host import FaultBatch, draw_faults
 from lm_eval_faults.core.protection.schemes import WeightProtection, protection_bits
 from lm_eval_faults.core.random.streams import site_key, spec_key
 from lm_eval_faults.core.report import ReportPart, SiteStats
-from lm_eval_faults.core.sampling.host import Hits, element_rate
+from lm_eval_faults.core.sampling.host import Hits
 from lm_eval_faults.core.sites.registry import SiteKind, register_site
 from lm_eval_faults.core.sites.targets import ParamSite, all_param_sites, select_params
 from lm_eval_faults.core.spec import FaultSpec
@@ -38,16 +39,6 @@ class UndoEntry:
     positions: np.ndarray
     original: np.ndarray
     new: np.ndarray
-
-
-def expected_counts(spec: FaultSpec, numel: int, eligible_bits: int) -> tuple[float, float]:
-    """Expected (hit elements, fault bits) at one site: what `check_not_silent` compares against."""
-    if spec.per_bit:
-        rates = (spec.p01 or 0.0, spec.p10 or 0.0) if spec.asymmetric else (spec.p,)
-        rate = max(rates)
-        # For asymmetric flips the exact expectation depends on the data; this is an upper bound.
-        return numel * element_rate(rate, eligible_bits), numel * eligible_bits * rate
-    return numel * spec.p, 0.0
 
 
 MAX_BATCH_HITS = 1 << 20

@@ -13,7 +13,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import tempfile
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,6 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from lm_eval_faults.core.files import write_atomically
 from lm_eval_faults.core.sites.hooks import ForwardHooks
 from lm_eval_faults.core.sites.targets import ModuleSite, select_modules
 from lm_eval_faults.core.spec import FaultSpec
@@ -46,21 +46,8 @@ class ActivationBounds:
 
     def save(self, path: str | os.PathLike[str]) -> None:
         """Write atomically, so a killed calibration never leaves a half-written cache entry."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
         data = json.dumps({name: list(pair) for name, pair in sorted(self.bounds.items())}).encode("utf-8")
-        # A unique temporary name: two processes saving the same key must not write one file.
-        handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        try:
-            with os.fdopen(handle, "wb") as stream:
-                stream.write(data)
-                stream.flush()
-                os.fsync(stream.fileno())
-            os.replace(temporary, path)
-        except BaseException:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(temporary)
-            raise
+        write_atomically(path, data)  # two processes saving one key never share a temporary file
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> ActivationBounds:

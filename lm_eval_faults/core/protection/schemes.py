@@ -29,19 +29,17 @@ import torch
 
 from lm_eval_faults.core.faults.host import NO_FAULTS, FaultBatch, draw_faults
 from lm_eval_faults.core.protection import ecc
+from lm_eval_faults.core.protection.codes import ECC_CODES
 from lm_eval_faults.core.random.streams import StreamKind, site_key
 from lm_eval_faults.core.report import PROTECTION_COUNT_FIELDS
-from lm_eval_faults.core.sampling.host import Hits
+from lm_eval_faults.core.sampling.host import POSITION_BITS, Hits  # word ids pack (site, word index) like hits
 from lm_eval_faults.core.sites.targets import ModuleSite, ParamSite
-from lm_eval_faults.core.spec import BIT_FAULTS, FaultSpec
+from lm_eval_faults.core.spec import FaultSpec
 from lm_eval_faults.core.storage.layouts import BitLayout, from_unsigned, resolve_bits, to_unsigned
 from lm_eval_faults.core.storage.words import WordAccess
 
 _CHECK_LAYOUT = BitLayout("check bits", torch.uint8, torch.uint8, 8, (), (), tuple(range(8)))
 """Check bits drawn as 8-bit words: SECDED's 8 per data word, or parity's bit 0 per element."""
-
-_SITE_SHIFT = 40
-"""Word ids pack (site, word index) into one int64: tensors hold fewer than 2^40 elements."""
 
 
 def protection_bits(spec: FaultSpec, site: ParamSite, layout: BitLayout) -> int:
@@ -50,10 +48,8 @@ def protection_bits(spec: FaultSpec, site: ParamSite, layout: BitLayout) -> int:
     if backed_up(spec, site):
         return numel * layout.width  # a fault-free copy of every bit
     extra = numel * len(protected_positions(spec, layout))
-    if spec.ecc == "secded":
-        extra += ecc_words(numel, layout) * ecc.CHECK_BITS
-    elif spec.ecc == "parity":
-        extra += numel
+    if spec.ecc in ECC_CODES:
+        extra += ECC_CODES[spec.ecc].overhead_bits(numel, layout)
     if "weights" in spec.clamp:
         extra += 2 * layout.width  # the clean tensor's min and max
     return extra
@@ -100,11 +96,6 @@ def protected_positions(spec: FaultSpec, layout: BitLayout) -> tuple[int, ...]:
     return () if spec.protect_bits == "none" else resolve_bits(layout, spec.protect_bits)
 
 
-def ecc_words(numel: int, layout: BitLayout) -> int:
-    """64-bit SECDED words covering `numel` elements (the last one zero-padded)."""
-    return -(-numel * layout.width // ecc.DATA_BITS)
-
-
 @dataclass(frozen=True)
 class Protected:
     """What the model reads after protection: the changed elements, and per-site counts."""
@@ -125,10 +116,9 @@ class WeightProtection:
         counts = {name: np.zeros(len(sites), dtype=np.int64) for name in PROTECTION_COUNT_FIELDS}
         site, position, old = batch.hits.site, batch.hits.position, batch.old
         new = self._mask_storage(batch, sites, layout, counts)
-        if self.spec.ecc == "secded":
-            site, position, old, new = self._secded(site, position, old, new, sites, layout, access, counts)
-        elif self.spec.ecc == "parity":
-            site, position, old, new = self._parity(site, position, old, new, sites, layout, access, counts)
+        if self.spec.ecc in ECC_CODES:
+            simulate = {"secded": self._secded, "parity": self._parity}[self.spec.ecc]
+            site, position, old, new = simulate(site, position, old, new, sites, layout, access, counts)
         if "weights" in self.spec.clamp:
             new = self._clamp(site, old, new, sites, layout, counts)
         changed = old != new
@@ -151,7 +141,7 @@ class WeightProtection:
 
     def _check_faults(self, sites: list[ParamSite], numels: np.ndarray, read_check: Callable[[Hits], np.ndarray], bits: int) -> FaultBatch:
         """Bit faults in the check bits of every site (none for element faults, see the module doc)."""
-        if self.spec.fault not in BIT_FAULTS:
+        if not self.spec.per_bit:
             return NO_FAULTS
         keys = np.array([site_key(self._spec_key, s.name, StreamKind.CHECK_BITS) for s in sites], dtype=np.uint64)
         return draw_faults(numels, keys, read_check, self.spec, _CHECK_LAYOUT, tuple(range(bits))).only_changed()
@@ -174,20 +164,20 @@ class WeightProtection:
 
         check = self._check_faults(
             sites,
-            np.where(unprotected, [ecc_words(int(n), layout) for n in numels], 0),
+            np.where(unprotected, [ECC_CODES["secded"].words(int(n), layout) for n in numels], 0),
             lambda hits: ecc.data_syndrome(clean_words(hits.site, hits.position)),
             ecc.CHECK_BITS,
         )
         counts["check_bit_faults"] += np.bincount(check.hits.site, minlength=len(sites))
-        data_ids = site << _SITE_SHIFT | position // per_word
-        check_ids = check.hits.site << _SITE_SHIFT | check.hits.position
+        data_ids = site << POSITION_BITS | position // per_word
+        check_ids = check.hits.site << POSITION_BITS | check.hits.position
         words, inverse = np.unique(np.concatenate([data_ids, check_ids]), return_inverse=True)
         data_error = np.zeros(len(words), dtype=np.int64)
         np.bitwise_or.at(data_error, inverse[: len(data_ids)], (old ^ new) << (position % per_word * layout.width))
         check_error = np.zeros(len(words), dtype=np.int64)
         check_error[inverse[len(data_ids) :]] = check.old ^ check.new
         residual, detected = ecc.decode(data_error, check_error)
-        word_site, word = words >> _SITE_SHIFT, words & ((1 << _SITE_SHIFT) - 1)
+        word_site, word = words >> POSITION_BITS, words & ((1 << POSITION_BITS) - 1)
         erroneous = (data_error != 0) | (check_error != 0)
         decoder_acted = ecc.DECODE[ecc.data_syndrome(data_error) ^ check_error] >= 0
         outcome = {
@@ -216,14 +206,14 @@ class WeightProtection:
         check = self._check_faults(sites, np.where(unprotected, numels, 0), clean_parity, 1)
         counts["check_bit_faults"] += np.bincount(check.hits.site, minlength=len(sites))
         ids, inverse = np.unique(
-            np.concatenate([site << _SITE_SHIFT | position, check.hits.site << _SITE_SHIFT | check.hits.position]), return_inverse=True
+            np.concatenate([site << POSITION_BITS | position, check.hits.site << POSITION_BITS | check.hits.position]), return_inverse=True
         )
         error = np.zeros(len(ids), dtype=np.int64)
         error[inverse[: len(site)]] = old ^ new
         check_error = np.zeros(len(ids), dtype=np.int64)
         check_error[inverse[len(site) :]] = check.old ^ check.new
         detected = (np.bitwise_count(error).astype(np.int64) + check_error) & 1 == 1
-        id_site, element = ids >> _SITE_SHIFT, ids & ((1 << _SITE_SHIFT) - 1)
+        id_site, element = ids >> POSITION_BITS, ids & ((1 << POSITION_BITS) - 1)
         counts["detected"] += np.bincount(id_site[detected], minlength=len(sites))
         counts["undetected"] += np.bincount(id_site[~detected & (error != 0)], minlength=len(sites))
         clean = np.zeros(len(ids), dtype=np.int64)

@@ -37,8 +37,8 @@ from typing import Any
 
 import numpy as np
 
-_GAMMA = 0x9E3779B97F4A7C15
-_MIX1, _MIX2 = 0xBF58476D1CE4E5B9, 0x94D049BB133111EB
+GAMMA = 0x9E3779B97F4A7C15
+MIX1, MIX2 = 0xBF58476D1CE4E5B9, 0x94D049BB133111EB
 PURPOSE_SHIFT = 56
 """A purpose occupies a counter's top byte; indices stay below 2^56."""
 
@@ -84,8 +84,8 @@ def site_key(spec: bytes, name: str, kind: StreamKind = StreamKind.WEIGHTS, *ind
 def mix64(values: np.ndarray) -> np.ndarray:
     """SplitMix64's finaliser: a bijection of 64-bit words that spreads every input bit."""
     z = np.asarray(values, dtype=np.uint64)
-    z = (z ^ (z >> np.uint64(30))) * np.uint64(_MIX1)
-    z = (z ^ (z >> np.uint64(27))) * np.uint64(_MIX2)
+    z = (z ^ (z >> np.uint64(30))) * np.uint64(MIX1)
+    z = (z ^ (z >> np.uint64(27))) * np.uint64(MIX2)
     return z ^ (z >> np.uint64(31))
 
 
@@ -109,7 +109,7 @@ def random_words(keys: np.ndarray | np.uint64, purpose: Purpose, index: np.ndarr
     """
     # 1-d arrays throughout: array arithmetic wraps modulo 2^64 silently, as it must.
     counter = np.atleast_1d(np.asarray(index, dtype=np.uint64)) | np.uint64(int(purpose) << PURPOSE_SHIFT)
-    return mix64(np.atleast_1d(np.asarray(keys, dtype=np.uint64)) + (counter + np.uint64(1)) * np.uint64(_GAMMA))
+    return mix64(np.atleast_1d(np.asarray(keys, dtype=np.uint64)) + (counter + np.uint64(1)) * np.uint64(GAMMA))
 
 
 def to_uniform(words: np.ndarray) -> np.ndarray:

@@ -20,7 +20,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from lm_eval_faults.core.random.streams import _GAMMA, _MIX1, _MIX2, PURPOSE_SHIFT, Purpose
+from lm_eval_faults.core.random.streams import GAMMA, MIX1, MIX2, PURPOSE_SHIFT, Purpose
 
 _SIGN = -(1 << 63)
 """The top bit of a word, as an int64."""
@@ -60,8 +60,8 @@ def unsigned_remainder(words: torch.Tensor, n: torch.Tensor) -> torch.Tensor:
 
 def mix64(values: torch.Tensor) -> torch.Tensor:
     """SplitMix64's finaliser, as `streams.mix64`."""
-    z = (values ^ shift_right(values, 30)) * signed(_MIX1)
-    z = (z ^ shift_right(z, 27)) * signed(_MIX2)
+    z = (values ^ shift_right(values, 30)) * signed(MIX1)
+    z = (z ^ shift_right(z, 27)) * signed(MIX2)
     return z ^ shift_right(z, 31)
 
 
@@ -77,7 +77,7 @@ def random_words(keys: torch.Tensor | int, purpose: Purpose, index: torch.Tensor
     tensor of counters below 2^56. The result lives on `index`'s device.
     """
     counter = index | (int(purpose) << PURPOSE_SHIFT)
-    stepped = (counter + 1) * signed(_GAMMA)
+    stepped = (counter + 1) * signed(GAMMA)
     return mix64(stepped + (signed(keys) if isinstance(keys, int) else keys))
 
 

@@ -22,13 +22,13 @@ import torch
 from lm_eval_faults.core.random import torch_streams as ts
 from lm_eval_faults.core.random.streams import Purpose
 from lm_eval_faults.core.sampling.host import (
-    _POSITION_BITS,
     DENSE_ABOVE,
     DENSE_CHUNK,
-    _mask_tables,
-    _ranks,
+    POSITION_BITS,
     dense_threshold,
     fault_counts,
+    group_ranks,
+    mask_tables,
     rejection_limit,
 )
 
@@ -69,7 +69,7 @@ def _hits(sites: np.ndarray, sizes: np.ndarray, position: torch.Tensor) -> Devic
     """`sizes[i]` sorted positions at each of `sites`, concatenated in `position`."""
     device, total = position.device, int(sizes.sum())
     site = torch.repeat_interleave(column(sites, device), column(sizes, device), output_size=total)
-    return DeviceHits(sites, sizes, site, position, column(_ranks(sizes), device))
+    return DeviceHits(sites, sizes, site, position, column(group_ranks(sizes), device))
 
 
 def no_hits(device: torch.device) -> DeviceHits:
@@ -113,8 +113,8 @@ def distinct_uniform(numels: np.ndarray, counts: np.ndarray, keys: np.ndarray, d
     prefix length, so the positions are the numpy path's.
     """
     numels = np.asarray(numels, dtype=np.int64)
-    if numels.max(initial=0) >= 1 << _POSITION_BITS:
-        raise ValueError(f"tensors of 2^{_POSITION_BITS} elements or more are not supported")
+    if numels.max(initial=0) >= 1 << POSITION_BITS:
+        raise ValueError(f"tensors of 2^{POSITION_BITS} elements or more are not supported")
     sites = np.flatnonzero(counts)
     if not len(sites):
         return no_hits(device)
@@ -127,7 +127,7 @@ def distinct_uniform(numels: np.ndarray, counts: np.ndarray, keys: np.ndarray, d
         found.append(values)
         todo, extra = todo[~done], 2 * extra[~done]
     site_major = found[0] if len(found) == 1 else torch.sort(torch.cat(found)).values
-    return _hits(sites, counts[sites], site_major & ((1 << _POSITION_BITS) - 1))
+    return _hits(sites, counts[sites], site_major & ((1 << POSITION_BITS) - 1))
 
 
 def _first_distinct(
@@ -147,7 +147,7 @@ def _first_distinct(
     site = per_draw(column(sites, device))
     words = ts.random_words(keys[site], Purpose.POSITION, torch.arange(total, device=device) - per_draw(column(starts, device)))
     accepted = ~ts.unsigned_less(per_draw(ts.to_device(rejection_limit(n.astype(np.uint64)), device)), words)
-    value = torch.where(accepted, site << _POSITION_BITS | ts.unsigned_remainder(words, per_draw(column(n, device))), _NO_VALUE)
+    value = torch.where(accepted, site << POSITION_BITS | ts.unsigned_remainder(words, per_draw(column(n, device))), _NO_VALUE)
     # Draws are in (site, draw) order: a stable sort by value puts each value's first draw first.
     ordered, order = torch.sort(value, stable=True)
     first_in_order = torch.ones_like(ordered, dtype=torch.bool)
@@ -189,7 +189,7 @@ class _ChunkTables:
 
 @lru_cache(maxsize=64)
 def _device_tables(p: float, bits: tuple[int, ...], device: torch.device) -> tuple[_ChunkTables, ...]:
-    tables = _mask_tables(p, bits)
+    tables = mask_tables(p, bits)
     return tuple(
         _ChunkTables(
             unconditional.bits,

@@ -47,7 +47,7 @@ WINDOW_SIGMAS = 40.0
 """Half-width of the large-mean window in standard deviations: the binomial mass outside it is
 below 1e-300, so the window holds every count a float64 uniform can reach."""
 
-_POSITION_BITS = 40
+POSITION_BITS = 40
 """Positions and site indices share one 64-bit sort key: tensors hold fewer than 2^40 elements."""
 
 
@@ -183,10 +183,10 @@ def _hits_from_parts(parts: list[tuple[int, np.ndarray]]) -> Hits:
         return _no_hits()
     sizes = [len(positions) for _, positions in parts]
     site = np.repeat(np.array([s for s, _ in parts], dtype=np.int64), sizes)
-    return Hits(site, np.concatenate([positions for _, positions in parts]), _ranks(np.asarray(sizes)))
+    return Hits(site, np.concatenate([positions for _, positions in parts]), group_ranks(np.asarray(sizes)))
 
 
-def _ranks(sizes: np.ndarray) -> np.ndarray:
+def group_ranks(sizes: np.ndarray) -> np.ndarray:
     """0..size-1 for each group of consecutive hits, concatenated."""
     starts = np.cumsum(sizes) - sizes
     return np.arange(int(sizes.sum()), dtype=np.int64) - np.repeat(starts, sizes)
@@ -217,14 +217,14 @@ def distinct_uniform(numels: np.ndarray, counts: np.ndarray, keys: np.ndarray) -
     (or a word falls in the modulo's rejection zone) are redrawn together with a longer stream.
     """
     numels = np.asarray(numels, dtype=np.int64)
-    if numels.max(initial=0) >= 1 << _POSITION_BITS:
-        raise ValueError(f"tensors of 2^{_POSITION_BITS} elements or more are not supported")
+    if numels.max(initial=0) >= 1 << POSITION_BITS:
+        raise ValueError(f"tensors of 2^{POSITION_BITS} elements or more are not supported")
     faulted = np.flatnonzero(counts)
     if not len(faulted):
         return _no_hits()
     sizes = counts[faulted]
     site = np.repeat(faulted, sizes)
-    words = random_words(keys[site], Purpose.POSITION, _ranks(sizes).astype(np.uint64))
+    words = random_words(keys[site], Purpose.POSITION, group_ranks(sizes).astype(np.uint64))
     n = numels[site].astype(np.uint64)
     sort_key = np.sort(_site_major(site, words % n))
     redo = np.union1d(site[_rejected(words, n)], _site_of(sort_key[1:][sort_key[1:] == sort_key[:-1]]))
@@ -232,16 +232,16 @@ def distinct_uniform(numels: np.ndarray, counts: np.ndarray, keys: np.ndarray) -
         sort_key = np.sort(
             np.concatenate([sort_key[np.isin(_site_of(sort_key), redo, invert=True)], _first_distinct(numels, counts, keys, redo)])
         )
-    return Hits(_site_of(sort_key), (sort_key & np.uint64((1 << _POSITION_BITS) - 1)).astype(np.int64), _ranks(sizes))
+    return Hits(_site_of(sort_key), (sort_key & np.uint64((1 << POSITION_BITS) - 1)).astype(np.int64), group_ranks(sizes))
 
 
 def _site_major(site: np.ndarray, position: np.ndarray) -> np.ndarray:
     """One sortable key per hit: site index in the high bits, position in the low 40."""
-    return site.astype(np.uint64) << np.uint64(_POSITION_BITS) | position.astype(np.uint64)
+    return site.astype(np.uint64) << np.uint64(POSITION_BITS) | position.astype(np.uint64)
 
 
 def _site_of(sort_key: np.ndarray) -> np.ndarray:
-    return (sort_key >> np.uint64(_POSITION_BITS)).astype(np.int64)
+    return (sort_key >> np.uint64(POSITION_BITS)).astype(np.int64)
 
 
 def _rejected(words: np.ndarray, n: np.ndarray) -> np.ndarray:
@@ -267,7 +267,7 @@ def _first_distinct(numels: np.ndarray, counts: np.ndarray, keys: np.ndarray, si
     while len(sites):
         k, length = counts[sites], counts[sites] + extra
         site = np.repeat(sites, length)
-        draw = _ranks(length)
+        draw = group_ranks(length)
         words = random_words(keys[site], Purpose.POSITION, draw.astype(np.uint64))
         n = numels[site].astype(np.uint64)
         accepted = ~_rejected(words, n)
@@ -279,7 +279,7 @@ def _first_distinct(numels: np.ndarray, counts: np.ndarray, keys: np.ndarray, si
         first[order[1:][ordered[1:] == ordered[:-1]]] = False
         site, value = site[first], value[first]  # each site's distinct values, in the order drawn
         found = np.bincount(site, minlength=len(numels))
-        rank = _ranks(found[found > 0])  # `site` is sorted
+        rank = group_ranks(found[found > 0])  # `site` is sorted
         done = found[sites] >= k
         keep = (rank < counts[site]) & np.isin(site, sites[done])
         result.append(value[keep])
@@ -330,7 +330,7 @@ class _MaskTables:
 
 
 @lru_cache(maxsize=64)
-def _mask_tables(p: float, bits: tuple[int, ...]) -> _MaskTables:
+def mask_tables(p: float, bits: tuple[int, ...]) -> _MaskTables:
     chunks = [bits[i : i + TABLE_BITS] for i in range(0, len(bits), TABLE_BITS)]
     unconditional, conditional, words = [], [], []
     for index, chunk in enumerate(chunks):
@@ -354,7 +354,7 @@ def nonzero_masks(p: float, bits: tuple[int, ...], keys: np.ndarray, rank: np.nd
     Together with `element_rate` this is exactly iid Bernoulli(p) per bit. Hit number r of a site
     uses MASK words r * chunks + c of the site's stream (`keys` holds each hit's site key).
     """
-    tables = _mask_tables(float(p), tuple(bits))
+    tables = mask_tables(float(p), tuple(bits))
     chunks = len(tables.words)
     masks = np.zeros(len(rank), dtype=np.int64)
     all_zero_so_far = np.ones(len(rank), dtype=bool)

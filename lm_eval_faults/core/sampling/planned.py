@@ -26,7 +26,8 @@ import math
 import numpy as np
 import torch
 
-from lm_eval_faults.core.faults.host import NO_FAULTS, FaultBatch, WordReader, bit_fault_words, draw_faults
+from lm_eval_faults.core.faults.host import NO_FAULTS, FaultBatch, WordReader, draw_faults
+from lm_eval_faults.core.faults.kinds import bit_fault_words
 from lm_eval_faults.core.random.streams import Purpose, random_words, to_uniform
 from lm_eval_faults.core.sampling.host import (
     DENSE_ABOVE,
@@ -48,7 +49,7 @@ class OutputSampler:
         self.spec = spec
         self.layout = layout
         self.eligible = eligible
-        self.rate = max(spec.p01 or 0.0, spec.p10 or 0.0) if spec.asymmetric else spec.p
+        self.rate = spec.rate
         self.q = element_rate(self.rate, len(eligible)) if spec.per_bit else spec.p
         """The element rate `draw_faults` hands to `bernoulli_hits`."""
         # Up to DENSE_ABOVE, `bernoulli_hits` draws a count per site first: no count, no fault.
@@ -95,7 +96,7 @@ class PlannedFaults:
         """Output g's hits are [bounds[g], bounds[g + 1])."""
         self.redraw = set(np.unique(np.searchsorted(first_site, alone, side="right") - 1).tolist())
         """Outputs to draw on their own (see the module docstring): almost always none."""
-        self.flips = sampler.spec.fault == "bitflip"
+        self.flips = sampler.spec.kind.flips
         self.known = _mask_counts(self.masks, bounds, sampler.layout.width) if self.flips else {}
         """Per output with hits (flips only): hit elements, fault bits (= flipped bits), changed elements, bit histogram."""
         self.flat_list: list[int] = self.flat.tolist() if self.flips else []
