@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 from lm_eval_faults.study import plots, sweep_report
-from lm_eval_faults.study.metrics import build_series
+from lm_eval_faults.study.series import build_series
 from lm_eval_faults.study.sweep_report import (
     REPORT_FILE,
     build_report,

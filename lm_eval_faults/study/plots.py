@@ -19,13 +19,8 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.typing import ColorType
 
-from lm_eval_faults.study.metrics import (
-    GridPoint,
-    SeedStats,
-    Series,
-    SeriesKey,
-    layer_sort_key,
-)
+from lm_eval_faults.study.bootstrap import SeedStats
+from lm_eval_faults.study.series import GridPoint, Series, SeriesKey, layer_sort_key
 
 if TYPE_CHECKING:
     from lm_eval_faults.study.pareto import Tolerance

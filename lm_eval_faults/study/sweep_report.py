@@ -23,37 +23,22 @@ from typing import Any
 import numpy as np
 
 from lm_eval_faults.study import plots
-from lm_eval_faults.study.metrics import (
-    ALL_LAYERS,
+from lm_eval_faults.study.awrcl import WEIGHTINGS, Weighting
+from lm_eval_faults.study.bootstrap import (
     BOOTSTRAP_REPLICATES,
     BOOTSTRAP_SEED,
-    RANK_KEYS,
-    RESULTS_FILE,
-    WEIGHTINGS,
-    CountUnit,
-    Ranking,
     Sampling,
     SeedStats,
-    Series,
-    SeriesKey,
-    SeriesSummary,
-    Weighting,
-    baseline_records,
-    baseline_tasks,
     bootstrap_scores,
-    build_series,
-    load_records,
     percentile_interval,
-    rankings,
-    record_score,
-    relative_change,
     sampling_of,
-    series_key,
-    summarize_series,
-    task_scores,
 )
+from lm_eval_faults.study.metrics import baseline_records, baseline_tasks, record_score, relative_change, task_scores
 from lm_eval_faults.study.pareto import DEFAULT_TOLERANCE, Tolerance, pareto_section, protection_families, tolerances
+from lm_eval_faults.study.rankings import RANK_KEYS, Ranking, SeriesSummary, rankings, summarize_series
+from lm_eval_faults.study.records import RESULTS_FILE, load_records
 from lm_eval_faults.study.run_dir import planned_point_ids
+from lm_eval_faults.study.series import ALL_LAYERS, CountUnit, Series, SeriesKey, build_series, series_key
 
 REPORT_FILE = "report.md"
 FIGURES_DIR = "figures"
