@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 
 from lm_eval_faults.study import plots
-from lm_eval_faults.study.bootstrap import BOOTSTRAP_SEED, Sampling, SeedStats, bootstrap_scores, percentile_interval
+from lm_eval_faults.study.bootstrap import Sampling, SeedStats, bootstrap_rng, bootstrap_scores, percentile_interval
 from lm_eval_faults.study.series import Series
 
 
@@ -77,7 +77,7 @@ def flip_rate_stats(drifts: Sequence[PointDrift]) -> SeedStats:
     n = max(d.compared for d in drifts)
     sampling = Sampling(("flips",), np.array([n]), np.array([0.0]))
     values = np.array(rates, dtype=float)[:, None, None]
-    replicates = bootstrap_scores(values, sampling, np.random.default_rng(BOOTSTRAP_SEED))[:, 0]
+    replicates = bootstrap_scores(values, sampling, bootstrap_rng())[:, 0]
     return percentile_interval(replicates, float(np.mean(rates)), len(rates), (0.0, 1.0))
 
 
