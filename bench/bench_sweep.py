@@ -25,8 +25,9 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))
 
 from lm_eval_faults.harness.package_data import demo_model_dir  # noqa: E402
-from lm_eval_faults.study.metrics import load_records, primary_metric  # noqa: E402
-from lm_eval_faults.study.runner import SweepConfig, plan_points  # noqa: E402
+from lm_eval_faults.study.grid import SweepConfig, plan_points  # noqa: E402
+from lm_eval_faults.study.metrics import primary_metric  # noqa: E402
+from lm_eval_faults.study.records import load_records  # noqa: E402
 
 P_GRID = "1e-4:1e-2"
 TARGETS = "attention,mlp,lm_head"

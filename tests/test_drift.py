@@ -9,14 +9,8 @@ from typing import Any
 
 import pytest
 from lm_eval_faults.cli import main
-from lm_eval_faults.study.drift import (
-    compare_samples,
-    drift,
-    find_sample_files,
-    first_divergent_token,
-    kl_divergence,
-    tokens,
-)
+from lm_eval_faults.study.drift import drift, find_sample_files
+from lm_eval_faults.study.sample_drift import compare_samples, first_divergent_token, kl_divergence, tokens
 
 STAMP = "2026-01-02T03-04-05.000001"
 OLD_STAMP = "2025-12-31T23-59-59.999999"

@@ -13,7 +13,9 @@ from lm_eval_faults.cli.analyze import add_arguments, main
 from lm_eval_faults.core.fault_map import FaultMap, ParamInfo
 from lm_eval_faults.core.spec import FaultSpecError
 from lm_eval_faults.study.bisect import bisect
-from lm_eval_faults.study.drift import DriftReport, compare_samples, format_drift_table
+from lm_eval_faults.study.drift import DriftReport
+from lm_eval_faults.study.drift_table import format_drift_table
+from lm_eval_faults.study.sample_drift import compare_samples
 
 NAN = math.nan
 

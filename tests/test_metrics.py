@@ -7,24 +7,12 @@ import math
 
 import numpy as np
 import pytest
-from lm_eval_faults.study.metrics import (
-    MalformedRecordError,
-    awrcl,
-    baseline_score,
-    baseline_tasks,
-    build_series,
-    grid_weights,
-    layer_sort_key,
-    load_records,
-    primary_metric,
-    rank,
-    rankings,
-    record_score,
-    relative_change,
-    summarize_series,
-    task_sizes,
-    threshold_crossing,
-)
+from lm_eval_faults.study.awrcl import awrcl, grid_weights, threshold_crossing
+from lm_eval_faults.study.bootstrap import task_sizes
+from lm_eval_faults.study.metrics import baseline_score, baseline_tasks, primary_metric, record_score, relative_change
+from lm_eval_faults.study.rankings import rank, rankings, summarize_series
+from lm_eval_faults.study.records import MalformedRecordError, load_records
+from lm_eval_faults.study.series import build_series, layer_sort_key
 
 
 def record(point_id, *, target="attention", layers="all", p=1e-5, seed=0, acc=0.5, elements=10, baseline=False):

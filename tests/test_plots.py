@@ -7,13 +7,10 @@ import re
 from pathlib import Path
 
 import pytest
-from lm_eval_faults.study import plots, sweep_report
-from lm_eval_faults.study.metrics import build_series
-from lm_eval_faults.study.sweep_report import (
-    REPORT_FILE,
-    build_report,
-    default_layer_bar_p,
-)
+from lm_eval_faults.study import drift_curves, plots
+from lm_eval_faults.study.report_figures import default_layer_bar_p
+from lm_eval_faults.study.series import build_series
+from lm_eval_faults.study.sweep_report import REPORT_FILE, build_report
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 P_GRID = [1e-7, 1e-5, 1e-3]
@@ -238,7 +235,7 @@ def test_drift_figure_sits_under_the_score_and_its_axes_say_which_way_is_damage(
     baseline, series = build_series(records)
     by_id = {r["point_id"]: r for r in records}
     components = [s for s in series if s.key.layers == "all"]
-    curves = [sweep_report.drift_curve(s, by_id) for s in components]
+    curves = [drift_curves.drift_curve(s, by_id) for s in components]
     mlp = next(c for c in curves if c.key.target == "mlp")
     # Pooled over tasks: (4 + 1) of 50 answers at the first rate, both seeds alike.
     assert mlp.flip_rate[0].mean == pytest.approx(0.1) and mlp.flip_rate[0].ci_low < 0.1 < mlp.flip_rate[0].ci_high

@@ -19,10 +19,10 @@ from typing import Any
 import pytest
 from lm_eval_faults.cli.sweep import add_arguments, main, ray_options_from_args
 from lm_eval_faults.harness.package_data import demo_model_dir
-from lm_eval_faults.study import runner
+from lm_eval_faults.study import evaluation
 from lm_eval_faults.study.grid import SweepConfig, SweepConfigError, plan_points
-from lm_eval_faults.study.metrics import load_records
 from lm_eval_faults.study.ray_pool import LOCAL, RayOptions, RayPool
+from lm_eval_faults.study.records import load_records
 from lm_eval_faults.study.runner import run_sweep
 
 CONFIG = SweepConfig(
@@ -48,8 +48,8 @@ def ray_instance():
 @pytest.fixture(scope="module")
 def in_process() -> dict[str, Any]:
     """The clean demo model and a TaskManager for the single-process sweeps of this module."""
-    lm = runner.load_clean_model(CONFIG)
-    return {"lm": lm, "task_manager": runner._task_manager(CONFIG)}
+    lm = evaluation.load_clean_model(CONFIG)
+    return {"lm": lm, "task_manager": evaluation._task_manager(CONFIG)}
 
 
 @pytest.fixture(scope="module")

@@ -19,7 +19,8 @@ import torch
 from lm_eval_faults.cli.sweep import add_arguments, main
 from lm_eval_faults.core.spec import FaultSpec
 from lm_eval_faults.harness.model import FaultyHFLM
-from lm_eval_faults.study import runner
+from lm_eval_faults.study import evaluation
+from lm_eval_faults.study.baseline import DRIFT_FIELDS
 from lm_eval_faults.study.grid import (
     MAX_POINTS,
     MAX_RATES,
@@ -33,8 +34,8 @@ from lm_eval_faults.study.grid import (
     plan_points,
     resolve_layer_groups,
 )
-from lm_eval_faults.study.metrics import load_records
-from lm_eval_faults.study.run_dir import RunDir, append_line
+from lm_eval_faults.study.records import load_records
+from lm_eval_faults.study.run_dir import BASELINE_SAMPLES_FILE, RunDir, append_line
 from lm_eval_faults.study.runner import run_sweep
 
 TASK = "tiny_colors_ppl"
@@ -341,7 +342,7 @@ def test_records_follow_the_metrics_schema(setup, tmp_path):
         "elapsed_s",
     }
     assert "drift" not in baseline and set(point["drift"]) == {TASK}
-    assert set(point["drift"][TASK]) == {*runner.DRIFT_FIELDS, "metric_deltas"} and point["drift"][TASK]["matched"] == 4
+    assert set(point["drift"][TASK]) == {*DRIFT_FIELDS, "metric_deltas"} and point["drift"][TASK]["matched"] == 4
     assert point["samples"] == {TASK: 4} and set(point["degenerate"]["requests"]) <= {TASK}
     assert baseline["baseline"] and baseline["p"] == 0 and baseline["injected"] == {"elements": 0, "bits": 0}
     assert (point["site"], point["target"], point["layers"], point["p"]) == ("weights+activations", "mlp", "all", 0.01)
@@ -397,8 +398,8 @@ def test_device_defaults_to_what_this_machine_has(setup):
     config = SweepConfig(model_args=f"pretrained={setup['model_dir']}", tasks=TASK, p="1e-3")
     assert config.device is None
     expected = "cuda" if torch.cuda.is_available() else "cpu"
-    assert runner.sweep_device(config) == expected
-    lm = runner.load_clean_model(config)
+    assert evaluation.sweep_device(config) == expected
+    lm = evaluation.load_clean_model(config)
     assert torch.device(lm.device).type == expected
 
 
@@ -417,7 +418,7 @@ def test_sweep_output_holds_no_lm_eval_noise(setup, tmp_path, monkeypatch, capfd
 
 
 def test_command_line_runs_resumes_and_reports(setup, tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(runner, "_task_manager", lambda config: setup["task_manager"])
+    monkeypatch.setattr(evaluation, "_task_manager", lambda config: setup["task_manager"])
     parser = argparse.ArgumentParser()
     add_arguments(parser)
 
@@ -489,7 +490,7 @@ def test_every_faulty_record_carries_its_drift_and_the_report_plots_it(setup, tm
     assert "samples" not in json.dumps(heavy["drift"])  # aggregates only: no per-sample lists
     text = (tmp_path / "results.jsonl").read_text()
     assert "NaN" not in text.split('"drift"')[-1] and "Infinity" not in text.split('"drift"')[-1]
-    saved = json.loads((tmp_path / runner.BASELINE_SAMPLES_FILE).read_text())
+    saved = json.loads((tmp_path / BASELINE_SAMPLES_FILE).read_text())
     assert saved["output_types"][MC_TASK] == "multiple_choice" and len(saved["samples"][MC_TASK]) == 4
     assert "doc" not in saved["samples"][MC_TASK][0]  # stripped to what drift reads
 
@@ -515,7 +516,7 @@ def test_a_resumed_sweep_compares_with_the_saved_baseline_samples(setup, tmp_pat
 
     with pytest.raises(Killed):
         _sweep(setup, tmp_path, config, on_point=kill_after(1), report=False)
-    assert (tmp_path / runner.BASELINE_SAMPLES_FILE).is_file()
+    assert (tmp_path / BASELINE_SAMPLES_FILE).is_file()
     capsys.readouterr()
     with pytest.raises(Killed), pytest.warns(UserWarning, match="NO FAULTS"):
         _sweep(setup, tmp_path, config, on_point=kill_after(2), report=False)
@@ -523,10 +524,10 @@ def test_a_resumed_sweep_compares_with_the_saved_baseline_samples(setup, tmp_pat
     _assert_no_drift(load_records(tmp_path / "results.jsonl")[1])  # exactly zero against the samples read back from disk
 
     # A run directory from before drift was recorded has no samples file: the baseline is evaluated again, once.
-    (tmp_path / runner.BASELINE_SAMPLES_FILE).unlink()
+    (tmp_path / BASELINE_SAMPLES_FILE).unlink()
     resumed = _sweep(setup, tmp_path, config, report=False)
     assert "baseline_samples.json is missing" in capsys.readouterr().err
-    assert len(resumed.ran) == 1 and (tmp_path / runner.BASELINE_SAMPLES_FILE).is_file()
+    assert len(resumed.ran) == 1 and (tmp_path / BASELINE_SAMPLES_FILE).is_file()
     records = load_records(tmp_path / "results.jsonl")
     assert _ids(tmp_path / "results.jsonl").count("baseline") == 1 and len(records) == 3
     _assert_damaged(records[2])

@@ -47,8 +47,8 @@ def main(args: argparse.Namespace) -> int:
 
     from lm_eval_faults.harness.model import FaultyHFLM
     from lm_eval_faults.study.bisect import bisect, expected_evaluations
+    from lm_eval_faults.study.evaluation import evaluation_score, quiet_lm_eval
     from lm_eval_faults.study.progress import ProgressLine
-    from lm_eval_faults.study.runner import evaluation_score, quiet_lm_eval
 
     model_args = parse_arg_string(args.model_args)
     if args.pretrained:

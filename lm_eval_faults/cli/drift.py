@@ -6,7 +6,8 @@ import argparse
 import json
 
 from lm_eval_faults.cli.paths import check_output_path, prepare_output_path
-from lm_eval_faults.study.drift import drift, format_drift_table
+from lm_eval_faults.study.drift import drift
+from lm_eval_faults.study.drift_table import format_drift_table
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -6,7 +6,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from lm_eval_faults.study.metrics import RESULTS_FILE, WEIGHTINGS
+from lm_eval_faults.study.awrcl import WEIGHTINGS
+from lm_eval_faults.study.records import RESULTS_FILE
 from lm_eval_faults.study.sweep_report import build_report
 
 

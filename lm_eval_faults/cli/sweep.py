@@ -9,8 +9,8 @@ from dataclasses import fields
 from lm_eval_faults.core.sites.registry import site_names
 from lm_eval_faults.core.spec import FAULT_KINDS, FaultSpecError
 from lm_eval_faults.study.grid import SweepConfig, SweepConfigError
-from lm_eval_faults.study.metrics import RESULTS_FILE
 from lm_eval_faults.study.ray_pool import INSTALL_HINT, LOCAL, RayOptions
+from lm_eval_faults.study.records import RESULTS_FILE
 from lm_eval_faults.study.runner import run_sweep
 
 

@@ -366,7 +366,7 @@ class SweepPoint:
     protection: str = NO_PROTECTION
 
     def labels(self) -> dict[str, Any]:
-        """The record fields that place this point in its series (see `metrics.series_key`)."""
+        """The record fields that place this point in its series (see `series.series_key`)."""
         if self.baseline:
             return {"fault": "none", "site": "none", "target": "none", "layers": "all", "p": 0.0, "seed": 0}
         data = self.spec.to_dict()

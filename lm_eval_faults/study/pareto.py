@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from lm_eval_faults.study.metrics import NO_PROTECTION, Series
+from lm_eval_faults.study.series import NO_PROTECTION, Series
 
 DEFAULT_TOLERANCE = 0.05
 

@@ -1,4 +1,4 @@
-"""Figures of a fault sweep, drawn from the seed-aggregated series of `metrics.build_series`.
+"""Figures of a fault sweep, drawn from the seed-aggregated series of `series.build_series`.
 
 Uses matplotlib's object API on an Agg canvas rather than pyplot, so importing this module
 never changes the process-wide backend and works without a display. Every function writes one
@@ -19,13 +19,8 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.typing import ColorType
 
-from lm_eval_faults.study.metrics import (
-    GridPoint,
-    SeedStats,
-    Series,
-    SeriesKey,
-    layer_sort_key,
-)
+from lm_eval_faults.study.bootstrap import SeedStats
+from lm_eval_faults.study.series import GridPoint, Series, SeriesKey, layer_sort_key
 
 if TYPE_CHECKING:
     from lm_eval_faults.study.pareto import Tolerance
@@ -48,7 +43,7 @@ KL_FLOOR_NOTE = "KL = 0 drawn at the floor {floor:.2g} (▽), a decade under the
 
 COLLAPSED = "collapsed"
 """Mark of a grid point where, in some seed, most requests were degenerate or non-finite
-(`sweep_report.is_collapsed`): its score is the tie-break's pick, not the model's answer."""
+(`collapse.is_collapsed`): its score is the tie-break's pick, not the model's answer."""
 NONFINITE = "nonfinite"
 """Mark of a grid point where, in some seed, every request was non-finite (all NaN)."""
 MARK_STYLES = {
@@ -415,7 +410,7 @@ def _drawn_points(line: _Line, floor: float | None) -> tuple[np.ndarray, np.ndar
 
 def _band(ax: Axes, line: _Line, shown: np.ndarray, limits: tuple[float, float], floor: float | None, color: ColorType) -> None:
     """The shaded interval where it exists. The bootstrap intervals already respect the metric's
-    bounds (see `metrics`); clipping to `limits` is a guard for results analysed with other
+    bounds (see `bootstrap`); clipping to `limits` is a guard for results analysed with other
     intervals, dropped when the values are not the metric the limits describe (a perplexity)."""
     x = np.asarray(line.x, dtype=float)
     mean = np.array([st.mean for st in line.stats], dtype=float)

@@ -5,7 +5,7 @@
 
 Why: once the clean baseline's samples are known, a sweep's points are independent, so N GPUs (or
 CPU slots) evaluate N points at a time. Each actor loads the model once and walks its points with
-the same O(k) restore as a single-process sweep (it runs `runner.LocalEvaluator`); fault maps are
+the same O(k) restore as a single-process sweep (it runs `evaluation.LocalEvaluator`); fault maps are
 pure functions of the spec, so every record is the one a single process would write. Actors
 return records and never touch the run directory: the driver (`runner.run_sweep`) stays the only
 writer, with its lock, fsync and resume, so a killed sweep resumes with or without Ray.
@@ -30,10 +30,11 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
+from lm_eval_faults.study.baseline import CleanSamples
+from lm_eval_faults.study.evaluation import LocalEvaluator, PointResult
 from lm_eval_faults.study.grid import SweepConfig, SweepConfigError, SweepPoint
 from lm_eval_faults.study.progress import note
 from lm_eval_faults.study.ray_watchdog import ray_dies_with_this_process
-from lm_eval_faults.study.runner import CleanSamples, LocalEvaluator, PointResult
 
 LOCAL = "local"
 """`RayOptions.address` that starts a new local Ray instance (Ray's own spelling)."""
@@ -134,7 +135,7 @@ class Job:
 
 
 class RayPool:
-    """Ray actors evaluating a sweep's points (a `runner.PointEvaluator`).
+    """Ray actors evaluating a sweep's points (an `evaluation.PointEvaluator`).
 
     The driver keeps at most one call in flight per actor and takes completions with `ray.wait`,
     so a fast actor is never held up by a slow one and a dead actor costs one point's work."""

@@ -1,4 +1,4 @@
-"""A sweep's run directory: its pinned config, its append-only results, and a lock.
+"""A sweep's run directory: its pinned config, its append-only results, its baseline samples, and a lock.
 
 Why: a long sweep gets killed. Every finished point is appended to `results.jsonl` and fsynced
 before the next one starts, and running the same command again skips the points already there,
@@ -12,20 +12,24 @@ import contextlib
 import fcntl
 import json
 import os
+import sys
 import tempfile
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, BinaryIO
 
+from lm_eval_faults.study.baseline import CleanSamples
 from lm_eval_faults.study.grid import SweepConfig, SweepConfigError
-from lm_eval_faults.study.metrics import RESULTS_FILE
+from lm_eval_faults.study.records import RESULTS_FILE
 
 CONFIG_FILE = "sweep.json"
 LOCK_FILE = ".sweep.lock"
 POINTS_FILE = "points.json"
 """The planned point ids, beside sweep.json: the report leaves out records of points not in the
 grid (a `groups:N` grid can't be rebuilt without the model, so it is written down once planned)."""
+BASELINE_SAMPLES_FILE = "baseline_samples.json"
+"""The clean model's per-sample outputs in a run directory: a resumed sweep compares with them."""
 SET_ASIDE_SUFFIX = ".rejected"
 """Malformed lines moved out of `results.jsonl` go to `results.jsonl.rejected`, kept for a person to read."""
 
@@ -37,6 +41,7 @@ class RunDir:
         self.path = Path(path)
         self.results = self.path / RESULTS_FILE
         self.config = self.path / CONFIG_FILE
+        self.baseline = self.path / BASELINE_SAMPLES_FILE
 
     @contextlib.contextmanager
     def claim(self, config: SweepConfig) -> Iterator[None]:
@@ -91,7 +96,7 @@ class RunDir:
     def finished(self) -> set[str]:
         """Point ids already in `results.jsonl`, after dropping a record a killed process left
         half-written and setting aside malformed lines elsewhere in the file (called under the lock)."""
-        from lm_eval_faults.study.metrics import load_records
+        from lm_eval_faults.study.records import load_records
 
         if not self.results.exists():
             return set()
@@ -139,6 +144,28 @@ class RunDir:
 
     def append(self, record: dict[str, Any]) -> None:
         append_line(self.results, json.dumps(record).encode("utf-8"))
+
+    def save_baseline(self, clean: CleanSamples) -> None:
+        """Write the baseline's samples atomically: a kill leaves the old file or the new one, never half of one."""
+        _write_atomically(self.baseline, json.dumps({"output_types": clean.output_types, "samples": clean.samples}, default=_jsonable))
+
+    def load_baseline(self) -> CleanSamples | None:
+        """The baseline samples saved here; None when absent or unreadable."""
+        try:
+            data = json.loads(self.baseline.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError) as error:
+            print(f"lm-eval-faults sweep: ignoring unreadable {self.baseline} ({error})", file=sys.stderr)
+            return None
+        if not isinstance(data, dict) or not isinstance(data.get("samples"), dict):
+            return None
+        return CleanSamples(data["samples"], dict(data.get("output_types") or {}))
+
+
+def _jsonable(value: Any) -> Any:
+    """numpy scalars and arrays as Python values; anything else as its text."""
+    return value.tolist() if hasattr(value, "tolist") else str(value)
 
 
 def _is_record(line: bytes) -> bool:
