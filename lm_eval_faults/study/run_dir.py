@@ -13,12 +13,12 @@ import fcntl
 import json
 import os
 import sys
-import tempfile
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 
+from lm_eval_faults.core.files import write_atomically, write_durably
 from lm_eval_faults.study.baseline import CleanSamples
 from lm_eval_faults.study.grid import SweepConfig, SweepConfigError
 from lm_eval_faults.study.records import RESULTS_FILE
@@ -71,8 +71,8 @@ class RunDir:
         grid has been validated, so that a rejected command leaves nothing behind that would
         block its corrected rerun."""
         if not self.config.exists():
-            _write_atomically(self.config, json.dumps(config.to_dict(), indent=2) + "\n")
-        _write_atomically(self.path / POINTS_FILE, json.dumps(point_ids) + "\n")
+            write_atomically(self.config, (json.dumps(config.to_dict(), indent=2) + "\n").encode())
+        write_atomically(self.path / POINTS_FILE, (json.dumps(point_ids) + "\n").encode())
 
     def _check_config(self, config: SweepConfig) -> None:
         wanted = config.to_dict()
@@ -114,8 +114,8 @@ class RunDir:
             return
         rejected = self.results.with_name(self.results.name + SET_ASIDE_SUFFIX)
         with open(rejected, "ab") as handle:
-            _write_durably(handle, b"".join(line if line.endswith(b"\n") else line + b"\n" for line in bad))
-        _write_atomically(self.results, b"".join(line for line in lines if line not in bad).decode("utf-8", "replace"))
+            write_durably(handle, b"".join(line if line.endswith(b"\n") else line + b"\n" for line in bad))
+        write_atomically(self.results, b"".join(line for line in lines if line not in bad).decode("utf-8", "replace").encode())
         warnings.warn(f"{self.results}: set aside {len(bad)} malformed line(s) in {rejected}; those points run again", stacklevel=3)
 
     def _repair_tail(self) -> None:
@@ -140,14 +140,16 @@ class RunDir:
             return
         if not data.endswith(b"\n"):
             with open(self.results, "ab") as handle:
-                _write_durably(handle, b"\n")
+                write_durably(handle, b"\n")
 
     def append(self, record: dict[str, Any]) -> None:
         append_line(self.results, json.dumps(record).encode("utf-8"))
 
     def save_baseline(self, clean: CleanSamples) -> None:
         """Write the baseline's samples atomically: a kill leaves the old file or the new one, never half of one."""
-        _write_atomically(self.baseline, json.dumps({"output_types": clean.output_types, "samples": clean.samples}, default=_jsonable))
+        write_atomically(
+            self.baseline, json.dumps({"output_types": clean.output_types, "samples": clean.samples}, default=_jsonable).encode()
+        )
 
     def load_baseline(self) -> CleanSamples | None:
         """The baseline samples saved here; None when absent or unreadable."""
@@ -213,25 +215,4 @@ def append_line(path: Path, line: bytes) -> None:
         if size:
             handle.seek(size - 1)
             prefix = b"" if handle.read(1) == b"\n" else b"\n"
-        _write_durably(handle, prefix + line + b"\n")
-
-
-def _write_atomically(path: Path, text: str) -> None:
-    """Replace `path` with `text` through a unique temporary file in the same directory: a reader
-    (or a kill) sees the old file or the new one, never a mix, and no fixed temp name collides."""
-    descriptor, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(descriptor, "wb") as handle:
-            _write_durably(handle, text.encode("utf-8"))
-        os.replace(temporary, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(temporary)
-        raise
-
-
-def _write_durably(handle: BinaryIO, data: bytes) -> None:
-    """Write and fsync: once this returns, a kill (or power loss) cannot take the data back."""
-    handle.write(data)
-    handle.flush()
-    os.fsync(handle.fileno())
+        write_durably(handle, prefix + line + b"\n")
