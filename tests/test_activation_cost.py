@@ -15,6 +15,7 @@ import hashlib
 import json
 import math
 import tracemalloc
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -28,6 +29,7 @@ from lm_eval_faults.core.sampling import host as sampling
 from lm_eval_faults.core.sampling import planned as output_draws
 from torch import nn
 
+from golden import first_moved
 from tiny import tiny_model
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device: the CPU/GPU comparison needs one")
@@ -138,25 +140,46 @@ STATS_FIELDS = ("dtype", "calls", "elements", "eligible_bits", "expected_element
 
 
 def run_scenario(name: str, device: str = "cpu") -> str:
-    """Four forwards of `Stack` under one injection; a digest of every output and of the report."""
+    """Four forwards of `Stack` under one injection; a digest of every output and of the report.
+    When it differs from its golden value, the first site whose faults moved is named."""
+    digest, sites = scenario_digests(name, device)
+    moved = first_moved(sites, GOLDEN_SITES[name])
+    assert moved is None, f"{name}: the faults of {moved} moved"
+    return digest
+
+
+def scenario_digests(name: str, device: str = "cpu") -> tuple[str, dict[str, str]]:
+    """The scenario's digest, and one per site (module): its outputs over the forwards and its counts."""
     fields, mode, dtype = SCENARIOS[name]
     model = Stack(dtype).to(device)
     digest = hashlib.sha256()
+    per_output: dict[str, hashlib._Hash] = {}
     with torch.no_grad(), inject(model, site="activations", **fields) as faults:
         for rows, length, starts, ends in BATCHES:
             x = (torch.arange(rows * length * 4, dtype=torch.float32).reshape(rows, length, 4) / 8.0).to(device, dtype)
             if mode == "rows":
                 keys = np.array([request_key([r, length, *starts]) for r in range(rows)], dtype=np.uint64)
                 faults.next_forward(Rows(keys, np.array(starts, dtype=np.int64), np.array(ends, dtype=np.int64), length))
-            for outputs in model(x):
+            for layer, outputs in enumerate(model(x)):
                 for key in sorted(outputs):
-                    digest.update(outputs[key].contiguous().view(-1).view(torch.uint8).cpu().numpy().tobytes())
+                    data = outputs[key].contiguous().view(-1).view(torch.uint8).cpu().numpy().tobytes()
+                    digest.update(data)
+                    per_output.setdefault(f"layers.{layer}:{key}", hashlib.sha256()).update(data)
             faults.next_forward(None)
         faults.report.settle()  # counts summed on the device (device path) join the report
         sites = {name: {field: getattr(stats, field) for field in STATS_FIELDS} for name, stats in faults.report.activations.items()}
     digest.update(json.dumps(sites, sort_keys=True).encode())
     assert sum(site["hit_elements"] for site in sites.values()) > 0
-    return digest.hexdigest()[:24]
+    site_digests = {key: value.hexdigest()[:12] for key, value in per_output.items()}
+    site_digests.update(
+        {name: hashlib.sha256(json.dumps(stats, sort_keys=True).encode()).hexdigest()[:12] for name, stats in sites.items()}
+    )
+    return digest.hexdigest()[:24], site_digests
+
+
+GOLDEN_SITES = json.loads((Path(__file__).parent / "golden" / "activation_sites.json").read_text())
+"""Per scenario, per site: the digests `scenario_digests` gives (made once from the code the
+scenario digests below were made with; a change in either changes the other)."""
 
 
 GOLDEN = {

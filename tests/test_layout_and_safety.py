@@ -4,8 +4,10 @@ stream table's uniqueness, stacked injections, and a golden fault map (issue 11,
 from __future__ import annotations
 
 import hashlib
+import json
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,6 +16,7 @@ from lm_eval_faults import FaultSpec, inject
 from lm_eval_faults.core.random.streams import StreamKind, site_key, spec_key
 from lm_eval_faults.core.storage.words import WordAccess
 
+from golden import first_moved
 from tiny import save_tiny_model, tiny_model
 
 
@@ -125,19 +128,24 @@ def test_restoring_stacked_injections_out_of_order_is_refused():
 def test_golden_fault_map():
     """A fixed spec on a fixed tiny model gives a fixed map: the sampler is this package's own,
     not numpy's (whose binomial algorithm may change). A change here changes every map: bump
-    the package version and say so."""
+    the package version and say so. A moved map names the first parameter whose faults moved."""
     model = tiny_model("llama", seed=0)
     before = _state(model)
     with inject(model, "p=1e-3,seed=7"):  # the embedding expects 129 hit elements: the large-count path
         after = _state(model)
     digest = hashlib.sha256()
+    per_param = {}
     for name in sorted(before):
         old = np.frombuffer(before[name], dtype=np.uint32)
         new = np.frombuffer(after[name], dtype=np.uint32)
         where = np.flatnonzero(old != new)
         digest.update(name.encode() + where.tobytes() + new[where].tobytes())
+        per_param[name] = hashlib.sha256(where.tobytes() + new[where].tobytes()).hexdigest()[:12]
     expected_large = 128 * 32 * (1 - (1 - 1e-3) ** 32)  # embed_tokens: 4096 elements at q = 3.1%
     assert expected_large > 100
+    golden_sites = json.loads((Path(__file__).parent / "golden" / "weight_map_sites.json").read_text())
+    moved = first_moved(per_param, golden_sites)
+    assert moved is None, f"the faults of {moved} moved"
     assert digest.hexdigest()[:16] == GOLDEN_MAP
 
 

@@ -17,7 +17,8 @@ from typing import Any
 
 import numpy as np
 
-from lm_eval_faults.study.series import NO_PROTECTION, Series
+from lm_eval_faults.study.grid import NO_PROTECTION
+from lm_eval_faults.study.series import Series
 
 DEFAULT_TOLERANCE = 0.05
 

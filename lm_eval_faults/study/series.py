@@ -26,11 +26,11 @@ from lm_eval_faults.study.bootstrap import (
     relchange_bounds,
     sampling_of,
 )
+from lm_eval_faults.study.grid import NO_PROTECTION
 from lm_eval_faults.study.metrics import baseline_score, baseline_tasks, record_score, relative_change, task_scores
 
 CountUnit = Literal["elements", "bits"]
 ALL_LAYERS = "all"
-NO_PROTECTION = "none"
 
 
 @dataclass(frozen=True, order=True)

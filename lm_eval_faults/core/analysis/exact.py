@@ -47,7 +47,7 @@ from lm_eval_faults.core.storage.layouts import (
     resolve_bits,
     word_value,
 )
-from lm_eval_faults.core.storage.words import flat_words
+from lm_eval_faults.core.storage.words import UNSIGNED_ARRAYS, flat_words
 from lm_eval_faults.core.text_table import Column, text_table
 
 CHUNK = 1 << 17
@@ -71,7 +71,6 @@ BINCOUNT_BINS = 1 << 16
 SORT_CHUNK = 1 << 22
 """Words sorted at a time when distinct words must be counted: few, long sorts, bounded memory."""
 
-_UNSIGNED = {8: np.uint8, 16: np.uint16, 32: np.uint32}
 
 KeyFn = Callable[[np.ndarray], np.ndarray]
 """Unsigned words of one pass step -> their histogram keys (non-negative integers below the bins)."""
@@ -345,7 +344,7 @@ Reader = Callable[[int, int], np.ndarray]
 
 def _reader(words: torch.Tensor, layout: BitLayout) -> Reader:
     """Views of a CPU tensor's memory; copies, chunk by chunk, from a device."""
-    unsigned = _UNSIGNED[layout.width]
+    unsigned = UNSIGNED_ARRAYS[layout.width]
     if words.device.type == "cpu":
         array = words.numpy().view(unsigned)
         return lambda start, stop: array[start:stop]
@@ -416,7 +415,7 @@ def _distinct_words(words: torch.Tensor, layout: BitLayout) -> tuple[np.ndarray,
 
 def _reduced_words(words: torch.Tensor, risk: RiskModel) -> tuple[np.ndarray, np.ndarray]:
     layout, shift = risk.layout, risk.lead_low
-    unsigned = _UNSIGNED[layout.width]
+    unsigned = UNSIGNED_ARRAYS[layout.width]
     eligible = risk.eligible_mask
     every = eligible == (1 << layout.width) - 1
     fixed = risk.ineligible_low_mask

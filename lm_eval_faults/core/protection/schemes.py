@@ -96,6 +96,10 @@ def protected_positions(spec: FaultSpec, layout: BitLayout) -> tuple[int, ...]:
     return () if spec.protect_bits == "none" else resolve_bits(layout, spec.protect_bits)
 
 
+Elements = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]
+"""(site, element position, old word, new word) per faulted element, as protection rewrites them."""
+
+
 @dataclass(frozen=True)
 class Protected:
     """What the model reads after protection: the changed elements, and per-site counts."""
@@ -146,7 +150,17 @@ class WeightProtection:
         keys = np.array([site_key(self._spec_key, s.name, StreamKind.CHECK_BITS) for s in sites], dtype=np.uint64)
         return draw_faults(numels, keys, read_check, self.spec, _CHECK_LAYOUT, tuple(range(bits))).only_changed()
 
-    def _secded(self, site, position, old, new, sites, layout, access, counts):
+    def _secded(
+        self,
+        site: np.ndarray,
+        position: np.ndarray,
+        old: np.ndarray,
+        new: np.ndarray,
+        sites: list[ParamSite],
+        layout: BitLayout,
+        access: Callable[[int], WordAccess],
+        counts: dict[str, np.ndarray],
+    ) -> Elements:
         per_word = ecc.DATA_BITS // layout.width
         numels = np.array([s.param.numel() for s in sites], dtype=np.int64)
         unprotected = np.array([not backed_up(self.spec, s) for s in sites], dtype=bool)
@@ -193,7 +207,17 @@ class WeightProtection:
         read = np.where(zeroed, 0, clean ^ np.where(detected, data_error, residual))
         return _element_writes(word_site, word, clean, read, per_word, numels, layout)
 
-    def _parity(self, site, position, old, new, sites, layout, access, counts):
+    def _parity(
+        self,
+        site: np.ndarray,
+        position: np.ndarray,
+        old: np.ndarray,
+        new: np.ndarray,
+        sites: list[ParamSite],
+        layout: BitLayout,
+        access: Callable[[int], WordAccess],
+        counts: dict[str, np.ndarray],
+    ) -> Elements:
         numels = np.array([s.param.numel() for s in sites], dtype=np.int64)
         unprotected = np.array([not backed_up(self.spec, s) for s in sites], dtype=bool)
 
@@ -224,7 +248,9 @@ class WeightProtection:
 
     # -- range restriction ------------------------------------------------------------------
 
-    def _clamp(self, site, old, new, sites, layout, counts) -> np.ndarray:
+    def _clamp(
+        self, site: np.ndarray, old: np.ndarray, new: np.ndarray, sites: list[ParamSite], layout: BitLayout, counts: dict[str, np.ndarray]
+    ) -> np.ndarray:
         """Stage 4: every faulted value read is clamped to its clean tensor's [min, max]."""
         changed = np.flatnonzero(old != new)
         if not len(changed):
@@ -258,7 +284,9 @@ def values_to_words(values: np.ndarray, layout: BitLayout) -> np.ndarray:
     return to_unsigned(torch.from_numpy(values).to(layout.dtype).view(layout.int_view), layout).numpy()
 
 
-def _element_writes(word_site, word, clean, read, per_word, numels, layout):
+def _element_writes(
+    word_site: np.ndarray, word: np.ndarray, clean: np.ndarray, read: np.ndarray, per_word: int, numels: np.ndarray, layout: BitLayout
+) -> Elements:
     """Split 64-bit words (clean and as read) back into (site, element, old, new) per element."""
     element_mask = (1 << layout.width) - 1
     slots = np.arange(per_word, dtype=np.int64)

@@ -13,7 +13,8 @@ import torch
 
 from lm_eval_faults.core.storage.layouts import BitLayout, from_unsigned, to_unsigned
 
-_UNSIGNED = {8: np.uint8, 16: np.uint16, 32: np.uint32}
+UNSIGNED_ARRAYS = {8: np.uint8, 16: np.uint16, 32: np.uint32}
+"""The numpy unsigned type of each word width: how stored words are read on the host."""
 
 
 def flat_words(tensor: torch.Tensor, layout: BitLayout) -> torch.Tensor:
@@ -34,7 +35,7 @@ class WordAccess:
         self.layout = layout
         words = flat_words(tensor, layout)
         self._words = None if words.device.type == "cpu" else words
-        self._array = words.numpy().view(_UNSIGNED[layout.width]) if self._words is None else None
+        self._array = words.numpy().view(UNSIGNED_ARRAYS[layout.width]) if self._words is None else None
 
     def read(self, positions: np.ndarray) -> np.ndarray:
         """The words at `positions` as non-negative int64."""
