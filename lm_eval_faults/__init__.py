@@ -10,7 +10,7 @@ TYPE_CHECKING = False
 if TYPE_CHECKING:
     from typing import Any
 
-__version__ = "0.2.0"
+__version__ = "0.3.0"
 """The one place the version is set (pyproject.toml reads it); fault maps record it."""
 
 _LAZY = {

@@ -302,7 +302,7 @@ def test_word_stats_equal_a_word_by_word_count(monkeypatch, dtype, bits, thresho
     """The pass (whichever path: counted, reduced or distinct words; a histogram filled step by step
     on one thread or several, or a small tensor's keys sorted) loses nothing: its statistics equal
     those computed from every word on its own."""
-    from lm_eval_faults.core.analysis import exact as analysis
+    from lm_eval_faults.core.analysis import word_stats as analysis
 
     monkeypatch.setattr(analysis.torch, "get_num_threads", lambda: workers)
     monkeypatch.setattr(analysis, "SORT_CHUNK", 100_003)
@@ -343,7 +343,7 @@ def test_usual_float32_thresholds_take_the_reduced_pass() -> None:
     """The bits that decide "above the threshold" start at bit 16 or higher for the default and for
     round thresholds (their limit's mantissa ends in a long run of ones or zeros), so the pass can
     reduce float32 words; a limit such as 1e4's (mantissa 0x1C4000) needs distinct words."""
-    from lm_eval_faults.core.analysis.exact import MIN_LEAD_LOW
+    from lm_eval_faults.core.analysis.word_stats import MIN_LEAD_LOW
 
     layout = layout_of(torch.float32)
     expected = {None: 23, math.nextafter(1024.0, 0.0): 23, 1024.0: 23, 1000.0: 17, 100.0: 19, math.nextafter(100.0, 0.0): 19, 1e4: 14}
