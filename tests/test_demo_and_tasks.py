@@ -15,9 +15,12 @@ from lm_eval_faults.tasks.faults_demo import demo_data
 from lm_eval_faults.tasks.mmlu_faults.answer_letter import extract_letter
 from lm_eval_faults.tasks.mmlu_faults.mmlu_data import ENV_VAR, load_mmlu, read_csv
 
-MMLU_DIR = Path(__file__).resolve().parents[2] / "shared" / "data" / "mmlu"
+from conftest import SHARED
+
+MMLU_DIR = SHARED / "data" / "mmlu"
 needs_mmlu = pytest.mark.skipif(
-    not MMLU_DIR.is_dir(), reason=f"local MMLU CSVs not found at {MMLU_DIR} (../shared/data/mmlu from the repo root)"
+    not MMLU_DIR.is_dir(),
+    reason=f"local MMLU CSVs not found at {MMLU_DIR} (../shared/data/mmlu from the repo root, or LM_EVAL_FAULTS_SHARED)",
 )
 SUBJECTS = {"astronomy": 152, "high_school_computer_science": 100}
 
