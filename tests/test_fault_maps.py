@@ -1,4 +1,4 @@
-"""Issue 12: fault maps saved and replayed exactly, refused when foreign, and bisected to culprits."""
+"""Fault maps saved and replayed exactly, refused when foreign, and bisected to culprits."""
 
 from __future__ import annotations
 

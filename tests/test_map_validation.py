@@ -1,4 +1,4 @@
-"""Issue 19: a fault map is checked, never trusted; save_map= paths are checked before the work."""
+"""A fault map is checked, never trusted; save_map= paths are checked before the work."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
-"""Issue-10 guarantees: the core's imports, one model loader, exception-safe injection, the
-stream table's uniqueness, stacked injections, and a golden fault map (issue 11, item 6)."""
+"""The core's imports, one model loader, exception-safe injection, the
+stream table's uniqueness, stacked injections, and a golden fault map."""
 
 from __future__ import annotations
 

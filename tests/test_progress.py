@@ -1,4 +1,4 @@
-"""Issue 19, items 10-11: one honest progress line, quiet lm-eval, sensible defaults, true docs."""
+"""One honest progress line, quiet lm-eval, sensible defaults, true docs."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Issue 11: batching never changes a request's faults, cached runs keep their report, a collapsed
+"""Batching never changes a request's faults, cached runs keep their report, a collapsed
 model is counted as degenerate, and the request cache is keyed on the model too."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Issue 19, items 8-9: reports, figures and tables say what is on the model and can't mislead."""
+"""Reports, figures and tables say what is on the model and can't mislead."""
 
 from __future__ import annotations
 
