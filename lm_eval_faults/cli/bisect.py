@@ -114,6 +114,10 @@ def check_inputs(args: argparse.Namespace, model_args: dict[str, Any], tasks: li
     spec = to_spec(args.fault_args) if args.fault_args else None
     if spec is not None and not (spec.active and spec.on_weights):
         raise FaultSpecError(f"--fault_args {args.fault_args!r} draws no weight faults: bisection needs a map of weight faults")
+    if spec is not None and spec.storage != "none":
+        raise FaultSpecError(
+            f"--fault_args storage={spec.storage}: bisection replays maps, and a simulated storage's map can't be replayed yet"
+        )
     if spec is not None:
         load_args = {"pretrained": str(demo_model_dir()), **model_args}
         check_against_config(spec, load_args, read_config(load_args))

@@ -31,7 +31,7 @@ from typing import Any, BinaryIO
 import numpy as np
 
 from lm_eval_faults.core.files import output_path_problem, write_atomically
-from lm_eval_faults.core.storage.layouts import LAYOUTS
+from lm_eval_faults.core.storage.layouts import layout_named
 
 FORMAT = "lm-eval-faults/fault-map/1"
 
@@ -137,7 +137,7 @@ class FaultMap:
             raise FaultMapError(f"{source}: a parameter is listed twice in meta.params")
         widths = []
         for info in self.params:
-            layout = next((lay for lay in LAYOUTS.values() if lay.name == info.dtype), None)
+            layout = layout_named(info.dtype)
             if layout is None or not isinstance(info.numel, int) or info.numel < 1:
                 raise FaultMapError(f"{source}: meta.params entry {vars(info)} needs a known dtype and a positive numel")
             widths.append(layout.width)

@@ -96,7 +96,7 @@ class Injection:
         if spec.save_map is not None:
             check_writable(spec.save_map)
         injection = cls(model, spec, replaying=fault_map is not None, activation_bounds=activation_bounds)
-        if not spec.active and fault_map is None:
+        if not spec.changes_model and fault_map is None:
             return injection
         for note in injection.report.protection_notes:
             warnings.warn(f"lm_eval_faults: {note}", stacklevel=2)
@@ -118,7 +118,7 @@ class Injection:
         injection.applied = True
         _active.setdefault(model, []).append(injection)
         for name, part in injection.report.parts.items():
-            if not part.per_call:  # a site faulted per call is checked once it has been called
+            if spec.active and not part.per_call:  # a site faulted per call is checked once it has been called
                 injection.report.check_not_silent(name)
         if spec.save_map is not None:
             try:

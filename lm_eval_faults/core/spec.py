@@ -21,6 +21,7 @@ from typing import Any
 from lm_eval_faults.core.faults.kinds import FAULT_KIND_TABLE, FaultKind
 from lm_eval_faults.core.protection.codes import ECC_CODES
 from lm_eval_faults.core.sites.registry import parse_sites, site_names
+from lm_eval_faults.core.storage.codecs import codec_names
 
 FAULT_KINDS = {name: kind.description for name, kind in FAULT_KIND_TABLE.items()}
 BIT_FAULTS = tuple(name for name, kind in FAULT_KIND_TABLE.items() if kind.per_bit)
@@ -154,6 +155,8 @@ class FaultSpec:
     ecc: str = "none"
     ecc_policy: str = "zero"
     clamp: str = "none"
+    storage: str = "none"
+    group_size: int = 128
 
     def __post_init__(self) -> None:
         def set_(name: str, value: object) -> None:
@@ -198,6 +201,26 @@ class FaultSpec:
         if self.act_scope not in ACT_SCOPES:
             raise _error("act_scope", self.act_scope, "choose leaf (module outputs of leaf modules) or all (every module, nested)")
         self._validate_protection()
+        self._validate_storage()
+
+    def _validate_storage(self) -> None:
+        """`storage=`: the format the selected weights are encoded into and faulted in."""
+        set_ = object.__setattr__
+        set_(self, "storage", str(self.storage).strip().lower())
+        if self.storage not in ("none", *codec_names()):
+            raise _error(
+                "storage",
+                self.storage,
+                "choose none or one of " + ", ".join(codec_names()) + " (the README's vocabulary gives each format's layout)",
+            )
+        set_(self, "group_size", _integer("group_size", self.group_size))
+        if self.group_size < 2 or self.group_size % 2:
+            raise _error("group_size", self.group_size, "a positive even number of weights per group (two 4-bit codes share a byte)")
+        if self.storage != "none":
+            if not self.on_weights:
+                raise _error("storage", self.storage, "storage encodes stored weights; use site=weights or weights+activations")
+            if self.replay is not None:
+                raise _error("replay", self.replay, "a map of simulated storage can't be replayed yet; drop storage= or replay=")
 
     def _validate_protection(self) -> None:
         """The protection keys: checked here so that a typo fails before any model loads."""
@@ -292,6 +315,9 @@ class FaultSpec:
         if not self.protected:  # unprotected specs keep the fingerprints and records they had before protection existed
             for key in PROTECTION_KEYS:
                 data.pop(key)
+        if self.storage == "none":  # so do specs of the model's own storage
+            for key in STORAGE_KEYS:
+                data.pop(key)
         return data
 
     def fingerprint(self) -> str:
@@ -311,7 +337,15 @@ class FaultSpec:
         unit = "bit" if self.per_bit else "element"
         layers = "all layers" if self.layers is None else f"layers {layers_label(self.layers)}"
         text = f"{self.fault} {rate} per {unit} on {self.site} of {'+'.join(self.target)} ({layers}, bits={self.bits}, seed={self.seed})"
+        if self.storage != "none":
+            text += f"; stored as {self.storage}" + (f" (groups of {self.group_size})" if self.storage == "int4" else "")
         return f"{text}; protection: {self.describe_protection()}" if self.protected else text
+
+    @property
+    def changes_model(self) -> bool:
+        """Whether injecting changes the model even without faults: a storage's decoded form is
+        what the model computes with, at p=0 too (its quantization error is the clean baseline)."""
+        return self.active or self.storage != "none"
 
     def describe_protection(self) -> str:
         """The chosen protection schemes in words ("none" when there are none)."""
@@ -356,6 +390,7 @@ def _validate_bits_syntax(bits: str, key: str = "bits") -> None:
 
 FAULT_KEYS: tuple[str, ...] = tuple(f.name for f in fields(FaultSpec))
 PROTECTION_KEYS = ("protect", "protect_bits", "ecc", "ecc_policy", "clamp")
+STORAGE_KEYS = ("storage", "group_size")
 """The keys that choose protection schemes rather than faults: a sweep's protection axis sets them."""
 
 

@@ -25,8 +25,11 @@ import os
 from collections.abc import Iterable, Mapping
 from typing import Any
 
+import torch
+
 from lm_eval_faults.core.faults.device import device_path_mode
 from lm_eval_faults.core.spec import FAULT_KEYS, FaultSpec, FaultSpecError
+from lm_eval_faults.core.storage.codecs import codec
 from lm_eval_faults.core.storage.layouts import LAYOUTS, resolve_bits
 
 logger = logging.getLogger(__name__)
@@ -172,6 +175,9 @@ def check_against_config(spec: FaultSpec, model_args: Mapping[str, Any], config:
         raise FaultSpecError(
             f"model_args layers={spec.to_dict()['layers']!r} is invalid: this model has {count} decoder layers (0-{count - 1})"
         )
+    if spec.storage != "none":
+        check_storage(spec, config)
+        return
     dtype = run_dtype(config, model_args)
     layout = LAYOUTS.get(dtype)
     if layout is None and spec.active:
@@ -188,6 +194,34 @@ def check_against_config(spec: FaultSpec, model_args: Mapping[str, Any], config:
         except ValueError as error:  # resolve_bits names `bits=`; the user wrote protect_bits=
             message = str(error).replace(f"bits={spec.protect_bits!r}", f"protect_bits={spec.protect_bits!r}", 1)
             raise FaultSpecError(f"model_args {message} (the model runs in {layout.name})") from None
+
+
+def check_storage(spec: FaultSpec, config: Any) -> None:
+    """`storage=`: `bits=`/`protect_bits=` against each stored field's own layout, and the block
+    size against the widths the config gives (hidden and intermediate sizes), before loading."""
+    chosen = codec(spec.storage)
+    for key in ("bits", "protect_bits"):
+        value = getattr(spec, key)
+        if value in ("all", "none") or (key == "bits" and not spec.per_bit):
+            continue
+        for field_name, layout in chosen.field_layouts.items():
+            try:
+                resolve_bits(layout, value)
+            except ValueError as error:
+                message = str(error).replace("bits=", f"{key}=", 1) if key != "bits" else str(error)
+                raise FaultSpecError(f"model_args {message} (field {field_name!r} of storage={spec.storage})") from None
+    block = chosen.block_size(_ONE_ROW, spec.group_size)
+    widths = {name: getattr(config, name, None) for name in ("hidden_size", "intermediate_size")}
+    for name, width in widths.items():
+        if isinstance(width, int) and block > 1 and width % block:
+            raise FaultSpecError(
+                f"model_args storage={spec.storage} is invalid for this model: its blocks of {block} weights do not divide "
+                f"{name}={width}" + (" (choose a group_size that divides it)" if spec.storage == "int4" else "")
+            )
+
+
+_ONE_ROW = torch.empty(0, 1)
+"""A stand-in weight whose row is one wide: a codec whose block is a whole row then says 1."""
 
 
 def check_tasks(option: str, tasks: Iterable[str], include_path: Iterable[str] = ()) -> None:

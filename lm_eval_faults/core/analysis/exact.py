@@ -264,6 +264,11 @@ def check_analysable(spec: FaultSpec) -> None:
             "and a replayed map is exact, not a draw; read its own counts (FaultMap.load, or the report of an lm_eval "
             "run that replays it), or analyze the spec it was drawn from"
         )
+    if spec.storage != "none":
+        raise FaultSpecError(
+            f"analyze: storage={spec.storage!r} is not analysed yet: its figures would be of the stored words (codes, "
+            "scales), not of the weights they decode to; analyze the float model, or measure the storage with a run"
+        )
     if not spec.on_weights:
         raise FaultSpecError(
             f"analyze: site={spec.site!r} is invalid here: analyze covers faults in the stored weights, and activation "

@@ -26,6 +26,7 @@ from lm_eval_faults.core.sampling.host import Hits
 from lm_eval_faults.core.sites.registry import SiteKind, register_site
 from lm_eval_faults.core.sites.targets import ParamSite, all_param_sites, select_params
 from lm_eval_faults.core.spec import FaultSpec
+from lm_eval_faults.core.storage.codecs import Encoding
 from lm_eval_faults.core.storage.layouts import BitLayout, resolve_bits
 from lm_eval_faults.core.storage.words import WordAccess
 
@@ -59,6 +60,7 @@ class WeightInjector:
         self._spec_key = spec_key(spec.seed, spec.sampling_key())
         self._protection = WeightProtection(spec, self._spec_key) if spec.protected else None
         self._undo: list[UndoEntry] = []
+        self._installed: list[Encoding] = []
 
     @classmethod
     def build(cls, model: torch.nn.Module, spec: FaultSpec, replaying: bool) -> WeightInjector:
@@ -90,6 +92,7 @@ class WeightInjector:
             raise RuntimeError("faults are already applied; call restore() first")
         stats = [self._site_stats(site) for site in self.sites]
         try:
+            self._install()
             with (
                 torch.no_grad(),
                 tqdm(total=len(self.sites), desc="injecting faults", unit="tensor", disable=not progress or not self.sites) as bar,
@@ -184,6 +187,10 @@ class WeightInjector:
                 access[site].write(positions, changed.new[where])
         if on_device is not None:
             on_device.write()
+        for site, where in changed.hits.by_site():
+            encoding = sites[site].encoding
+            if encoding is not None:  # simulated storage: decode the changed blocks into the weight
+                encoding.refresh(sites[site].field_name, changed.hits.position[where])
         count_by_site(batch, len(members), layout, read=read).add_to([stats[i] for i in members])
 
     def fault_map(self, spec: dict[str, Any], version: str) -> FaultMap:
@@ -245,10 +252,20 @@ class WeightInjector:
         return stats
 
     def restore(self) -> None:
-        """Write the original words back: the model is bit-identical to before `apply`."""
+        """Write the original words back: the model is bit-identical to before `apply` (a simulated
+        storage's fields hold its clean form again, and the weights their float values)."""
         for entry in reversed(self._undo):
             entry.words.write(entry.positions, entry.original)
         self._undo.clear()
+        for encoding in self._installed:
+            encoding.uninstall()
+        self._installed = []
+
+    def _install(self) -> None:
+        """With `storage=`, the model computes with the decoded stored form from here on."""
+        self._installed = list({id(site.encoding): site.encoding for site in self.sites if site.encoding is not None}.values())
+        for encoding in self._installed:
+            encoding.install()
 
 
 def _concatenate(parts: list[np.ndarray]) -> np.ndarray:

@@ -13,11 +13,13 @@ import logging
 import re
 import weakref
 from dataclasses import dataclass
+from dataclasses import field as dataclass_field
 
 import torch
 from torch import nn
 
 from lm_eval_faults.core.spec import FaultSpec
+from lm_eval_faults.core.storage.codecs import Encoding, encoding_of
 from lm_eval_faults.core.storage.formats import UnsupportedStorageError, format_names, storage_format, storage_problem
 from lm_eval_faults.core.storage.layouts import LAYOUTS, BitLayout
 
@@ -73,6 +75,10 @@ class ParamSite:
     layer: int | None
     stored_layout: BitLayout | None = None
     problem: str | None = None
+    encoding: Encoding | None = dataclass_field(default=None, compare=False)
+    """For a field of simulated storage (`storage=`): the weight's encoding, which decodes the
+    words a fault changed into the weights the model computes with."""
+    field_name: str = ""
 
     @property
     def layout(self) -> BitLayout:
@@ -250,7 +256,24 @@ def select_params(model: nn.Module, spec: FaultSpec) -> list[ParamSite]:
         raise UnsupportedStorageError(
             f"selected weights have dtypes {', '.join(unsupported)}, which cannot be faulted; supported: {supported}"
         )
-    return sites
+    return sites if spec.storage == "none" else [part for site in sites for part in _encoded_sites(site, spec)]
+
+
+def _encoded_sites(site: ParamSite, spec: FaultSpec) -> list[ParamSite]:
+    """A selected weight as the fields of its encoding in `spec.storage`, one site each."""
+    encoding = encoding_of(site.param, spec.storage, spec.group_size, site.name)
+    return [
+        ParamSite(
+            tuple(f"{name}.{field_name}" for name in site.names),
+            words,
+            site.component,
+            site.layer,
+            encoding.codec.field_layouts[field_name],
+            encoding=encoding,
+            field_name=field_name,
+        )
+        for field_name, words in encoding.fields.items()
+    ]
 
 
 def select_modules(model: nn.Module, spec: FaultSpec) -> list[ModuleSite]:

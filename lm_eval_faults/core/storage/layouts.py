@@ -73,6 +73,24 @@ LAYOUTS: dict[torch.dtype, BitLayout] = {
 }
 
 
+PACKED_LAYOUTS: dict[str, BitLayout] = {
+    layout.name: layout
+    for layout in (
+        BitLayout("int4x2", torch.uint8, torch.uint8, 8, (), (), ()),
+        BitLayout("e8m0", torch.uint8, torch.uint8, 8, (), tuple(range(8)), ()),
+        BitLayout("e2m1x2", torch.uint8, torch.uint8, 8, (), (), ()),
+    )
+}
+"""Words of stored fields that are not a torch dtype of their own: two 4-bit codes packed in a
+byte (low nibble first, as GGUF and GPTQ pack them), two FP4 (E2M1) codes packed likewise, and
+the E8M0 shared exponent of MX blocks (a power of two; 0xFF is NaN)."""
+
+
+def layout_named(name: str) -> BitLayout | None:
+    """The layout a fault map or report names, dtype or packed field alike."""
+    return next((layout for layout in LAYOUTS.values() if layout.name == name), None) or PACKED_LAYOUTS.get(name)
+
+
 def layout_of(dtype: torch.dtype) -> BitLayout:
     """The layout of `dtype`, or an error naming the dtypes that can be faulted."""
     try:

@@ -1,0 +1,137 @@
+"""Simulated storage (`storage=`): a weight encoded into the fields a deployed format stores,
+faulted there, and decoded into the tensor the model computes with.
+
+A `BlockCodec` encodes blocks of consecutive weights along the last dimension (a GGUF block, a
+GPTQ group, a row for per-channel int8) into fields of stored words: codes, scales, mins, shared
+exponents, each with its own bit layout and packed as the real format packs them. An `Encoding`
+holds one weight's fields and its clean float values. Installing it makes the model compute with
+the decoded stored form (the quantization's own error is part of the clean baseline);
+`refresh` re-decodes only the blocks whose words a fault changed (a code fault one block, a scale
+fault its group), so injection stays O(faults); `uninstall` gives the float weights back.
+
+A weight is encoded once per model and storage, and the encoding is kept with the weight, so a
+sweep's points reuse it: faults are undone in its words, which then hold the clean form again.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import numpy as np
+import torch
+
+from lm_eval_faults.core.storage.layouts import BitLayout
+
+
+class BlockCodec(Protocol):
+    """A storage format over blocks of `block_size(weight)` consecutive weights."""
+
+    name: str
+    description: str
+
+    @property
+    def field_layouts(self) -> Mapping[str, BitLayout]:
+        """Each stored field's word layout, in the order the format lays a block out."""
+        ...
+
+    def block_size(self, weight: torch.Tensor, group_size: int) -> int:
+        """Weights per block for `weight` (`group_size` is the `group_size=` key, for codecs whose
+        groups are chosen)."""
+        ...
+
+    def encode(self, blocks: torch.Tensor) -> dict[str, torch.Tensor]:
+        """float32 [n, block] -> per field, its words [n, words per block] (dtype of its layout)."""
+        ...
+
+    def decode(self, fields: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """Per field, the words of k blocks -> their float32 values [k, block]."""
+        ...
+
+
+class StorageError(ValueError):
+    """A weight that a chosen storage cannot hold (a last dimension its blocks do not divide)."""
+
+
+_CODECS: dict[str, BlockCodec] = {}
+
+
+def register_codec(codec: BlockCodec) -> BlockCodec:
+    if codec.name in _CODECS or codec.name in ("none", "file"):
+        raise ValueError(f"storage {codec.name!r} is registered already or reserved")
+    _CODECS[codec.name] = codec
+    return codec
+
+
+def codec_names() -> tuple[str, ...]:
+    return tuple(_CODECS)
+
+
+def codec(name: str) -> BlockCodec:
+    return _CODECS[name]
+
+
+@dataclass
+class Encoding:
+    """One weight in one storage: its fields' words (1-D, block-major) and its clean values."""
+
+    codec: BlockCodec
+    weight: torch.Tensor
+    block: int
+    fields: dict[str, torch.Tensor]
+    original: torch.Tensor = field(repr=False)
+
+    @property
+    def blocks(self) -> int:
+        return self.weight.numel() // self.block
+
+    def words_per_block(self, name: str) -> int:
+        return self.fields[name].numel() // self.blocks
+
+    @torch.no_grad()
+    def install(self) -> None:
+        """The model computes with the decoded stored form from now on."""
+        shaped = {name: words.view(self.blocks, -1) for name, words in self.fields.items()}
+        self.weight.view(-1, self.block).copy_(self.codec.decode(shaped).to(self.weight.device, self.weight.dtype))
+
+    @torch.no_grad()
+    def uninstall(self) -> None:
+        """The float weights again, bit for bit."""
+        self.weight.copy_(self.original)
+
+    @torch.no_grad()
+    def refresh(self, name: str, positions: np.ndarray) -> None:
+        """Re-decode the blocks holding words `positions` of field `name`."""
+        if not len(positions):
+            return
+        index = torch.from_numpy(np.unique(np.asarray(positions) // self.words_per_block(name))).to(self.weight.device)
+        shaped = {field_name: words.view(self.blocks, -1)[index.to(words.device)] for field_name, words in self.fields.items()}
+        self.weight.view(-1, self.block)[index] = self.codec.decode(shaped).to(self.weight.device, self.weight.dtype)
+
+    def stored_bits(self) -> int:
+        return sum(words.numel() * self.codec.field_layouts[name].width for name, words in self.fields.items())
+
+
+_CACHE_ATTRIBUTE = "_lm_eval_faults_encodings"
+"""Where a weight keeps its encodings: on the tensor itself, so they live and die with it (a
+cache keyed by the tensor would keep every model it ever saw alive)."""
+
+
+@torch.no_grad()
+def encoding_of(weight: torch.Tensor, storage: str, group_size: int, name: str) -> Encoding:
+    """`weight` encoded in `storage` (once per weight and storage: later calls reuse it)."""
+    cache: dict[tuple[str, int], Encoding] = weight.__dict__.setdefault(_CACHE_ATTRIBUTE, {})
+    key = (storage, group_size)
+    if key not in cache:
+        chosen = _CODECS[storage]
+        size = chosen.block_size(weight, group_size)
+        if weight.dim() == 0 or weight.shape[-1] % size:
+            raise StorageError(
+                f"storage={storage}: {name} has last dimension {weight.shape[-1] if weight.dim() else 1}, which blocks of {size} do not divide; "
+                "choose another storage, a group_size that divides it, or narrow target/modules"
+            )
+        original = weight.detach().clone()
+        fields = chosen.encode(original.reshape(-1, size).float())
+        cache[key] = Encoding(chosen, weight, size, {n: w.reshape(-1).contiguous() for n, w in fields.items()}, original)
+    return cache[key]

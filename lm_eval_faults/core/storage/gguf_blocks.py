@@ -1,0 +1,80 @@
+"""GGUF's block types as simulated storage, through the `gguf` package's own codecs.
+
+`gguf.quants` quantizes and dequantizes each type in numpy; this module only says where each
+field of a block lies in its bytes, so faults hit the real layout: the float16 scale `d` (and
+min `m`), the packed codes `qs`, MXFP4's E8M0 exponent `e`. A block is 32 consecutive weights
+along a row.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import numpy as np
+import torch
+from gguf import GGMLQuantizationType, quants
+
+from lm_eval_faults.core.storage.codecs import register_codec
+from lm_eval_faults.core.storage.layouts import LAYOUTS, PACKED_LAYOUTS, BitLayout
+
+_NUMPY = {"float16": np.float16, "int8": np.int8}
+
+
+class GgufBlocks:
+    """One GGUF block type: its fields as (name, layout, bytes) in the block's byte order."""
+
+    def __init__(self, name: str, qtype: GGMLQuantizationType, fields: tuple[tuple[str, BitLayout, int], ...], description: str) -> None:
+        self.name = name
+        self.qtype = qtype
+        self.description = description
+        self.field_layouts: Mapping[str, BitLayout] = {field: layout for field, layout, _ in fields}
+        self._bytes = {field: size for field, _, size in fields}
+        block, type_size = quants.GGML_QUANT_SIZES[qtype]
+        assert sum(self._bytes.values()) == type_size, name
+        self.block = block
+
+    def block_size(self, weight: torch.Tensor, group_size: int) -> int:
+        return self.block
+
+    def encode(self, blocks: torch.Tensor) -> dict[str, torch.Tensor]:
+        raw = quants.quantize(blocks.detach().cpu().numpy(), self.qtype)
+        fields, start = {}, 0
+        for field, size in self._bytes.items():
+            column = np.ascontiguousarray(raw[:, start : start + size])
+            start += size
+            fields[field] = torch.from_numpy(column.view(_NUMPY.get(self.field_layouts[field].name, np.uint8)).copy())
+        return fields
+
+    def decode(self, fields: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        raw = np.concatenate([fields[field].cpu().numpy().view(np.uint8) for field in self._bytes], axis=1)
+        return torch.from_numpy(quants.dequantize(raw, self.qtype).astype(np.float32, copy=False))
+
+
+F16, I8 = LAYOUTS[torch.float16], LAYOUTS[torch.int8]
+for codec in (
+    GgufBlocks(
+        "q8_0",
+        GGMLQuantizationType.Q8_0,
+        (("scales", F16, 2), ("codes", I8, 32)),
+        "GGUF Q8_0: 32 int8 codes and a float16 scale per block (8.5 bits per weight)",
+    ),
+    GgufBlocks(
+        "q4_0",
+        GGMLQuantizationType.Q4_0,
+        (("scales", F16, 2), ("codes", PACKED_LAYOUTS["int4x2"], 16)),
+        "GGUF Q4_0: 32 4-bit codes and a float16 scale per block (4.5 bits per weight)",
+    ),
+    GgufBlocks(
+        "q4_1",
+        GGMLQuantizationType.Q4_1,
+        (("scales", F16, 2), ("mins", F16, 2), ("codes", PACKED_LAYOUTS["int4x2"], 16)),
+        "GGUF Q4_1: 32 4-bit codes, a float16 scale and min per block (5 bits per weight)",
+    ),
+    GgufBlocks(
+        "mxfp4",
+        GGMLQuantizationType.MXFP4,
+        (("exponents", PACKED_LAYOUTS["e8m0"], 1), ("codes", PACKED_LAYOUTS["e2m1x2"], 16)),
+        "MXFP4: 32 FP4 (E2M1) codes and one E8M0 shared exponent per block (4.25 bits per weight)",
+    ),
+):
+    register_codec(codec)

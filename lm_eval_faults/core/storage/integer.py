@@ -1,0 +1,70 @@
+"""Integer storage written out here (none of gguf's or torchao's codecs lays these out as
+fields we can fault): per-channel symmetric int8, and group-wise asymmetric int4.
+
+- `int8`: one int8 code per weight, one float16 scale per output row (w = s * q, |q| <= 127).
+- `int4`: 4-bit codes packed two per byte, low nibble first; per group of `group_size`
+  consecutive weights along a row, a float16 scale and a float16 min (w = s * q + m, q in 0..15).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+
+from lm_eval_faults.core.storage.codecs import register_codec
+from lm_eval_faults.core.storage.layouts import LAYOUTS, PACKED_LAYOUTS, BitLayout
+
+
+def _fp16(values: torch.Tensor) -> torch.Tensor:
+    """A positive float16 scale (a zero range gets 1, so codes decode to the min exactly)."""
+    return torch.where(values > 0, values, torch.ones_like(values)).to(torch.float16)
+
+
+class Int8PerChannel:
+    name = "int8"
+    description = "int8 codes, symmetric, one float16 scale per output channel (8.x bits per weight)"
+
+    def __init__(self) -> None:
+        self.field_layouts: Mapping[str, BitLayout] = {"codes": LAYOUTS[torch.int8], "scales": LAYOUTS[torch.float16]}
+
+    def block_size(self, weight: torch.Tensor, group_size: int) -> int:
+        return weight.shape[-1] if weight.dim() else 1
+
+    def encode(self, blocks: torch.Tensor) -> dict[str, torch.Tensor]:
+        scales = _fp16(blocks.abs().amax(dim=1, keepdim=True) / 127)
+        codes = torch.round(blocks / scales.float()).clamp(-127, 127).to(torch.int8)
+        return {"codes": codes, "scales": scales}
+
+    def decode(self, fields: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        return fields["codes"].float() * fields["scales"].float()
+
+
+class Int4Groups:
+    name = "int4"
+    description = "4-bit codes packed two per byte, float16 scale and min per group of group_size (4 + 32/group_size bits per weight)"
+
+    def __init__(self) -> None:
+        self.field_layouts: Mapping[str, BitLayout] = {
+            "codes": PACKED_LAYOUTS["int4x2"],
+            "scales": LAYOUTS[torch.float16],
+            "mins": LAYOUTS[torch.float16],
+        }
+
+    def block_size(self, weight: torch.Tensor, group_size: int) -> int:
+        return group_size
+
+    def encode(self, blocks: torch.Tensor) -> dict[str, torch.Tensor]:
+        low, high = blocks.amin(dim=1, keepdim=True), blocks.amax(dim=1, keepdim=True)
+        scales, mins = _fp16((high - low) / 15), low.to(torch.float16)
+        codes = torch.round((blocks - mins.float()) / scales.float()).clamp(0, 15).to(torch.uint8)
+        return {"codes": codes[:, 0::2] | codes[:, 1::2] << 4, "scales": scales, "mins": mins}
+
+    def decode(self, fields: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        packed = fields["codes"]
+        codes = torch.stack([packed & 0xF, packed >> 4], dim=2).reshape(packed.shape[0], -1)
+        return codes.float() * fields["scales"].float() + fields["mins"].float()
+
+
+register_codec(Int8PerChannel())
+register_codec(Int4Groups())

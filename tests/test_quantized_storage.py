@@ -1,0 +1,184 @@
+"""Simulated storage (`storage=`): weights encoded into a format's stored fields, faulted there,
+decoded into what the model computes with; every format against its reference codec."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from gguf import GGMLQuantizationType, quants
+from lm_eval_faults import inject
+from lm_eval_faults.core.spec import FaultSpec, FaultSpecError
+from lm_eval_faults.core.storage.codecs import StorageError, codec_names, encoding_of
+
+from tiny import tiny_model
+
+STORAGES = ("float16", "bfloat16", "int8", "int4", "q8_0", "q4_0", "q4_1", "mxfp4")
+GGUF_TYPES = {
+    "q8_0": GGMLQuantizationType.Q8_0,
+    "q4_0": GGMLQuantizationType.Q4_0,
+    "q4_1": GGMLQuantizationType.Q4_1,
+    "mxfp4": GGMLQuantizationType.MXFP4,
+}
+MLP = "model.layers.1.mlp.down_proj.weight"
+
+
+def _weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {name: p.detach().clone() for name, p in model.named_parameters()}
+
+
+def _reference(storage: str, weight: torch.Tensor, group_size: int) -> torch.Tensor:
+    """Each format decoded by an independent reference: gguf's own codecs, or the formula."""
+    w = weight.detach().float()
+    if storage in GGUF_TYPES:
+        return torch.from_numpy(quants.dequantize(quants.quantize(w.numpy(), GGUF_TYPES[storage]), GGUF_TYPES[storage]))
+    if storage in ("float16", "bfloat16"):
+        return w.to(getattr(torch, storage)).float()
+    rows = w.numpy().reshape(-1, w.shape[-1] if storage == "int8" else group_size).astype(np.float64)
+    if storage == "int8":
+        scale = (np.abs(rows).max(axis=1, keepdims=True) / 127).astype(np.float16).astype(np.float64)
+        return torch.from_numpy((np.clip(np.round(rows / scale), -127, 127) * scale).reshape(w.shape)).float()
+    low, high = rows.min(axis=1, keepdims=True), rows.max(axis=1, keepdims=True)
+    scale, low16 = ((high - low) / 15).astype(np.float16).astype(np.float32), low.astype(np.float16).astype(np.float32)
+    codes = np.clip(np.round((rows.astype(np.float32) - low16) / scale), 0, 15)
+    return torch.from_numpy((codes * scale + low16).reshape(w.shape).astype(np.float32))
+
+
+def test_every_storage_is_registered():
+    assert set(STORAGES) <= set(codec_names())
+
+
+@pytest.mark.parametrize("storage", STORAGES)
+def test_at_p0_the_model_computes_with_the_formats_own_decoding_and_restores_to_float(storage):
+    model = tiny_model()
+    clean = _weights(model)
+    with inject(model, p=0, storage=storage, group_size=16, target="mlp"):
+        decoded = model.get_parameter(MLP).detach().clone()
+        untouched = model.get_parameter("model.layers.1.self_attn.q_proj.weight")
+        assert torch.equal(untouched, clean["model.layers.1.self_attn.q_proj.weight"])  # outside the target
+    assert torch.allclose(decoded, _reference(storage, clean[MLP], 16), rtol=0, atol=1e-6)
+    assert not torch.equal(decoded, clean[MLP]) or storage == "float16"
+    assert all(torch.equal(p, clean[name]) for name, p in model.named_parameters())
+
+
+@pytest.mark.parametrize("storage", STORAGES)
+def test_faults_land_in_stored_fields_at_p_per_stored_bit_and_restore_exactly(storage):
+    model = tiny_model()
+    clean = _weights(model)
+    p = 2e-3
+    with inject(model, p=p, storage=storage, group_size=16, target="mlp", seed=4) as faults:
+        sites = faults.report.weights
+        fields = {site.name.rpartition(".")[2] for site in sites}
+        assert all(site.name.startswith("model.layers.") and site.name.rsplit(".", 1)[0].endswith(".weight") for site in sites)
+        bits = sum(site.eligible_bits for site in sites)
+        faulted = sum(site.fault_bits for site in sites)
+        assert abs(faulted - p * bits) < 5 * math.sqrt(p * bits), (faulted, p * bits)  # within 5 sigma
+        assert sum(site.changed_elements for site in sites) > 0
+        assert not all(torch.equal(p_, clean[name]) for name, p_ in model.named_parameters())
+    assert fields == {"values"} if storage in ("float16", "bfloat16") else len(fields) >= 2
+    assert all(torch.equal(p_, clean[name]) for name, p_ in model.named_parameters())
+    with inject(model, p=0, storage=storage, group_size=16, target="mlp"):  # the cached encoding is clean again
+        assert torch.allclose(model.get_parameter(MLP), _reference(storage, clean[MLP], 16), rtol=0, atol=1e-6)
+
+
+def test_an_int8_code_bit_moves_one_weight_by_two_to_the_k_scales_and_a_scale_bit_its_whole_row():
+    weight = torch.nn.Parameter(torch.randn(4, 64))
+    encoding = encoding_of(weight, "int8", 128, "w")
+    with torch.no_grad():
+        encoding.install()
+        clean = weight.detach().clone()
+        scale = float(encoding.fields["scales"][2])
+        codes = encoding.fields["codes"]
+        j, k = 2 * 64 + 5, 3
+        codes[j] = codes[j] ^ (1 << k)
+        encoding.refresh("codes", np.array([j]))
+        moved = (weight - clean).flatten().nonzero().flatten().tolist()
+        assert moved == [j] and abs(abs(float((weight - clean).flatten()[j])) - 2**k * scale) < 1e-6
+        codes[j] = codes[j] ^ (1 << k)
+        encoding.refresh("codes", np.array([j]))
+        assert torch.equal(weight, clean)
+        scales = encoding.fields["scales"]
+        scales.view(torch.int16)[1] ^= 1 << 10  # the lowest exponent bit: the scale doubles or halves
+        encoding.refresh("scales", np.array([1]))
+        ratio = weight[1] / clean[1]
+        assert set(torch.round(ratio[clean[1] != 0] * 1000).tolist()) <= {2000.0, 500.0}
+        assert torch.equal(weight[[0, 2, 3]], clean[[0, 2, 3]])
+
+
+def test_a_q4_1_scale_fault_moves_exactly_its_block_of_32():
+    weight = torch.nn.Parameter(torch.randn(2, 64))
+    encoding = encoding_of(weight, "q4_1", 128, "w")
+    with torch.no_grad():
+        encoding.install()
+        clean = weight.detach().clone()
+        encoding.fields["scales"].view(torch.int16)[3] ^= 1 << 14  # block 3: weights 96..127 of the flat view
+        encoding.refresh("scales", np.array([3]))
+        moved = set((weight - clean).flatten().nonzero().flatten().tolist())
+        assert moved and moved <= set(range(96, 128))
+
+
+def test_bits_select_positions_within_a_fields_layout():
+    model = tiny_model()
+    with inject(model, p=5e-3, storage="int4", group_size=16, target="mlp", bits="3+7", seed=2) as faults:
+        codes = [site for site in faults.report.weights if site.name.endswith(".codes")]
+        histogram = np.sum([site.bit_histogram for site in codes], axis=0)
+        assert histogram.sum() > 0 and set(np.flatnonzero(histogram)) <= {3, 7}  # the top bit of each 4-bit code
+
+
+@pytest.mark.parametrize(
+    "fields, message",
+    [
+        (dict(storage="int3"), r"storage='int3' is invalid: choose none or one of .*int4"),
+        (dict(storage="int4", group_size=3), r"group_size=3 is invalid"),
+        (dict(storage="int4", site="activations"), r"storage='int4' is invalid: storage encodes stored weights"),
+    ],
+)
+def test_bad_storage_keys_fail_in_one_line_naming_the_key(fields, message):
+    with pytest.raises(FaultSpecError, match=message):
+        FaultSpec(p=1e-3, **fields)
+
+
+def test_a_weight_the_blocks_do_not_divide_is_refused_by_name_before_anything_changes():
+    model = tiny_model()
+    clean = _weights(model)
+    with pytest.raises(StorageError, match=r"storage=int4: model\.layers\.0\.mlp\.gate_proj\.weight has last dimension 32"):
+        inject(model, p=1e-3, storage="int4", target="mlp")  # group_size 128 > a 32-wide row
+    assert all(torch.equal(p, clean[name]) for name, p in model.named_parameters())
+
+
+def test_the_float_spec_keeps_its_fingerprint():
+    assert "storage" not in FaultSpec(p=1e-3).to_dict()
+    assert FaultSpec(p=1e-3, storage="q4_1").fingerprint() != FaultSpec(p=1e-3).fingerprint()
+
+
+@pytest.mark.parametrize(
+    "model_args, message",
+    [
+        (dict(storage="int4", p=1e-3), r"storage=int4 is invalid for this model: its blocks of 128 weights do not divide hidden_size=64"),
+        (dict(storage="q4_1", p=1e-3, bits="exponent"), r"bits='exponent' does not exist in int4x2.*field 'codes' of storage=q4_1"),
+    ],
+)
+def test_faulty_hf_refuses_a_storage_the_config_rules_out_before_loading(model_args, message, monkeypatch):
+    from lm_eval_faults.harness import model as harness_model
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(harness_model.HFLM, "__init__", no_load)
+    with pytest.raises(FaultSpecError, match=message):
+        harness_model.FaultyHFLM(**model_args, device="cpu")
+
+
+def test_faulty_hf_evaluates_the_stored_form():
+    """The demo model stored as q4_1 runs through lm-eval's loglikelihood; its fields are reported."""
+    from lm_eval.api.instance import Instance
+    from lm_eval_faults.harness.model import FaultyHFLM
+
+    lm = FaultyHFLM(storage="q4_1", p=1e-3, seed=1, device="cpu", batch_size=4)
+    requests = [Instance("loglikelihood", {}, ("The sky is", " blue"), 0), Instance("loglikelihood", {}, ("Snow is", " white"), 0)]
+    results = lm.loglikelihood(requests)
+    assert len(results) == 2 and all(math.isfinite(score) for score, _ in results)
+    fields = {site.name.rpartition(".")[2] for site in lm.report.weights}
+    assert fields == {"scales", "mins", "codes"} and "stored as q4_1" in lm.report.spec["description"]
