@@ -182,3 +182,25 @@ def test_faulty_hf_evaluates_the_stored_form():
     assert len(results) == 2 and all(math.isfinite(score) for score, _ in results)
     fields = {site.name.rpartition(".")[2] for site in lm.report.weights}
     assert fields == {"scales", "mins", "codes"} and "stored as q4_1" in lm.report.spec["description"]
+
+
+@pytest.mark.parametrize("storage", ["int8", "q4_1", "mxfp4"])
+def test_the_report_counts_the_weights_faults_changed_and_the_clean_quantization_error(storage):
+    model = tiny_model()
+    clean = _weights(model)
+    with inject(model, p=0, storage=storage, target="mlp"):
+        decoded = {name: p.detach().clone() for name, p in model.named_parameters() if ".mlp." in name}
+    with inject(model, p=3e-3, storage=storage, target="mlp", seed=6) as faults:
+        (row,) = faults.report.to_dict()["weights"]["storage"].values()
+        changed = sum(
+            int(((model.get_parameter(name) != value) & ~(model.get_parameter(name).isnan() & value.isnan())).sum())
+            for name, value in decoded.items()
+        )
+        assert row["weights_affected"] == changed > 0
+        words_changed = sum(site.changed_elements for site in faults.report.weights)
+        assert changed >= words_changed if storage != "int8" else changed > 0  # a scale word changes its whole block
+        error = sum(float(((decoded[name].double() - clean[name].double()) ** 2).sum()) for name in decoded)
+        norm = sum(float((clean[name].double() ** 2).sum()) for name in decoded)
+        assert row["clean_relative_rms"] == pytest.approx((error / norm) ** 0.5, rel=1e-9)
+        assert row["bits_per_weight"] == pytest.approx(row["stored_bits"] / row["weights"])
+        assert f"stored as {storage} (mlp)" in faults.report.format_table()

@@ -131,6 +131,9 @@ class ReportPart:
     stats: list[SiteStats] | dict[str, SiteStats]
     per_call: bool = False
     settle: Callable[[], None] | None = None
+    storage: Callable[[], dict[str, Any]] | None = None
+    """With simulated storage (`storage=`): per component, its weights, stored bits, weights the
+    faults changed, and the clean quantization error; shown under the part's `storage` key."""
 
     def sites(self) -> list[SiteStats]:
         if self.settle is not None:
@@ -147,6 +150,8 @@ class ReportPart:
             "by_layer": _rollup(sites, _layer_label),
             "bit_histogram": _bit_histogram(sites),
         }
+        if self.storage is not None:
+            data["storage"] = self.storage()
         if not self.per_call:
             data["shared_tensors"] = {s.name: s.shared_with for s in sites if s.shared_with}
             data["sites"] = [asdict(s) for s in sites]
@@ -166,6 +171,15 @@ class ReportPart:
                 else:
                     merged[site.name] = SiteStats(**vars(site))
         return cls(merged, per_call=True)
+
+
+def _storage_lines(summary: dict[str, Any]) -> list[str]:
+    """The stored form per component: bits per weight, weights the faults changed, the clean error."""
+    return [
+        f"stored as {row['storage']} ({component}): {row['bits_per_weight']:.2f} bits per weight, "
+        f"{row['weights_affected']:,} of {row['weights']:,} weights changed by faults, clean relative RMS error {row['clean_relative_rms']:.2e}"
+        for component, row in summary.items()
+    ]
 
 
 def _layer_label(site: SiteStats) -> str:
@@ -354,6 +368,9 @@ class FaultReport:
                 for component, row in self.by_component(part).items()
             ]
             lines.extend(text_table(columns, rows))
+            storage = self.parts[part].storage
+            if storage is not None:
+                lines.extend(_storage_lines(storage()))
         if self.protected:
             lines.extend(self._protection_table())
         for task, total in sorted(self.requests.items()):

@@ -81,6 +81,12 @@ def _integer(key: str, value: Any) -> int:
         raise _error(key, value, "expected an integer") from None
 
 
+def site_choices() -> str:
+    """The registered sites, and all of them joined: `weights, activations, weights+activations`."""
+    names = site_names()
+    return ", ".join((*names, "+".join(names)) if len(names) > 1 else names)
+
+
 def parse_layers(value: Any) -> tuple[int, ...] | None:
     """`"0-3"`, `"28-31+0"`, `5` or `"all"` -> sorted layer indices (None means every layer)."""
     if value is None or str(value).strip().lower() in ("", "all"):
@@ -175,7 +181,7 @@ class FaultSpec:
                 raise _error("p", self.p, "give either p (symmetric) or p01/p10 (asymmetric), not both")
         sites = parse_sites(str(self.site))
         if sites is None:
-            raise _error("site", self.site, f"choose from {', '.join(site_names())}, or several joined with + (weights+activations)")
+            raise _error("site", self.site, f"choose one of {site_choices()} (or any sites joined with +)")
         set_("site", "+".join(sites))
         set_("target", parse_targets("+".join(self.target) if isinstance(self.target, tuple) else self.target))
         if not isinstance(self.layers, tuple):

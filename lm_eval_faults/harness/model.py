@@ -309,7 +309,9 @@ class FaultyHFLM(HFLM):
         info = super().get_model_info()
         report = self.report
         if self._faulted:
-            report.check_not_silent("activations")
+            for name, part in report.parts.items():
+                if part.per_call:  # persistent sites were checked when injected
+                    report.check_not_silent(name)
         if self.print_report:
             print(report.format_table(), file=sys.stderr)
         info["fault_injection"] = report.to_dict()

@@ -130,8 +130,7 @@ def record_fault_counts(lm: FaultyHFLM, spec: FaultSpec) -> dict[str, Any]:
     collapsed model whose answer is the tie-break) and all requests per task, from the model's
     `FaultReport`."""
     report = lm.report
-    parts = [part for part, on in (("weights", spec.on_weights), ("activations", spec.on_activations)) if on]
-    totals = [report.totals(part) for part in parts]
+    totals = [report.totals(part) for part in spec.sites if part in report.parts]
 
     def total(name: str) -> float:
         return sum(t[name] for t in totals)
@@ -140,8 +139,7 @@ def record_fault_counts(lm: FaultyHFLM, spec: FaultSpec) -> dict[str, Any]:
         "injected": {"elements": int(total("hit_elements")), "bits": int(total("fault_bits"))},
         "expected": {"elements": round(total("expected_elements"), 3), "bits": round(total("expected_bits"), 3)},
         "nonfinite": {
-            "weights": int(report.totals("weights")["nonfinite_created"]),
-            "activations": int(report.totals("activations")["nonfinite_created"]),
+            **{part: int(report.totals(part)["nonfinite_created"]) for part in report.parts},
             "requests": dict(report.nonfinite_requests),
         },
         "degenerate": {"requests": dict(report.degenerate_requests)},

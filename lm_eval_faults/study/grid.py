@@ -14,7 +14,7 @@ from itertools import product
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from lm_eval_faults.core.sites.registry import parse_sites, site_names
+from lm_eval_faults.core.sites.registry import parse_sites
 from lm_eval_faults.core.spec import (
     FAULT_KEYS,
     FAULT_KINDS,
@@ -25,6 +25,7 @@ from lm_eval_faults.core.spec import (
     parse_fault_args,
     parse_layers,
     parse_targets,
+    site_choices,
 )
 
 if TYPE_CHECKING:
@@ -145,7 +146,7 @@ def _site_set(value: str) -> str:
     """One `--sites` entry (`weights`, `weights+activations`) as registered sites, in their order."""
     sites = parse_sites(value)
     if sites is None:
-        raise SweepConfigError(f"--sites {value!r} is invalid: choose from {', '.join(site_names())}, or several joined with +")
+        raise SweepConfigError(f"--sites {value!r} is invalid: choose one of {site_choices()} (or any sites joined with +)")
     return "+".join(sites)
 
 

@@ -73,7 +73,26 @@ class WeightInjector:
         self.stats = self.apply_map(fault_map) if fault_map is not None else self.apply(progress=progress)
 
     def part(self) -> ReportPart:
-        return ReportPart(self.stats)
+        return ReportPart(self.stats, storage=self._storage_summary if self._installed else None)
+
+    def _storage_summary(self) -> dict[str, dict[str, Any]]:
+        """Per component, the stored form of its weights (see `ReportPart.storage`)."""
+        component = {id(site.encoding): site.component for site in self.sites if site.encoding is not None}
+        rows: dict[str, dict[str, Any]] = {}
+        norms: dict[str, list[float]] = {}
+        for encoding in self._installed:
+            name = component[id(encoding)]
+            row = rows.setdefault(name, {"storage": self.spec.storage, "weights": 0, "stored_bits": 0, "weights_affected": 0})
+            row["weights"] += encoding.weight.numel()
+            row["stored_bits"] += encoding.stored_bits()
+            row["weights_affected"] += len(encoding.affected)
+            error, norm = norms.setdefault(name, [0.0, 0.0])
+            norms[name] = [error + encoding.clean_error, norm + float((encoding.original.double() ** 2).sum())]
+        for name, row in rows.items():
+            error, norm = norms[name]
+            row["bits_per_weight"] = row["stored_bits"] / row["weights"]
+            row["clean_relative_rms"] = (error / norm) ** 0.5 if norm else 0.0
+        return dict(sorted(rows.items()))
 
     def pause(self) -> contextlib.AbstractContextManager[None]:
         """Weight faults stay while activation faults pause: they are the model's stored state."""

@@ -81,6 +81,10 @@ class Encoding:
     block: int
     fields: dict[str, torch.Tensor]
     original: torch.Tensor = field(repr=False)
+    clean_error: float = 0.0
+    """Squared error of the clean decoded form against the float weights (the quantization's own)."""
+    affected: set[int] = field(default_factory=set, repr=False)
+    """Flat indices of the weights faults changed since the last install (a scale fault: its group)."""
 
     @property
     def blocks(self) -> int:
@@ -93,7 +97,10 @@ class Encoding:
     def install(self) -> None:
         """The model computes with the decoded stored form from now on."""
         shaped = {name: words.view(self.blocks, -1) for name, words in self.fields.items()}
-        self.weight.view(-1, self.block).copy_(self.codec.decode(shaped).to(self.weight.device, self.weight.dtype))
+        decoded = self.codec.decode(shaped).to(self.weight.device, self.weight.dtype)
+        self.weight.view(-1, self.block).copy_(decoded)
+        self.clean_error = float(((decoded.double() - self.original.double().view(-1, self.block)) ** 2).sum())
+        self.affected = set()
 
     @torch.no_grad()
     def uninstall(self) -> None:
@@ -107,7 +114,13 @@ class Encoding:
             return
         index = torch.from_numpy(np.unique(np.asarray(positions) // self.words_per_block(name))).to(self.weight.device)
         shaped = {field_name: words.view(self.blocks, -1)[index.to(words.device)] for field_name, words in self.fields.items()}
-        self.weight.view(-1, self.block)[index] = self.codec.decode(shaped).to(self.weight.device, self.weight.dtype)
+        rows = self.weight.view(-1, self.block)
+        new = self.codec.decode(shaped).to(self.weight.device, self.weight.dtype)
+        old = rows[index]
+        moved = (new != old) & ~(new.isnan() & old.isnan())
+        block_of, offset = moved.nonzero(as_tuple=True)
+        self.affected.update((index[block_of] * self.block + offset).tolist())
+        rows[index] = new
 
     def stored_bits(self) -> int:
         return sum(words.numel() * self.codec.field_layouts[name].width for name, words in self.fields.items())
