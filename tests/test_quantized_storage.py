@@ -204,3 +204,29 @@ def test_the_report_counts_the_weights_faults_changed_and_the_clean_quantization
         assert row["clean_relative_rms"] == pytest.approx((error / norm) ** 0.5, rel=1e-9)
         assert row["bits_per_weight"] == pytest.approx(row["stored_bits"] / row["weights"])
         assert f"stored as {storage} (mlp)" in faults.report.format_table()
+
+
+def test_fields_choose_where_faults_land_and_protect_fields_backs_one_up_at_its_cost():
+    model = tiny_model()
+    with inject(model, p=3e-3, storage="q4_1", target="mlp", fields="scales", seed=1) as faults:
+        assert {site.name.rpartition(".")[2] for site in faults.report.weights} == {"scales"}
+    with inject(model, p=3e-3, storage="q4_1", target="mlp", protect_fields="scales+mins", seed=1) as faults:
+        report = faults.report.to_dict()
+        protected = [site for site in faults.report.weights if site.name.endswith((".scales", ".mins"))]
+        assert sum(site.changed_elements for site in protected) == 0 and sum(site.masked_bits for site in protected) > 0
+        assert report["protection"]["overhead"] == pytest.approx(32 / 160)  # a block's scale and min of its 160 stored bits
+        (row,) = report["weights"]["storage"].values()
+        codes = sum(site.changed_elements for site in faults.report.weights if site.name.endswith(".codes"))
+        assert 0 < row["weights_affected"] <= 2 * codes  # a packed byte holds two weights' codes
+
+
+@pytest.mark.parametrize(
+    "fields, message",
+    [
+        (dict(storage="q4_1", fields="exponents"), r"fields='exponents' is invalid: storage=q4_1 stores the fields scales, mins, codes"),
+        (dict(protect_fields="scales"), r"protect_fields='scales' is invalid: names fields of a simulated storage"),
+    ],
+)
+def test_unknown_fields_are_refused_naming_the_storages_fields(fields, message):
+    with pytest.raises(FaultSpecError, match=message):
+        FaultSpec(p=1e-3, **fields)

@@ -21,7 +21,7 @@ from typing import Any
 from lm_eval_faults.core.faults.kinds import FAULT_KIND_TABLE, FaultKind
 from lm_eval_faults.core.protection.codes import ECC_CODES
 from lm_eval_faults.core.sites.registry import parse_sites, site_names
-from lm_eval_faults.core.storage.codecs import codec_names
+from lm_eval_faults.core.storage.codecs import codec_fields, codec_names
 
 FAULT_KINDS = {name: kind.description for name, kind in FAULT_KIND_TABLE.items()}
 BIT_FAULTS = tuple(name for name, kind in FAULT_KIND_TABLE.items() if kind.per_bit)
@@ -163,6 +163,8 @@ class FaultSpec:
     clamp: str = "none"
     storage: str = "none"
     group_size: int = 128
+    fields: tuple[str, ...] = ()
+    protect_fields: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         def set_(name: str, value: object) -> None:
@@ -222,6 +224,21 @@ class FaultSpec:
         set_(self, "group_size", _integer("group_size", self.group_size))
         if self.group_size < 2 or self.group_size % 2:
             raise _error("group_size", self.group_size, "a positive even number of weights per group (two 4-bit codes share a byte)")
+        for key in ("fields", "protect_fields"):
+            value = getattr(self, key)
+            text = value if isinstance(value, str) else "+".join(value)
+            names = tuple(
+                dict.fromkeys(
+                    part.strip().lower() for part in text.split("+") if part.strip() and part.strip().lower() not in ("all", "none")
+                )
+            )
+            set_(self, key, names)
+            if names and self.storage == "none":
+                raise _error(key, text, "names fields of a simulated storage; add storage= (int8, int4, q4_1, ...)")
+            known = codec_fields(self.storage) if self.storage != "none" else ()
+            unknown = [name for name in names if name not in known]
+            if unknown:
+                raise _error(key, text, f"storage={self.storage} stores the fields {', '.join(known)}")
         if self.storage != "none":
             if not self.on_weights:
                 raise _error("storage", self.storage, "storage encodes stored weights; use site=weights or weights+activations")
@@ -257,7 +274,7 @@ class FaultSpec:
     @property
     def protected(self) -> bool:
         """Whether any protection scheme is chosen (faults are drawn the same either way)."""
-        return bool(self.protect) or self.protect_bits != "none" or self.ecc != "none" or self.clamp != "none"
+        return bool(self.protect or self.protect_fields) or self.protect_bits != "none" or self.ecc != "none" or self.clamp != "none"
 
     @property
     def asymmetric(self) -> bool:
@@ -318,6 +335,8 @@ class FaultSpec:
         data["layers"] = None if self.layers is None else layers_label(self.layers)
         data["value_range"] = list(self.value_range)
         data["protect"] = "+".join(self.protect) or "none"
+        data["fields"] = "+".join(self.fields) or "all"
+        data["protect_fields"] = "+".join(self.protect_fields) or "none"
         if not self.protected:  # unprotected specs keep the fingerprints and records they had before protection existed
             for key in PROTECTION_KEYS:
                 data.pop(key)
@@ -358,6 +377,8 @@ class FaultSpec:
         parts = []
         if self.protect:
             parts.append(f"backed-up {'+'.join(self.protect)}")
+        if self.protect_fields:
+            parts.append(f"backed-up {'+'.join(self.protect_fields)} of the stored weights")
         if self.protect_bits != "none":
             parts.append(f"protected bits {self.protect_bits}")
         if self.ecc == "secded":
@@ -395,8 +416,8 @@ def _validate_bits_syntax(bits: str, key: str = "bits") -> None:
 
 
 FAULT_KEYS: tuple[str, ...] = tuple(f.name for f in fields(FaultSpec))
-PROTECTION_KEYS = ("protect", "protect_bits", "ecc", "ecc_policy", "clamp")
-STORAGE_KEYS = ("storage", "group_size")
+PROTECTION_KEYS = ("protect", "protect_bits", "ecc", "ecc_policy", "clamp", "protect_fields")
+STORAGE_KEYS = ("storage", "group_size", "fields")
 """The keys that choose protection schemes rather than faults: a sweep's protection axis sets them."""
 
 

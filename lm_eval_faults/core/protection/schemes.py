@@ -89,6 +89,8 @@ def protection_gaps(spec: FaultSpec, selected: Mapping[str, Sequence[ParamSite |
 def backed_up(spec: FaultSpec, site: ParamSite | ModuleSite) -> bool:
     """Whether `site` lives in fault-free storage: a tied tensor ("embedding+lm_head") is backed up
     when any of its components is."""
+    if isinstance(site, ParamSite) and site.field_name in spec.protect_fields:
+        return True  # a field of simulated storage kept in fault-free storage (`protect_fields=`)
     return "all" in spec.protect or bool(set(site.component.split("+")) & set(spec.protect))
 
 

@@ -273,6 +273,7 @@ def _encoded_sites(site: ParamSite, spec: FaultSpec) -> list[ParamSite]:
             field_name=field_name,
         )
         for field_name, words in encoding.fields.items()
+        if not spec.fields or field_name in spec.fields
     ]
 
 

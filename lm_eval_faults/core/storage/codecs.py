@@ -72,6 +72,11 @@ def codec(name: str) -> BlockCodec:
     return _CODECS[name]
 
 
+def codec_fields(name: str) -> tuple[str, ...]:
+    """The fields storage `name` stores (what `fields=` and `protect_fields=` may name)."""
+    return tuple(_CODECS[name].field_layouts)
+
+
 @dataclass
 class Encoding:
     """One weight in one storage: its fields' words (1-D, block-major) and its clean values."""
