@@ -88,6 +88,8 @@ class Encoding:
     original: torch.Tensor = field(repr=False)
     clean_error: float = 0.0
     """Squared error of the clean decoded form against the float weights (the quantization's own)."""
+    decoded: torch.Tensor | None = field(default=None, repr=False)
+    """The clean decoded form, kept after the first install: later installs are one copy."""
     affected: set[int] = field(default_factory=set, repr=False)
     """Flat indices of the weights faults changed since the last install (a scale fault: its group)."""
 
@@ -101,10 +103,11 @@ class Encoding:
     @torch.no_grad()
     def install(self) -> None:
         """The model computes with the decoded stored form from now on."""
-        shaped = {name: words.view(self.blocks, -1) for name, words in self.fields.items()}
-        decoded = self.codec.decode(shaped).to(self.weight.device, self.weight.dtype)
-        self.weight.view(-1, self.block).copy_(decoded)
-        self.clean_error = float(((decoded.double() - self.original.double().view(-1, self.block)) ** 2).sum())
+        if self.decoded is None:  # the fields hold the clean form whenever no injection is applied
+            shaped = {name: words.view(self.blocks, -1) for name, words in self.fields.items()}
+            self.decoded = self.codec.decode(shaped).to(self.weight.device, self.weight.dtype).view(self.weight.shape)
+            self.clean_error = float(((self.decoded.double() - self.original.double()) ** 2).sum())
+        self.weight.copy_(self.decoded)
         self.affected = set()
 
     @torch.no_grad()
