@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -20,6 +20,7 @@ from lm_eval_faults.study.grid import SweepConfig, SweepConfigError, SweepPoint,
 if TYPE_CHECKING:
     from lm_eval.tasks import TaskManager
 
+    from lm_eval_faults.core.report import FaultReport
     from lm_eval_faults.harness.model import FaultyHFLM
 
 
@@ -124,6 +125,11 @@ def evaluation_score(lm: FaultyHFLM, tasks: list[str], task_manager: TaskManager
     return record_score({"metrics": task_metrics(results["results"])}, tasks)
 
 
+def _storage_summary(report: FaultReport) -> Callable[[], dict[str, Any]] | None:
+    """The stored form's summary of a `storage=` run (bits per weight, weights changed), if any."""
+    return next((part.storage for part in report.parts.values() if part.storage is not None), None)
+
+
 def record_fault_counts(lm: FaultyHFLM, spec: FaultSpec) -> dict[str, Any]:
     """Injected and expected faults (elements hit, bits faulted) over the spec's sites, and
     non-finite weights and requests, degenerate requests (flat logits or tied choices: a
@@ -145,6 +151,7 @@ def record_fault_counts(lm: FaultyHFLM, spec: FaultSpec) -> dict[str, Any]:
         "degenerate": {"requests": dict(report.degenerate_requests)},
         "requests": dict(report.requests),
         **({"protection_counts": report.protection_summary()} if spec.protected else {}),
+        **({"storage": storage()} if (storage := _storage_summary(report)) is not None else {}),
     }
 
 

@@ -47,7 +47,8 @@ class GgufBlocks:
 
     def decode(self, fields: Mapping[str, torch.Tensor]) -> torch.Tensor:
         raw = np.concatenate([fields[field].cpu().numpy().view(np.uint8) for field in self._bytes], axis=1)
-        return torch.from_numpy(quants.dequantize(raw, self.qtype).astype(np.float32, copy=False))
+        with np.errstate(over="ignore", invalid="ignore"):  # a faulted scale may decode to Inf or NaN: that is the result
+            return torch.from_numpy(quants.dequantize(raw, self.qtype).astype(np.float32, copy=False))
 
 
 F16, I8 = LAYOUTS[torch.float16], LAYOUTS[torch.int8]

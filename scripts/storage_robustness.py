@@ -1,0 +1,141 @@
+"""How much bit-flip damage each storage format tolerates: one sweep per storage, one table and figure.
+
+    python scripts/storage_robustness.py                     # the demo model on faults_demo
+    python scripts/storage_robustness.py --model smollm2     # SmolLM2-135M (../shared) on faults_facts
+
+Each storage is a sweep of its own (`--fault_args storage=...`), so its baseline is that storage at
+p=0: its own clean score, the quantization's error included. p is the probability per *stored* bit;
+"faults per weight" is p times the storage's stored bits per weight, which is what compares a
+5-bit format with a 32-bit one. The table gives, per storage: its clean score, the highest p whose
+score stays within 5% of that clean score (every lower p too), and the faults per weight there.
+Runs resume (each storage's run directory is a normal sweep directory under --out).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+from lm_eval_faults.study.grid import SweepConfig
+from lm_eval_faults.study.metrics import baseline_score, baseline_tasks, record_score
+from lm_eval_faults.study.records import load_records
+from lm_eval_faults.study.runner import run_sweep
+
+ROOT = Path(__file__).resolve().parents[1]
+SMOLLM = "pretrained=../shared/models/smollm2-135m-instruct,gguf_file=SmolLM2-135M-Instruct.Q4_1.gguf,dtype=float32"
+MODELS = {
+    "demo": ("", "faults_demo", "none,float16,bfloat16,int8,int4:32,int4:64,q8_0,q4_0,q4_1,mxfp4"),
+    "smollm2": (SMOLLM, "faults_facts", "none,bfloat16,float16,int8,int4:32,int4:64,q8_0,q4_1,mxfp4"),
+}
+"""Per model: model_args (relative to the repository root), task, storages. SmolLM2's hidden size
+576 is not a multiple of 128, so its int4 groups are 32 and 64."""
+TOLERANCE = 0.05
+
+
+def storage_args(item: str) -> tuple[str, str]:
+    """`int4:32` -> (`int4 (groups of 32)`, `storage=int4,group_size=32`); `none` is the float model."""
+    name, _, group = item.partition(":")
+    if name == "none":
+        return "float32 (the model's own)", ""
+    return (f"{name} (groups of {group})" if group else name), f"storage={name}" + (f",group_size={group}" if group else "")
+
+
+def tolerated(points: list[tuple[float, float]], clean: float) -> float | None:
+    """The highest p at which this and every lower p score within TOLERANCE of `clean`."""
+    best = None
+    for p, score in sorted(points):
+        if not score >= (1 - TOLERANCE) * clean:
+            break
+        best = p
+    return best
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", choices=MODELS, default="demo")
+    parser.add_argument("--storages", help="comma list (default: the model's list above); int4:G sets the group size")
+    parser.add_argument("--p", default="1e-6:1e-1:11")
+    parser.add_argument("--limit", default=None)
+    parser.add_argument("--seeds", default="1")
+    parser.add_argument("--out", type=Path)
+    args = parser.parse_args()
+    model_args, task, storages = MODELS[args.model]
+    out = args.out or ROOT / "docs" / "storage" / args.model
+    rows, curves = [], {}
+    for item in (args.storages or storages).split(","):
+        label, fault_args = storage_args(item)
+        config = SweepConfig(model_args=model_args, tasks=task, p=args.p, seeds=args.seeds, fault_args=fault_args, limit=args.limit)
+        run_dir = out / "runs" / item.replace(":", "_g")
+        run_sweep(run_dir, config, report=False, progress=True)
+        records = load_records(run_dir / "results.jsonl")
+        tasks = baseline_tasks(records)
+        clean = baseline_score(records, tasks)
+        by_p: dict[float, list[float]] = {}
+        for record in records:
+            if not record.get("baseline"):
+                by_p.setdefault(float(record["p"]), []).append(record_score(record, tasks))
+        points = [(p, sum(scores) / len(scores)) for p, scores in sorted(by_p.items())]
+        faulty = next(record for record in records if not record.get("baseline"))
+        bits_per_weight = stored_bits_per_weight(faulty)
+        best = tolerated(points, clean)
+        rows.append((label, clean, bits_per_weight, best, None if best is None else best * bits_per_weight))
+        curves[label] = (bits_per_weight, points, clean)
+    write_table(out, args, task, rows)
+    write_figure(out, curves)
+
+
+def stored_bits_per_weight(record: dict) -> float:
+    """From a record's stored-form summary (`storage=` runs), else 32: the float32 model's own."""
+    summary = record.get("storage")
+    if not summary:
+        return 32.0
+    return sum(row["stored_bits"] for row in summary.values()) / sum(row["weights"] for row in summary.values())
+
+
+def write_table(out: Path, args: argparse.Namespace, task: str, rows: list[tuple]) -> None:
+    lines = [
+        f"| storage ({task}) | clean score | stored bits per weight | highest p within 5% of clean | faults per weight there |",
+        "|---|---|---|---|---|",
+    ]
+    for label, clean, bits, best, per_weight in rows:
+        lines.append(
+            f"| {label} | {clean:.3f} | {bits:.2f} | {'< lowest p' if best is None else f'{best:.2g}'} | "
+            f"{'—' if per_weight is None else f'{per_weight:.2g}'} |"
+        )
+    (out / "table.md").write_text("\n".join(lines) + "\n")
+    (out / "command.txt").write_text(
+        f"python scripts/storage_robustness.py --model {args.model} --p {args.p} --seeds {args.seeds}"
+        + (f" --limit {args.limit}" if args.limit else "")
+        + "\n"
+    )
+    print("\n".join(lines))
+
+
+def write_figure(out: Path, curves: dict[str, tuple[float, list[tuple[float, float]], float]]) -> None:
+    figure, (per_bit, per_weight) = plt.subplots(1, 2, figsize=(12, 4.5), sharey=True)
+    for label, (bits, points, clean) in curves.items():
+        ps = [p for p, _ in points]
+        relative = [score / clean if clean else math.nan for _, score in points]
+        per_bit.plot(ps, relative, marker="o", label=label)
+        per_weight.plot([p * bits for p in ps], relative, marker="o", label=label)
+    for axis, xlabel in ((per_bit, "p per stored bit"), (per_weight, "faults per weight (p x stored bits per weight)")):
+        axis.set_xscale("log")
+        axis.axhline(1 - TOLERANCE, color="grey", linestyle=":", linewidth=1)
+        axis.set_xlabel(xlabel)
+    per_bit.set_ylabel("score / the storage's own clean score")
+    per_weight.legend(fontsize=8)
+    figure.tight_layout()
+    figure.savefig(out / "robustness.png", dpi=120)
+    (out / "curves.json").write_text(
+        json.dumps({label: {"bits_per_weight": b, "clean": c, "points": pts} for label, (b, pts, c) in curves.items()}, indent=1)
+    )
+
+
+if __name__ == "__main__":
+    main()
