@@ -230,3 +230,18 @@ def test_fields_choose_where_faults_land_and_protect_fields_backs_one_up_at_its_
 def test_unknown_fields_are_refused_naming_the_storages_fields(fields, message):
     with pytest.raises(FaultSpecError, match=message):
         FaultSpec(p=1e-3, **fields)
+
+
+@pytest.mark.slow
+def test_a_sweep_of_one_storage_has_that_storage_at_p0_as_its_baseline(tmp_path):
+    from lm_eval_faults.study.grid import SweepConfig
+    from lm_eval_faults.study.records import load_records
+    from lm_eval_faults.study.runner import run_sweep
+
+    config = SweepConfig(model_args="", tasks="faults_demo", p="1e-3", fault_args="storage=q4_1", limit=8)
+    run_sweep(tmp_path, config, report=False, progress=False)
+    baseline, point = load_records(tmp_path / "results.jsonl")
+    assert baseline["baseline"] and all(row["weights_affected"] == 0 for row in baseline["storage"].values())
+    rows = point["storage"].values()
+    assert sum(row["stored_bits"] for row in rows) / sum(row["weights"] for row in rows) == pytest.approx(5.0)
+    assert sum(row["weights_affected"] for row in rows) > 0
