@@ -210,18 +210,16 @@ def check_storage(spec: FaultSpec, config: Any) -> None:
             except ValueError as error:
                 message = str(error).replace("bits=", f"{key}=", 1) if key != "bits" else str(error)
                 raise FaultSpecError(f"model_args {message} (field {field_name!r} of storage={spec.storage})") from None
-    block = chosen.block_size(_ONE_ROW, spec.group_size)
     widths = {name: getattr(config, name, None) for name in ("hidden_size", "intermediate_size")}
     for name, width in widths.items():
-        if isinstance(width, int) and block > 1 and width % block:
+        if not isinstance(width, int):
+            continue
+        block = chosen.block_size(torch.empty(0, width, device="meta"), spec.group_size)  # a row that wide
+        if width % block:
             raise FaultSpecError(
                 f"model_args storage={spec.storage} is invalid for this model: its blocks of {block} weights do not divide "
                 f"{name}={width}" + (" (choose a group_size that divides it)" if spec.storage == "int4" else "")
             )
-
-
-_ONE_ROW = torch.empty(0, 1)
-"""A stand-in weight whose row is one wide: a codec whose block is a whole row then says 1."""
 
 
 def check_tasks(option: str, tasks: Iterable[str], include_path: Iterable[str] = ()) -> None:
