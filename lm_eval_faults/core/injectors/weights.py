@@ -87,7 +87,7 @@ class WeightInjector:
             row["stored_bits"] += encoding.stored_bits()
             row["weights_affected"] += len(encoding.affected)
             error, norm = norms.setdefault(name, [0.0, 0.0])
-            norms[name] = [error + encoding.clean_error, norm + float((encoding.original.double() ** 2).sum())]
+            norms[name] = [error + encoding.clean_error, norm + encoding.original_norm]
         for name, row in rows.items():
             error, norm = norms[name]
             row["bits_per_weight"] = row["stored_bits"] / row["weights"]

@@ -90,6 +90,8 @@ class Encoding:
     """Squared error of the clean decoded form against the float weights (the quantization's own)."""
     decoded: torch.Tensor | None = field(default=None, repr=False)
     """The clean decoded form, kept after the first install: later installs are one copy."""
+    original_norm: float = 0.0
+    """Sum of squares of the float weights: the clean error's denominator, computed once."""
     affected: set[int] = field(default_factory=set, repr=False)
     """Flat indices of the weights faults changed since the last install (a scale fault: its group)."""
 
@@ -107,6 +109,7 @@ class Encoding:
             shaped = {name: words.view(self.blocks, -1) for name, words in self.fields.items()}
             self.decoded = self.codec.decode(shaped).to(self.weight.device, self.weight.dtype).view(self.weight.shape)
             self.clean_error = float(((self.decoded.double() - self.original.double()) ** 2).sum())
+            self.original_norm = float((self.original.double() ** 2).sum())
         self.weight.copy_(self.decoded)
         self.affected = set()
 
