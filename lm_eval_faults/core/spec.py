@@ -244,6 +244,15 @@ class FaultSpec:
                 raise _error("storage", self.storage, "storage encodes stored weights; use site=weights or weights+activations")
             if self.replay is not None:
                 raise _error("replay", self.replay, "a map of simulated storage can't be replayed yet; drop storage= or replay=")
+            if self.ecc == "parity" or (self.ecc == "secded" and self.ecc_policy == "zero"):
+                raise _error(
+                    "ecc",
+                    self.ecc,
+                    "with storage=, a detected word would be zeroed in its stored form, which is not a zero weight "
+                    "(a zero 4-bit code decodes to the block's minimum); use ecc=secded,ecc_policy=keep",
+                )
+        if self.group_size != 128 and self.storage != "int4":
+            raise _error("group_size", self.group_size, "sets the groups of storage=int4 only (the other storages' blocks are fixed)")
 
     def _validate_protection(self) -> None:
         """The protection keys: checked here so that a typo fails before any model loads."""
@@ -364,6 +373,7 @@ class FaultSpec:
         text = f"{self.fault} {rate} per {unit} on {self.site} of {'+'.join(self.target)} ({layers}, bits={self.bits}, seed={self.seed})"
         if self.storage != "none":
             text += f"; stored as {self.storage}" + (f" (groups of {self.group_size})" if self.storage == "int4" else "")
+            text += f", faults in its {'+'.join(self.fields)}" if self.fields else ""
         return f"{text}; protection: {self.describe_protection()}" if self.protected else text
 
     @property

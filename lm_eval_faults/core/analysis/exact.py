@@ -267,7 +267,7 @@ def check_analysable(spec: FaultSpec) -> None:
     if spec.storage != "none":
         raise FaultSpecError(
             f"analyze: storage={spec.storage!r} is not analysed yet: its figures would be of the stored words (codes, "
-            "scales), not of the weights they decode to; analyze the float model, or measure the storage with a run"
+            "scales, half-precision words), not of the float model's weights; analyze the float model, or measure the storage with a run"
         )
     if not spec.on_weights:
         raise FaultSpecError(

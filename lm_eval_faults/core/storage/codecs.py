@@ -150,6 +150,10 @@ def encoding_of(weight: torch.Tensor, storage: str, group_size: int, name: str) 
     if key not in cache:
         chosen = _CODECS[storage]
         size = chosen.block_size(weight, group_size)
+        if not weight.is_contiguous():
+            raise StorageError(
+                f"storage={storage}: {name} is not contiguous in memory, so its blocks are not its rows; fault it without storage="
+            )
         if weight.dim() == 0 or weight.shape[-1] % size:
             raise StorageError(
                 f"storage={storage}: {name} has last dimension {weight.shape[-1] if weight.dim() else 1}, which blocks of {size} do not divide; "

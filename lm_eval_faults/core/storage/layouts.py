@@ -35,7 +35,7 @@ class BitLayout:
 
     def field(self, name: str) -> tuple[int, ...]:
         """Bit positions of a named field, with an error that lists what this dtype has."""
-        fields = {"all": tuple(range(self.width)), "sign": self.sign}
+        fields = {"all": tuple(range(self.width)), **({"sign": self.sign} if self.sign else {})}  # packed codes have none
         if self.is_float:
             fields.update(exponent=self.exponent, exponent_msb=self.exponent[-1:], mantissa=self.mantissa)
         if name not in fields:
