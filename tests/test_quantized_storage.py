@@ -258,3 +258,6 @@ def test_a_sweep_of_one_storage_has_that_storage_at_p0_as_its_baseline(tmp_path)
     rows = point["storage"].values()
     assert sum(row["stored_bits"] for row in rows) / sum(row["weights"] for row in rows) == pytest.approx(5.0)
     assert sum(row["weights_affected"] for row in rows) > 0
+    from lm_eval_faults.study.sweep_report import build_report
+
+    assert "**Stored as q4_1** (5.00 stored bits per weight)" in build_report(tmp_path).read_text()

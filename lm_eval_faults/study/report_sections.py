@@ -33,6 +33,19 @@ def _retries_note(records: Sequence[Mapping[str, Any]]) -> str:
     return f" {len(retried)} point(s) evaluated again after a Ray actor died ({sum(retried)} retries)." if retried else ""
 
 
+def _storage_lines(base: Mapping[str, Any]) -> list[str]:
+    """The stored form of a `storage=` sweep: its baseline is that storage at p = 0."""
+    summary = base.get("storage")
+    if not summary:
+        return []
+    storage = next(iter(summary.values()))["storage"]
+    bits = sum(row["stored_bits"] for row in summary.values()) / sum(row["weights"] for row in summary.values())
+    return [
+        f"- **Stored as {storage}** ({bits:.2f} stored bits per weight): the baseline is that storage at p = 0, its "
+        "quantization error included; p is the probability per stored bit."
+    ]
+
+
 def header_section(
     records: Sequence[Mapping[str, Any]],
     series: Sequence[Series],
@@ -59,6 +72,7 @@ def header_section(
             "primary metric (acc, else acc_norm, else exact_match, else the first numeric metric)."
         ),
         f"- **Baseline score** (p = 0): {_num(baseline)}.",
+        *_storage_lines(base),
         "- **Relative change** = (baseline − faulty) / baseline; positive means accuracy lost.",
         (
             f"- **AWRCL** = Σ wᵢ·changeᵢ / Σ wᵢ over the p grid, weighting `{weighting}`; "
