@@ -261,3 +261,16 @@ def test_a_sweep_of_one_storage_has_that_storage_at_p0_as_its_baseline(tmp_path)
     from lm_eval_faults.study.sweep_report import build_report
 
     assert "**Stored as q4_1** (5.00 stored bits per weight)" in build_report(tmp_path).read_text()
+
+
+def test_a_storage_map_is_saved_and_its_replay_refused_before_loading(tmp_path):
+    from lm_eval_faults.core.fault_map import FaultMap
+    from lm_eval_faults.harness.preflight import check_fault_files
+
+    path = tmp_path / "m.npz"
+    with inject(tiny_model(), p=3e-3, storage="q4_1", target="mlp", save_map=str(path), seed=2) as faults:
+        assert len(faults.fault_map()) > 0
+    saved = FaultMap.load(path)
+    assert {info.dtype for info in saved.params} <= {"float16", "int4x2"} and all("." in info.name for info in saved.params)
+    with pytest.raises(FaultSpecError, match=r"a map of faults in storage=q4_1's stored fields, which can't be replayed yet"):
+        check_fault_files(FaultSpec(replay=str(path)), {}, None)
