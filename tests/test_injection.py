@@ -236,3 +236,19 @@ def test_fault_maps_are_identical_in_two_processes():
 
     here = hashlib.sha256(b"".join(t.numpy().tobytes() for t in model.state_dict().values())).hexdigest()
     assert other == here
+
+
+@pytest.mark.parametrize("fields", [{}, {"site": "activations"}, {"storage": "q4_1"}], ids=["weights", "activations", "storage"])
+def test_an_injected_model_is_freed_once_its_user_lets_go(fields):
+    """No cache of this package keeps a model alive (the module classification's weak-keyed cache
+    once held its own keys through its values, so no injected model was ever freed)."""
+    import gc
+    import weakref
+
+    model = tiny_model()
+    with inject(model, p=1e-3, target="mlp", **fields):
+        model(torch.zeros(1, 4, dtype=torch.long))
+    alive = weakref.ref(model)
+    del model
+    gc.collect()
+    assert alive() is None

@@ -111,7 +111,9 @@ def decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList] | None:
     return best
 
 
-_classified: weakref.WeakKeyDictionary[nn.Module, tuple[int, dict[str, ModuleSite]]] = weakref.WeakKeyDictionary()
+_CLASSIFIED = "_lm_eval_faults_classified"
+"""Where a model keeps its classified modules: on the model itself. (A weak-keyed cache does not
+work: its values hold the model's modules, so no model was ever freed.)"""
 
 
 def classify_modules(model: nn.Module) -> dict[str, ModuleSite]:
@@ -121,11 +123,11 @@ def classify_modules(model: nn.Module) -> dict[str, ModuleSite]:
     invalidated when the number of modules changes, e.g. when an adapter is added.
     """
     n_modules = sum(1 for _ in model.modules())
-    cached = _classified.get(model)
+    cached = model.__dict__.get(_CLASSIFIED)
     if cached is not None and cached[0] == n_modules:
         return cached[1]
     sites = _classify(model)
-    _classified[model] = (n_modules, sites)
+    model.__dict__[_CLASSIFIED] = (n_modules, sites)
     return sites
 
 

@@ -15,6 +15,7 @@ sweep's points reuse it: faults are undone in its words, which then hold the cle
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -82,7 +83,9 @@ class Encoding:
     """One weight in one storage: its fields' words (1-D, block-major) and its clean values."""
 
     codec: BlockCodec
-    weight: torch.Tensor
+    weight_ref: weakref.ref[torch.Tensor]
+    """The weight, weakly: the weight holds its encodings, so a strong reference back would make
+    a cycle that keeps every model ever encoded alive (a sweep over storages ran out of memory)."""
     block: int
     fields: dict[str, torch.Tensor]
     original: torch.Tensor = field(repr=False)
@@ -94,6 +97,13 @@ class Encoding:
     """Sum of squares of the float weights: the clean error's denominator, computed once."""
     affected: set[int] = field(default_factory=set, repr=False)
     """Flat indices of the weights faults changed since the last install (a scale fault: its group)."""
+
+    @property
+    def weight(self) -> torch.Tensor:
+        weight = self.weight_ref()
+        if weight is None:
+            raise RuntimeError("the weight of this encoding is gone")
+        return weight
 
     @property
     def blocks(self) -> int:
@@ -161,5 +171,5 @@ def encoding_of(weight: torch.Tensor, storage: str, group_size: int, name: str) 
             )
         original = weight.detach().clone()
         fields = chosen.encode(original.reshape(-1, size).float())
-        cache[key] = Encoding(chosen, weight, size, {n: w.reshape(-1).contiguous() for n, w in fields.items()}, original)
+        cache[key] = Encoding(chosen, weakref.ref(weight), size, {n: w.reshape(-1).contiguous() for n, w in fields.items()}, original)
     return cache[key]
