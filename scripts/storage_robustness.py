@@ -22,6 +22,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
+from lm_eval_faults.core.report import stored_bits_per_weight as storage_bits
 from lm_eval_faults.study.grid import SweepConfig
 from lm_eval_faults.study.metrics import baseline_score, baseline_tasks, record_score
 from lm_eval_faults.study.records import load_records
@@ -95,7 +96,7 @@ def stored_bits_per_weight(record: dict) -> float:
     summary = record.get("storage")
     if not summary:
         return 32.0
-    return sum(row["stored_bits"] for row in summary.values()) / sum(row["weights"] for row in summary.values())
+    return storage_bits(summary)
 
 
 def write_table(out: Path, args: argparse.Namespace, task: str, rows: list[tuple]) -> None:

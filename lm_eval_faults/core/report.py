@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 import warnings
 from collections import defaultdict
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -171,6 +171,11 @@ class ReportPart:
                 else:
                     merged[site.name] = SiteStats(**vars(site))
         return cls(merged, per_call=True)
+
+
+def stored_bits_per_weight(summary: Mapping[str, Mapping[str, Any]]) -> float:
+    """Stored bits per weight over the components of a storage summary (`ReportPart.storage`)."""
+    return sum(row["stored_bits"] for row in summary.values()) / sum(row["weights"] for row in summary.values())
 
 
 def _storage_lines(summary: dict[str, Any]) -> list[str]:

@@ -30,7 +30,7 @@ import torch
 from lm_eval_faults.core.faults.device import device_path_mode
 from lm_eval_faults.core.spec import FAULT_KEYS, FaultSpec, FaultSpecError
 from lm_eval_faults.core.storage.codecs import codec
-from lm_eval_faults.core.storage.layouts import LAYOUTS, resolve_bits
+from lm_eval_faults.core.storage.layouts import LAYOUTS, BitLayout, resolve_bits
 
 logger = logging.getLogger(__name__)
 
@@ -183,33 +183,32 @@ def check_against_config(spec: FaultSpec, model_args: Mapping[str, Any], config:
     if layout is None and spec.active:
         supported = ", ".join(lay.name for lay in LAYOUTS.values() if lay.is_float)
         raise FaultSpecError(f"the model runs in {dtype}, which cannot be faulted: choose dtype= one of {supported}")
-    if spec.per_bit and layout is not None:
+    if layout is not None:
+        check_bits(spec, layout, f"the model runs in {layout.name}")
+
+
+def check_bits(spec: FaultSpec, layout: BitLayout, where: str) -> None:
+    """`bits=` (bit faults) and `protect_bits=` against the positions `layout` has; `where` says
+    whose layout it is (the run dtype, or a stored field)."""
+    if spec.per_bit:
         try:
             resolve_bits(layout, spec.bits)
         except ValueError as error:
-            raise FaultSpecError(f"model_args {error} (the model runs in {layout.name})") from None
-    if spec.protect_bits != "none" and layout is not None:
+            raise FaultSpecError(f"model_args {error} ({where})") from None
+    if spec.protect_bits != "none":
         try:
             resolve_bits(layout, spec.protect_bits)
         except ValueError as error:  # resolve_bits names `bits=`; the user wrote protect_bits=
             message = str(error).replace(f"bits={spec.protect_bits!r}", f"protect_bits={spec.protect_bits!r}", 1)
-            raise FaultSpecError(f"model_args {message} (the model runs in {layout.name})") from None
+            raise FaultSpecError(f"model_args {message} ({where})") from None
 
 
 def check_storage(spec: FaultSpec, config: Any) -> None:
     """`storage=`: `bits=`/`protect_bits=` against each stored field's own layout, and the block
     size against the widths the config gives (hidden and intermediate sizes), before loading."""
     chosen = codec(spec.storage)
-    for key in ("bits", "protect_bits"):
-        value = getattr(spec, key)
-        if value in ("all", "none") or (key == "bits" and not spec.per_bit):
-            continue
-        for field_name, layout in chosen.field_layouts.items():
-            try:
-                resolve_bits(layout, value)
-            except ValueError as error:
-                message = str(error).replace("bits=", f"{key}=", 1) if key != "bits" else str(error)
-                raise FaultSpecError(f"model_args {message} (field {field_name!r} of storage={spec.storage})") from None
+    for field_name, layout in chosen.field_layouts.items():
+        check_bits(spec, layout, f"field {field_name!r} of storage={spec.storage}")
     widths = {name: getattr(config, name, None) for name in ("hidden_size", "intermediate_size")}
     for name, width in widths.items():
         if not isinstance(width, int):

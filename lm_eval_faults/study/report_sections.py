@@ -10,6 +10,7 @@ from typing import Any
 
 import numpy as np
 
+from lm_eval_faults.core.report import stored_bits_per_weight
 from lm_eval_faults.study.awrcl import Weighting
 from lm_eval_faults.study.bootstrap import BOOTSTRAP_REPLICATES, Sampling, SeedStats
 from lm_eval_faults.study.collapse import degenerate_requests, is_collapsed
@@ -39,7 +40,7 @@ def _storage_lines(base: Mapping[str, Any]) -> list[str]:
     if not summary:
         return []
     storage = next(iter(summary.values()))["storage"]
-    bits = sum(row["stored_bits"] for row in summary.values()) / sum(row["weights"] for row in summary.values())
+    bits = stored_bits_per_weight(summary)
     return [
         f"- **Stored as {storage}** ({bits:.2f} stored bits per weight): the baseline is that storage at p = 0, its "
         "quantization error included; p is the probability per stored bit."

@@ -78,21 +78,22 @@ class WeightInjector:
     def _storage_summary(self) -> dict[str, dict[str, Any]]:
         """Per component, the stored form of its weights (see `ReportPart.storage`)."""
         component = {id(site.encoding): site.component for site in self.sites if site.encoding is not None}
-        rows: dict[str, dict[str, Any]] = {}
-        norms: dict[str, list[float]] = {}
+        by_component: dict[str, list[Encoding]] = {}
         for encoding in self._installed:
-            name = component[id(encoding)]
-            row = rows.setdefault(name, {"storage": self.spec.storage, "weights": 0, "stored_bits": 0, "weights_affected": 0})
-            row["weights"] += encoding.weight.numel()
-            row["stored_bits"] += encoding.stored_bits()
-            row["weights_affected"] += len(encoding.affected)
-            error, norm = norms.setdefault(name, [0.0, 0.0])
-            norms[name] = [error + encoding.clean_error, norm + encoding.original_norm]
-        for name, row in rows.items():
-            error, norm = norms[name]
-            row["bits_per_weight"] = row["stored_bits"] / row["weights"]
-            row["clean_relative_rms"] = (error / norm) ** 0.5 if norm else 0.0
-        return dict(sorted(rows.items()))
+            by_component.setdefault(component[id(encoding)], []).append(encoding)
+        rows: dict[str, dict[str, Any]] = {}
+        for name, encodings in sorted(by_component.items()):
+            weights, stored = sum(e.weight.numel() for e in encodings), sum(e.stored_bits() for e in encodings)
+            norm = sum(e.original_norm for e in encodings)
+            rows[name] = {
+                "storage": self.spec.storage,
+                "weights": weights,
+                "stored_bits": stored,
+                "weights_affected": sum(e.weights_affected() for e in encodings),
+                "bits_per_weight": stored / weights,
+                "clean_relative_rms": (sum(e.clean_error for e in encodings) / norm) ** 0.5 if norm else 0.0,
+            }
+        return rows
 
     def pause(self) -> contextlib.AbstractContextManager[None]:
         """Weight faults stay while activation faults pause: they are the model's stored state."""

@@ -95,8 +95,9 @@ class Encoding:
     """The clean decoded form, kept after the first install: later installs are one copy."""
     original_norm: float = 0.0
     """Sum of squares of the float weights: the clean error's denominator, computed once."""
-    affected: set[int] = field(default_factory=set, repr=False)
-    """Flat indices of the weights faults changed since the last install (a scale fault: its group)."""
+    affected: list[np.ndarray] = field(default_factory=list, repr=False)
+    """Flat indices of the weights faults changed since the last install (a scale fault: its
+    group), one array per refresh; a weight changed twice is counted once (`weights_affected`)."""
 
     @property
     def weight(self) -> torch.Tensor:
@@ -121,7 +122,7 @@ class Encoding:
             self.clean_error = float(((self.decoded.double() - self.original.double()) ** 2).sum())
             self.original_norm = float((self.original.double() ** 2).sum())
         self.weight.copy_(self.decoded)
-        self.affected = set()
+        self.affected = []
 
     @torch.no_grad()
     def uninstall(self) -> None:
@@ -140,8 +141,12 @@ class Encoding:
         old = rows[index]
         moved = (new != old) & ~(new.isnan() & old.isnan())
         block_of, offset = moved.nonzero(as_tuple=True)
-        self.affected.update((index[block_of] * self.block + offset).tolist())
+        self.affected.append((index[block_of] * self.block + offset).cpu().numpy())
         rows[index] = new
+
+    def weights_affected(self) -> int:
+        """Distinct weights faults changed since the last install."""
+        return len(np.unique(np.concatenate(self.affected))) if self.affected else 0
 
     def stored_bits(self) -> int:
         return sum(words.numel() * self.codec.field_layouts[name].width for name, words in self.fields.items())
