@@ -23,6 +23,7 @@ _LAZY = {
     "analyze": "lm_eval_faults.core",
     "run_sweep": "lm_eval_faults.study.runner",
     "FaultyHFLM": "lm_eval_faults.harness.model",
+    "attach_gguf_storage": "lm_eval_faults.harness.gguf_storage",
 }
 
 __all__ = sorted(_LAZY)

@@ -135,7 +135,7 @@ def test_bits_select_positions_within_a_fields_layout():
 @pytest.mark.parametrize(
     "fields, message",
     [
-        (dict(storage="int3"), r"storage='int3' is invalid: choose none or one of .*int4"),
+        (dict(storage="int3"), r"storage='int3' is invalid: choose none, file \(a GGUF file's own blocks\) or one of .*int4"),
         (dict(storage="int4", group_size=3), r"group_size=3 is invalid"),
         (dict(storage="int4", site="activations"), r"storage='int4' is invalid: storage encodes stored weights"),
         (dict(storage="q4_0", group_size=64), r"group_size=64 is invalid: sets the groups of storage=int4 only"),

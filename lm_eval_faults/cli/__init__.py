@@ -1,4 +1,4 @@
-"""The `lm-eval-faults` command: targets, analyze, sweep, report, bisect, drift, tasks-path.
+"""The `lm-eval-faults` command: targets, analyze, sweep, report, bisect, export, drift, tasks-path.
 
 Evaluation itself stays with lm-eval (`lm_eval --model faulty_hf ...`); these subcommands do
 what lm-eval has no verb for. Each subcommand lives in its own module, imported only when used.
@@ -17,6 +17,7 @@ SUBCOMMANDS = {
     "sweep": ("lm_eval_faults.cli.sweep", "run lm-eval tasks over a grid of fault settings on one loaded model"),
     "report": ("lm_eval_faults.cli.report", "rebuild a sweep's figures and Markdown report from its results file"),
     "bisect": ("lm_eval_faults.cli.bisect", "find the culprit faults: a minimal subset of a damaging fault map"),
+    "export": ("lm_eval_faults.cli.export", "write the faulted model for another engine: a GGUF file (storage=file), else safetensors"),
     "drift": ("lm_eval_faults.cli.drift", "per-sample drift of a faulted lm-eval run against the clean one (--log_samples dirs)"),
     "tasks-path": ("lm_eval_faults.cli.tasks_path", "print the directory of this package's lm-eval task YAMLs"),
 }

@@ -21,7 +21,7 @@ from typing import Any
 from lm_eval_faults.core.faults.kinds import FAULT_KIND_TABLE, FaultKind
 from lm_eval_faults.core.protection.codes import ECC_CODES
 from lm_eval_faults.core.sites.registry import parse_sites, site_names
-from lm_eval_faults.core.storage.codecs import codec_fields, codec_names
+from lm_eval_faults.core.storage.codecs import FILE, codec_fields, codec_names
 
 FAULT_KINDS = {name: kind.description for name, kind in FAULT_KIND_TABLE.items()}
 BIT_FAULTS = tuple(name for name, kind in FAULT_KIND_TABLE.items() if kind.per_bit)
@@ -215,11 +215,13 @@ class FaultSpec:
         """`storage=`: the format the selected weights are encoded into and faulted in."""
         set_ = object.__setattr__
         set_(self, "storage", str(self.storage).strip().lower())
-        if self.storage not in ("none", *codec_names()):
+        if self.storage not in ("none", FILE, *codec_names()):
             raise _error(
                 "storage",
                 self.storage,
-                "choose none or one of " + ", ".join(codec_names()) + " (the README's vocabulary gives each format's layout)",
+                "choose none, file (a GGUF file's own blocks) or one of "
+                + ", ".join(codec_names())
+                + " (the README's vocabulary gives each format's layout)",
             )
         set_(self, "group_size", _integer("group_size", self.group_size))
         if self.group_size < 2 or self.group_size % 2:

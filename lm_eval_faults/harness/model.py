@@ -31,8 +31,10 @@ from lm_eval_faults.core.injectors.activations import Rows
 from lm_eval_faults.core.protection.clamping import ActivationBounds
 from lm_eval_faults.core.report import FaultReport
 from lm_eval_faults.core.spec import FAULT_KEYS, FaultSpec, parse_arg_string, parse_fault_args
+from lm_eval_faults.core.storage.codecs import FILE
 from lm_eval_faults.harness.autoload import COMMAND_LINE_MODEL_ARGS
 from lm_eval_faults.harness.calibration import bounds_key, calibrated_bounds, swapped
+from lm_eval_faults.harness.gguf_storage import attach_gguf_storage, gguf_path
 from lm_eval_faults.harness.lm_eval_silencing import install_quiet_git_hash
 from lm_eval_faults.harness.package_data import demo_model_dir
 from lm_eval_faults.harness.preflight import check_against_config, check_as_written, check_fault_files, check_keys, read_config
@@ -92,6 +94,8 @@ class FaultyHFLM(HFLM):
         super().__init__(pretrained=pretrained, **hf_kwargs)
         install_quiet_git_hash()  # no "fatal: not a git repository" when lm_eval runs outside a checkout
         self._gguf_file = hf_kwargs.get("gguf_file")
+        self._pretrained = pretrained
+        self._file_storage_attached = False
         self._accounting = RequestAccounting(self.world_size, self._faults_report)
         self._scoring_rows = ScoringRows()
         self.print_report = True
@@ -131,6 +135,9 @@ class FaultyHFLM(HFLM):
         """Inject `spec` into the (clean) model, with fresh request counters. Range restriction on
         activations waits, with the model clean, for the first requests to calibrate on."""
         self._accounting.reset()
+        if spec.storage == FILE and not self._file_storage_attached:
+            attach_gguf_storage(self.model, gguf_path(str(self._pretrained), str(self._gguf_file)))
+            self._file_storage_attached = True
         needs_bounds = spec.active and "activations" in spec.clamp and self._activation_bounds is None
         self._pending = spec if needs_bounds else None
         self.injection = Injection.apply(

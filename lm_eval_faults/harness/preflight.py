@@ -29,7 +29,7 @@ import torch
 
 from lm_eval_faults.core.faults.device import device_path_mode
 from lm_eval_faults.core.spec import FAULT_KEYS, FaultSpec, FaultSpecError
-from lm_eval_faults.core.storage.codecs import codec
+from lm_eval_faults.core.storage.codecs import FILE, codec, codec_names
 from lm_eval_faults.core.storage.layouts import LAYOUTS, BitLayout, resolve_bits
 
 logger = logging.getLogger(__name__)
@@ -168,6 +168,11 @@ def check_against_config(spec: FaultSpec, model_args: Mapping[str, Any], config:
     except ValueError as error:
         raise FaultSpecError(str(error)) from None
     check_dtype(model_args)
+    if spec.storage == FILE and not model_args.get("gguf_file"):
+        raise FaultSpecError(
+            "model_args storage=file needs gguf_file=: it faults the blocks of the GGUF file the model is loaded from "
+            "(for a model stored otherwise, choose a simulated storage: " + ", ".join(codec_names()) + ")"
+        )
     if config is None:
         return
     count = layer_count(config)
@@ -175,6 +180,8 @@ def check_against_config(spec: FaultSpec, model_args: Mapping[str, Any], config:
         raise FaultSpecError(
             f"model_args layers={spec.to_dict()['layers']!r} is invalid: this model has {count} decoder layers (0-{count - 1})"
         )
+    if spec.storage == FILE:
+        return  # each file tensor has its own type: its fields' bits are checked as it is faulted
     if spec.storage != "none":
         check_storage(spec, config)
         return

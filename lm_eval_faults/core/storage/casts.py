@@ -1,5 +1,5 @@
-"""Half-precision storage of a float32 model: each weight stored as one float16 or bfloat16
-word, and computed with in the model's own dtype."""
+"""Float storage: each weight stored as one float16 or bfloat16 word (a float32 model stored in
+half precision), computed with in the model's own dtype."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from lm_eval_faults.core.storage.codecs import register_codec
 from lm_eval_faults.core.storage.layouts import LAYOUTS, BitLayout
 
 
-class HalfPrecision:
+class FloatWords:
     def __init__(self, dtype: torch.dtype, bits: str) -> None:
         self.name = LAYOUTS[dtype].name
         self.description = f"each weight one {self.name} word ({bits})"
@@ -28,5 +28,10 @@ class HalfPrecision:
         return fields["values"].float()
 
 
-register_codec(HalfPrecision(torch.float16, "16 bits per weight"))
-register_codec(HalfPrecision(torch.bfloat16, "16 bits per weight"))
+FLOAT_WORDS = {
+    dtype: FloatWords(dtype, f"{LAYOUTS[dtype].width} bits per weight") for dtype in (torch.float32, torch.float16, torch.bfloat16)
+}
+"""Each float dtype stored as itself: float16 and bfloat16 are storages of a float32 model, and
+all three are how a GGUF file stores its float tensors (`storage=file`)."""
+register_codec(FLOAT_WORDS[torch.float16])
+register_codec(FLOAT_WORDS[torch.bfloat16])

@@ -55,11 +55,15 @@ class StorageError(ValueError):
     """A weight that a chosen storage cannot hold (a last dimension its blocks do not divide)."""
 
 
+FILE = "file"
+"""`storage=file`: the stored form a model was loaded from (a GGUF file's own blocks), attached
+to its weights when it loads (`attach_stored_form`), never encoded here."""
+
 _CODECS: dict[str, BlockCodec] = {}
 
 
 def register_codec(codec: BlockCodec) -> BlockCodec:
-    if codec.name in _CODECS or codec.name in ("none", "file"):
+    if codec.name in _CODECS or codec.name in ("none", FILE):
         raise ValueError(f"storage {codec.name!r} is registered already or reserved")
     _CODECS[codec.name] = codec
     return codec
@@ -74,8 +78,10 @@ def codec(name: str) -> BlockCodec:
 
 
 def codec_fields(name: str) -> tuple[str, ...]:
-    """The fields storage `name` stores (what `fields=` and `protect_fields=` may name)."""
-    return tuple(_CODECS[name].field_layouts)
+    """The fields storage `name` stores (what `fields=` and `protect_fields=` may name); a file
+    may hold any registered format's fields."""
+    chosen = list(_CODECS.values()) if name == FILE else [_CODECS[name]]
+    return tuple(dict.fromkeys(field for one in chosen for field in one.field_layouts))
 
 
 @dataclass
@@ -95,6 +101,13 @@ class Encoding:
     """The clean decoded form, kept after the first install: later installs are one copy."""
     original_norm: float = 0.0
     """Sum of squares of the float weights: the clean error's denominator, computed once."""
+    element_positions: torch.Tensor | None = field(default=None, repr=False)
+    """The weight's flat position of each stored element, in stored order; None where they are
+    the same. A GGUF file stores Llama's Q and K rows permuted (llama.cpp's RoPE layout), which
+    transformers undoes when it loads the file."""
+    source: object = field(default=None, repr=False)
+    """Where a stored form came from, for writing it back (a GGUF file's tensor); None when it
+    was encoded here."""
     affected: list[np.ndarray] = field(default_factory=list, repr=False)
     """Flat indices of the weights faults changed since the last install (a scale fault: its
     group), one array per refresh; a weight changed twice is counted once (`weights_affected`)."""
@@ -118,7 +131,10 @@ class Encoding:
         """The model computes with the decoded stored form from now on."""
         if self.decoded is None:  # the fields hold the clean form whenever no injection is applied
             shaped = {name: words.view(self.blocks, -1) for name, words in self.fields.items()}
-            self.decoded = self.codec.decode(shaped).to(self.weight.device, self.weight.dtype).view(self.weight.shape)
+            stored = self.codec.decode(shaped).to(self.weight.device, self.weight.dtype).view(-1)
+            if self.element_positions is not None:
+                stored = torch.empty_like(stored).index_copy_(0, self.element_positions.to(stored.device), stored)
+            self.decoded = stored.view(self.weight.shape)
             self.clean_error = float(((self.decoded.double() - self.original.double()) ** 2).sum())
             self.original_norm = float((self.original.double() ** 2).sum())
         self.weight.copy_(self.decoded)
@@ -136,13 +152,15 @@ class Encoding:
             return
         index = torch.from_numpy(np.unique(np.asarray(positions) // self.words_per_block(name))).to(self.weight.device)
         shaped = {field_name: words.view(self.blocks, -1)[index.to(words.device)] for field_name, words in self.fields.items()}
-        rows = self.weight.view(-1, self.block)
-        new = self.codec.decode(shaped).to(self.weight.device, self.weight.dtype)
-        old = rows[index]
+        new = self.codec.decode(shaped).to(self.weight.device, self.weight.dtype).view(-1)
+        targets = (index[:, None] * self.block + torch.arange(self.block, device=index.device)).view(-1)
+        if self.element_positions is not None:
+            targets = self.element_positions.to(targets.device)[targets]
+        flat = self.weight.view(-1)
+        old = flat[targets]
         moved = (new != old) & ~(new.isnan() & old.isnan())
-        block_of, offset = moved.nonzero(as_tuple=True)
-        self.affected.append((index[block_of] * self.block + offset).cpu().numpy())
-        rows[index] = new
+        self.affected.append(targets[moved].cpu().numpy())
+        flat[targets] = new
 
     def weights_affected(self) -> int:
         """Distinct weights faults changed since the last install."""
@@ -158,10 +176,20 @@ cache keyed by the tensor would keep every model it ever saw alive)."""
 
 
 @torch.no_grad()
+def attach_stored_form(weight: torch.Tensor, encoding: Encoding) -> None:
+    """Give `weight` the stored form it was loaded from: `storage=file` faults it there."""
+    weight.__dict__.setdefault(_CACHE_ATTRIBUTE, {})[(FILE, 0)] = encoding
+
+
 def encoding_of(weight: torch.Tensor, storage: str, group_size: int, name: str) -> Encoding:
     """`weight` encoded in `storage` (once per weight and storage: later calls reuse it)."""
     cache: dict[tuple[str, int], Encoding] = weight.__dict__.setdefault(_CACHE_ATTRIBUTE, {})
-    key = (storage, group_size)
+    key = (storage, 0 if storage == FILE else group_size)
+    if key not in cache and storage == FILE:
+        raise StorageError(
+            f"storage=file: {name} has no stored form from a file (the file does not hold it, or the model was not loaded "
+            "from one); load it with gguf_file=, or narrow target/modules to the weights the file holds"
+        )
     if key not in cache:
         chosen = _CODECS[storage]
         size = chosen.block_size(weight, group_size)

@@ -3,19 +3,20 @@
 `gguf.quants` quantizes and dequantizes each type in numpy; this module only says where each
 field of a block lies in its bytes, so faults hit the real layout: the float16 scale `d` (and
 min `m`), the packed codes `qs`, MXFP4's E8M0 exponent `e`. A block is 32 consecutive weights
-along a row.
+along a row (256 for Q4_K, whose 8 sub-blocks of 32 have 6-bit scales and mins of their own).
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 import numpy as np
 import torch
 from gguf import GGMLQuantizationType, quants
 
 from lm_eval_faults.core.storage.codecs import register_codec
-from lm_eval_faults.core.storage.layouts import LAYOUTS, PACKED_LAYOUTS, BitLayout
+from lm_eval_faults.core.storage.k_quants import quantize_q4_k
+from lm_eval_faults.core.storage.layouts import FIELD_LAYOUTS, LAYOUTS, BitLayout
 
 _NUMPY = {"float16": np.float16, "int8": np.int8}
 
@@ -23,7 +24,14 @@ _NUMPY = {"float16": np.float16, "int8": np.int8}
 class GgufBlocks:
     """One GGUF block type: its fields as (name, layout, bytes) in the block's byte order."""
 
-    def __init__(self, name: str, qtype: GGMLQuantizationType, fields: tuple[tuple[str, BitLayout, int], ...], description: str) -> None:
+    def __init__(
+        self,
+        name: str,
+        qtype: GGMLQuantizationType,
+        fields: tuple[tuple[str, BitLayout, int], ...],
+        description: str,
+        quantize: Callable[[np.ndarray], np.ndarray] | None = None,
+    ) -> None:
         self.name = name
         self.qtype = qtype
         self.description = description
@@ -32,12 +40,21 @@ class GgufBlocks:
         block, type_size = quants.GGML_QUANT_SIZES[qtype]
         assert sum(self._bytes.values()) == type_size, name
         self.block = block
+        self._quantize = quantize or (lambda blocks: quants.quantize(blocks, qtype))
+        """gguf's own quantizer, or one written here where gguf has none (Q4_K)."""
 
     def block_size(self, weight: torch.Tensor, group_size: int) -> int:
         return self.block
 
     def encode(self, blocks: torch.Tensor) -> dict[str, torch.Tensor]:
-        raw = quants.quantize(blocks.detach().cpu().numpy(), self.qtype)
+        return self.split(self._quantize(blocks.detach().cpu().numpy()))
+
+    def decode(self, fields: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        with np.errstate(over="ignore", invalid="ignore"):  # a faulted scale may decode to Inf or NaN: that is the result
+            return torch.from_numpy(quants.dequantize(self.join(fields), self.qtype).astype(np.float32, copy=False))
+
+    def split(self, raw: np.ndarray) -> dict[str, torch.Tensor]:
+        """Blocks as GGUF stores them (bytes [n, type size]) -> each field's words [n, per block]."""
         fields, start = {}, 0
         for field, size in self._bytes.items():
             column = np.ascontiguousarray(raw[:, start : start + size])
@@ -45,13 +62,15 @@ class GgufBlocks:
             fields[field] = torch.from_numpy(column.view(_NUMPY.get(self.field_layouts[field].name, np.uint8)).copy())
         return fields
 
-    def decode(self, fields: Mapping[str, torch.Tensor]) -> torch.Tensor:
-        raw = np.concatenate([fields[field].cpu().numpy().view(np.uint8) for field in self._bytes], axis=1)
-        with np.errstate(over="ignore", invalid="ignore"):  # a faulted scale may decode to Inf or NaN: that is the result
-            return torch.from_numpy(quants.dequantize(raw, self.qtype).astype(np.float32, copy=False))
+    def join(self, fields: Mapping[str, torch.Tensor]) -> np.ndarray:
+        """The inverse of `split`: the blocks' bytes, as a GGUF file stores them."""
+        return np.concatenate([fields[field].cpu().numpy().view(np.uint8).reshape(-1, size) for field, size in self._bytes.items()], axis=1)
 
 
 F16, I8 = LAYOUTS[torch.float16], LAYOUTS[torch.int8]
+GGUF_CODECS: dict[GGMLQuantizationType, GgufBlocks] = {}
+"""Each registered block type by GGUF's own type: how `storage=file` reads a file's blocks."""
+
 for codec in (
     GgufBlocks(
         "q8_0",
@@ -62,20 +81,28 @@ for codec in (
     GgufBlocks(
         "q4_0",
         GGMLQuantizationType.Q4_0,
-        (("scales", F16, 2), ("codes", PACKED_LAYOUTS["int4x2"], 16)),
+        (("scales", F16, 2), ("codes", FIELD_LAYOUTS["int4x2"], 16)),
         "GGUF Q4_0: 32 4-bit codes and a float16 scale per block (4.5 bits per weight)",
     ),
     GgufBlocks(
         "q4_1",
         GGMLQuantizationType.Q4_1,
-        (("scales", F16, 2), ("mins", F16, 2), ("codes", PACKED_LAYOUTS["int4x2"], 16)),
+        (("scales", F16, 2), ("mins", F16, 2), ("codes", FIELD_LAYOUTS["int4x2"], 16)),
         "GGUF Q4_1: 32 4-bit codes, a float16 scale and min per block (5 bits per weight)",
     ),
     GgufBlocks(
         "mxfp4",
         GGMLQuantizationType.MXFP4,
-        (("exponents", PACKED_LAYOUTS["e8m0"], 1), ("codes", PACKED_LAYOUTS["e2m1x2"], 16)),
+        (("exponents", FIELD_LAYOUTS["e8m0"], 1), ("codes", FIELD_LAYOUTS["e2m1x2"], 16)),
         "MXFP4: 32 FP4 (E2M1) codes and one E8M0 shared exponent per block (4.25 bits per weight)",
     ),
+    GgufBlocks(
+        "q4_k",
+        GGMLQuantizationType.Q4_K,
+        (("scales", F16, 2), ("mins", F16, 2), ("sub_scales", FIELD_LAYOUTS["k_scales"], 12), ("codes", FIELD_LAYOUTS["int4x2"], 128)),
+        "GGUF Q4_K: super-blocks of 256, 4-bit codes, 6-bit scales and mins per 32, float16 d and dmin (4.5 bits per weight)",
+        quantize=quantize_q4_k,
+    ),
 ):
+    GGUF_CODECS[codec.qtype] = codec
     register_codec(codec)

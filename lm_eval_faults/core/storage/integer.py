@@ -13,7 +13,7 @@ from collections.abc import Mapping
 import torch
 
 from lm_eval_faults.core.storage.codecs import register_codec
-from lm_eval_faults.core.storage.layouts import LAYOUTS, PACKED_LAYOUTS, BitLayout
+from lm_eval_faults.core.storage.layouts import FIELD_LAYOUTS, LAYOUTS, BitLayout
 
 
 def _fp16(values: torch.Tensor) -> torch.Tensor:
@@ -46,7 +46,7 @@ class Int4Groups:
 
     def __init__(self) -> None:
         self.field_layouts: Mapping[str, BitLayout] = {
-            "codes": PACKED_LAYOUTS["int4x2"],
+            "codes": FIELD_LAYOUTS["int4x2"],
             "scales": LAYOUTS[torch.float16],
             "mins": LAYOUTS[torch.float16],
         }

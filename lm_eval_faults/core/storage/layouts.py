@@ -73,22 +73,28 @@ LAYOUTS: dict[torch.dtype, BitLayout] = {
 }
 
 
-PACKED_LAYOUTS: dict[str, BitLayout] = {
+FIELD_LAYOUTS: dict[str, BitLayout] = {
     layout.name: layout
     for layout in (
         BitLayout("int4x2", torch.uint8, torch.uint8, 8, (), (), ()),
         BitLayout("e8m0", torch.uint8, torch.uint8, 8, (), tuple(range(8)), ()),
         BitLayout("e2m1x2", torch.uint8, torch.uint8, 8, (), (), ()),
+        BitLayout("k_scales", torch.uint8, torch.uint8, 8, (), (), ()),
+        _float_layout("float8_e4m3fn", torch.float8_e4m3fn, torch.int8, 4, 3),
+        _float_layout("float8_e5m2", torch.float8_e5m2, torch.int8, 5, 2),
     )
 }
-"""Words of stored fields that are not a torch dtype of their own: two 4-bit codes packed in a
-byte (low nibble first, as GGUF and GPTQ pack them), two FP4 (E2M1) codes packed likewise, and
-the E8M0 shared exponent of MX blocks (a power of two; 0xFF is NaN)."""
+"""Words only stored fields have (a model never computes in them, so `dtype=` and activation
+faults do not offer them): two 4-bit codes packed in a byte (low nibble first, as GGUF and GPTQ
+pack them; NF4 packs the first code high), two FP4 (E2M1) codes packed likewise, the E8M0 shared
+exponent of MX blocks (a power of two; 0xFF is NaN), the bytes of Q4_K's 6-bit sub-block scales
+and mins (packed as llama.cpp's `get_scale_min_k4` reads them), and the two FP8 formats (E4M3
+has no Inf, and its NaN is S.1111.111; E5M2 is IEEE-like)."""
 
 
 def layout_named(name: str) -> BitLayout | None:
     """The layout a fault map or report names, dtype or packed field alike."""
-    return next((layout for layout in LAYOUTS.values() if layout.name == name), None) or PACKED_LAYOUTS.get(name)
+    return next((layout for layout in LAYOUTS.values() if layout.name == name), None) or FIELD_LAYOUTS.get(name)
 
 
 def layout_of(dtype: torch.dtype) -> BitLayout:

@@ -1,0 +1,158 @@
+"""The storages added after the first eight: FP8 with per-channel scales, NF4, GGUF Q4_K, and
+torchao's quantized tensors faulted in their own fields. Each codec is checked against the
+field's own library (torch's FP8 casts, torchao's NF4 rounding, gguf's Q4_K decoder), and
+crafted single faults move exactly the weights the format says they move."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from gguf import GGMLQuantizationType, quants
+from lm_eval_faults import inject
+from lm_eval_faults.core.storage.codecs import codec, encoding_of
+from lm_eval_faults.core.storage.k_quants import quantize_q4_k
+from lm_eval_faults.core.storage.normal_float import NF4_VALUES, NormalFloat4
+
+from tiny import tiny_model
+
+WIDE = dict(hidden_size=64, intermediate_size=256)
+"""Rows of 64 and 256: NF4's blocks of 64 and Q4_K's super-blocks of 256 divide them."""
+DOWN = "model.layers.1.mlp.down_proj.weight"
+
+
+def _torchao():
+    return pytest.importorskip("torchao.quantization", reason="torchao is an optional reference here")
+
+
+@pytest.mark.parametrize(("storage", "dtype"), [("fp8_e4m3", torch.float8_e4m3fn), ("fp8_e5m2", torch.float8_e5m2)])
+def test_fp8_decodes_to_torchs_cast_of_each_row_scaled_to_the_formats_largest_value(storage, dtype):
+    weight = torch.nn.Parameter(torch.randn(8, 64))
+    encoding = encoding_of(weight, storage, 128, "w")
+    largest = torch.finfo(dtype).max
+    scale = weight.detach().abs().amax(dim=1, keepdim=True) / largest
+    expected = (weight.detach() / scale).to(dtype).float() * scale
+    with torch.no_grad():
+        encoding.install()
+        assert torch.equal(weight.detach(), expected)
+        clean = weight.detach().clone()
+        codes = encoding.fields["codes"].view(torch.int8)
+        exponent_lsb = 3 if dtype == torch.float8_e4m3fn else 2
+        row = encoding.fields["codes"][64:128].float().abs()
+        j = 64 + int(((row > largest / 16) & (row < largest / 4)).nonzero()[0])  # a normal code far from overflow
+        codes[j] ^= 1 << exponent_lsb  # its exponent moves by one: the weight doubles or halves
+        encoding.refresh("codes", np.array([j]))
+        moved = (weight - clean).flatten().nonzero().flatten().tolist()
+        assert moved == [j] and float(weight.flatten()[j] / clean.flatten()[j]) in (2.0, 0.5)
+        encoding.fields["scales"].view(torch.int32)[3] ^= 1 << 31  # a sign flip of row 3's scale
+        encoding.refresh("scales", np.array([3]))
+        assert torch.equal(weight[3], -clean[3]) and torch.equal(weight[[0, 2, 4, 5, 6, 7]], clean[[0, 2, 4, 5, 6, 7]])
+
+
+def test_nf4_codes_and_packing_equal_torchaos_nf4tensor():
+    ao = _torchao()
+    weight = torch.randn(128, 512)  # 1024 blocks: torchao's second-level blocks of 256 divide them
+    reference = ao.NF4Tensor.from_tensor(weight, 64, 256)
+    assert torch.allclose(reference.nf4, torch.tensor(NF4_VALUES), rtol=0, atol=1e-4)  # bitsandbytes' table, to torchao's 4 decimals
+    on_torchaos_table = NormalFloat4(tuple(reference.nf4.tolist()))
+    fields = on_torchaos_table.encode(weight.reshape(-1, 64))
+    assert torch.equal(fields["codes"].reshape(-1), reference.quantized_data)  # the same rounding and packing
+    absmax = weight.reshape(-1, 64).abs().amax(dim=1, keepdim=True)
+    assert torch.equal(fields["scales"], absmax)
+    table = reference.nf4
+    expected = (table[reference.quantized_data.long() >> 4], table[reference.quantized_data.long() & 0xF])
+    decoded = on_torchaos_table.decode(fields).reshape(-1, 2)
+    assert torch.equal(decoded[:, 0], (expected[0].reshape(-1, 32) * absmax).reshape(-1))
+    assert torch.equal(decoded[:, 1], (expected[1].reshape(-1, 32) * absmax).reshape(-1))
+
+
+def test_an_nf4_absmax_fault_scales_its_block_of_64_and_a_code_fault_one_weight():
+    weight = torch.nn.Parameter(torch.randn(2, 128))
+    encoding = encoding_of(weight, "nf4", 128, "w")
+    with torch.no_grad():
+        encoding.install()
+        clean = weight.detach().clone()
+        encoding.fields["scales"].view(torch.int32)[2] ^= 1 << 23  # exponent LSB: block 2 (weights 128..191) by 2x or 0.5x
+        encoding.refresh("scales", np.array([2]))
+        moved = set((weight - clean).flatten().nonzero().flatten().tolist())
+        assert moved and moved <= set(range(128, 192))
+        ratios = (weight.flatten()[128:192] / clean.flatten()[128:192])[clean.flatten()[128:192] != 0]
+        assert set(ratios.tolist()) <= {2.0, 0.5}
+        encoding.fields["scales"].view(torch.int32)[2] ^= 1 << 23
+        encoding.refresh("scales", np.array([2]))
+        encoding.fields["codes"][0] ^= 1 << 4  # the first code of the first byte is its high nibble
+        encoding.refresh("codes", np.array([0]))
+        assert (weight - clean).flatten().nonzero().flatten().tolist() == [0]
+
+
+def test_q4_k_blocks_decode_through_ggufs_own_dequantizer_and_its_fields_are_the_layout():
+    rows = np.random.default_rng(0).normal(0, 0.02, (16, 256)).astype(np.float32)
+    raw = quantize_q4_k(rows)
+    assert raw.shape == (16, quants.GGML_QUANT_SIZES[GGMLQuantizationType.Q4_K][1])
+    reference = quants.dequantize(raw, GGMLQuantizationType.Q4_K)
+    chosen = codec("q4_k")
+    fields = chosen.encode(torch.from_numpy(rows))
+    assert {name: tuple(words.shape) for name, words in fields.items()} == {
+        "scales": (16, 1),
+        "mins": (16, 1),
+        "sub_scales": (16, 12),
+        "codes": (16, 128),
+    }
+    assert np.array_equal(chosen.decode(fields).numpy(), reference)
+    error = np.sqrt(((reference - rows) ** 2).mean() / (rows**2).mean())
+    assert error < 0.1  # 4.5 bits per weight
+    crafted = chosen.split(raw.copy())
+    crafted["sub_scales"][0, 0] ^= 1  # sub-block 0's 6-bit scale: only weights 0..31 of block 0 move
+    moved = np.flatnonzero(chosen.decode(crafted).numpy().reshape(-1) != reference.reshape(-1))
+    assert len(moved) and set(moved.tolist()) <= set(range(32))
+
+
+@pytest.mark.parametrize("storage", ["fp8_e4m3", "nf4", "q4_k"])
+def test_new_storages_fault_every_field_at_p_per_stored_bit_and_restore_exactly(storage):
+    model = tiny_model(**WIDE)
+    clean = {name: p.detach().clone() for name, p in model.named_parameters()}
+    p = 2e-3
+    with inject(model, p=p, storage=storage, target="mlp", modules="down_proj", seed=5) as faults:
+        sites = faults.report.weights
+        bits = sum(site.eligible_bits for site in sites)
+        hit = sum(site.fault_bits for site in sites)
+        assert abs(hit - p * bits) < 5 * math.sqrt(p * bits)
+        assert {site.name.rpartition(".")[2] for site in sites} == set(codec(storage).field_layouts)
+        assert not torch.equal(model.get_parameter(DOWN), clean[DOWN])
+    assert all(torch.equal(p_, clean[name]) for name, p_ in model.named_parameters())
+
+
+def test_a_torchao_int8_weight_is_faulted_in_its_qdata_scale_and_zero_point_and_restored():
+    ao = _torchao()
+    model = tiny_model()
+    ao.quantize_(model, ao.Int8WeightOnlyConfig())
+    weight = model.get_parameter(DOWN)
+    stored = {name: getattr(weight, name).clone() for name in ("qdata", "scale", "zero_point")}
+    tokens = torch.randint(0, 100, (2, 8))
+    with torch.no_grad():
+        clean = model(tokens).logits
+        with inject(model, p=1e-2, target="mlp", seed=1) as faults:
+            names = {site.name for site in faults.report.weights}
+            assert {f"{DOWN}.qdata", f"{DOWN}.scale", f"{DOWN}.zero_point"} <= names
+            hit = {site.name.rpartition(".")[2]: site.changed_elements for site in faults.report.weights if site.name.startswith(DOWN)}
+            assert hit["qdata"] == int((weight.qdata != stored["qdata"]).sum()) > 0
+            assert not torch.equal(model(tokens).logits, clean)
+        assert all(torch.equal(getattr(weight, name), value) for name, value in stored.items())
+        assert torch.equal(model(tokens).logits, clean)
+
+
+def test_a_torchao_int8_code_fault_moves_its_weight_by_two_to_the_k_scales():
+    ao = _torchao()
+    layer = torch.nn.Sequential(torch.nn.Linear(64, 8))
+    ao.quantize_(layer, ao.Int8WeightOnlyConfig())
+    weight = layer[0].weight
+    before = weight.dequantize()
+    with torch.no_grad():
+        code = int(weight.qdata.view(-1)[70])
+        weight.qdata.view(-1)[70] ^= 1 << 5  # what a fault in this field writes, in place
+    moved = (weight.dequantize() - before).view(-1)
+    assert moved.nonzero().flatten().tolist() == [70]
+    step = 2**5 * float(weight.scale.view(-1)[1])
+    assert math.isclose(abs(float(moved[70])), step, rel_tol=1e-6) and (int(weight.qdata.view(-1)[70]) > code) == (float(moved[70]) > 0)
