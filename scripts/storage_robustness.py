@@ -32,10 +32,13 @@ ROOT = Path(__file__).resolve().parents[1]
 SMOLLM = "pretrained=../shared/models/smollm2-135m-instruct,gguf_file=SmolLM2-135M-Instruct.Q4_1.gguf,dtype=float32"
 MODELS = {
     "demo": ("", "faults_demo", "none,float16,bfloat16,int8,int4:32,int4:64,q8_0,q4_0,q4_1,mxfp4"),
-    "smollm2": (SMOLLM, "faults_facts", "none,bfloat16,float16,int8,int4:32,int4:64,q8_0,q4_1,mxfp4"),
+    "smollm2": (SMOLLM, "faults_facts", "none,bfloat16,float16,fp8_e4m3,int8,int4:32,int4:64,nf4,q8_0,q4_1,mxfp4,file"),
 }
 """Per model: model_args (relative to the repository root), task, storages. SmolLM2's hidden size
-576 is not a multiple of 128, so its int4 groups are 32 and 64."""
+576 is not a multiple of 128 or 256, so its int4 groups are 32 and 64, and Q4_K's super-blocks of
+256 do not fit it (llama.cpp stores such tensors in another type); `file` is the GGUF file's own
+blocks (Q4_1, with Q8_0 for the embedding and F32 norms), where `q4_1` re-quantizes the loaded
+weights."""
 TOLERANCE = 0.05
 
 
@@ -44,6 +47,8 @@ def storage_args(item: str) -> tuple[str, str]:
     name, _, group = item.partition(":")
     if name == "none":
         return "float32 (the model's own)", ""
+    if name == "file":
+        return "the GGUF file's own blocks (Q4_1 + Q8_0 + F32)", "storage=file"
     return (f"{name} (groups of {group})" if group else name), f"storage={name}" + (f",group_size={group}" if group else "")
 
 
@@ -68,7 +73,11 @@ def main() -> None:
     args = parser.parse_args()
     model_args, task, storages = MODELS[args.model]
     out = args.out or ROOT / "docs" / "storage" / args.model
-    rows, curves = [], {}
+    saved = out / "curves.json"
+    curves = {  # the storages not run this time keep the points of their last run
+        label: (curve["bits_per_weight"], [tuple(point) for point in curve["points"]], curve["clean"])
+        for label, curve in (json.loads(saved.read_text()).items() if saved.is_file() else ())
+    }
     for item in (args.storages or storages).split(","):
         label, fault_args = storage_args(item)
         config = SweepConfig(model_args=model_args, tasks=task, p=args.p, seeds=args.seeds, fault_args=fault_args, limit=args.limit)
@@ -84,9 +93,13 @@ def main() -> None:
         points = [(p, sum(scores) / len(scores)) for p, scores in sorted(by_p.items())]
         faulty = next(record for record in records if not record.get("baseline"))
         bits_per_weight = stored_bits_per_weight(faulty)
+        curves[label] = (bits_per_weight, points, clean)
+    order = [storage_args(item)[0] for item in storages.split(",")]
+    curves = dict(sorted(curves.items(), key=lambda item: order.index(item[0]) if item[0] in order else len(order)))
+    rows = []
+    for label, (bits_per_weight, points, clean) in curves.items():
         best = tolerated(points, clean)
         rows.append((label, clean, bits_per_weight, best, None if best is None else best * bits_per_weight))
-        curves[label] = (bits_per_weight, points, clean)
     write_table(out, args, task, rows)
     write_figure(out, curves)
 

@@ -263,14 +263,23 @@ def test_a_sweep_of_one_storage_has_that_storage_at_p0_as_its_baseline(tmp_path)
     assert "**Stored as q4_1** (5.00 stored bits per weight)" in build_report(tmp_path).read_text()
 
 
-def test_a_storage_map_is_saved_and_its_replay_refused_before_loading(tmp_path):
+@pytest.mark.parametrize("storage", ["q4_1", "int8", "nf4"])
+def test_a_storage_map_names_weight_field_and_word_and_replays_to_the_same_weights(tmp_path, storage):
     from lm_eval_faults.core.fault_map import FaultMap
-    from lm_eval_faults.harness.preflight import check_fault_files
 
     path = tmp_path / "m.npz"
-    with inject(tiny_model(), p=3e-3, storage="q4_1", target="mlp", save_map=str(path), seed=2) as faults:
-        assert len(faults.fault_map()) > 0
+    model = tiny_model()
+    clean = _weights(model)
+    with inject(model, p=3e-3, storage=storage, target="mlp", modules="down_proj", save_map=str(path), seed=2) as faults:
+        faulted = _weights(model)
+        fields = faults.report.to_dict()["weights"]["storage"]
     saved = FaultMap.load(path)
-    assert {info.dtype for info in saved.params} <= {"float16", "int4x2"} and all("." in info.name for info in saved.params)
-    with pytest.raises(FaultSpecError, match=r"a map of faults in storage=q4_1's stored fields, which can't be replayed yet"):
-        check_fault_files(FaultSpec(replay=str(path)), {}, None)
+    assert all(info.name.rpartition(".")[2] in ("scales", "mins", "codes") for info in saved.params)
+    assert all(info.name.rpartition(".")[0].endswith("down_proj.weight") for info in saved.params)
+    with inject(model, replay=str(path)) as replayed:  # the map's spec says the storage: no storage= needed
+        assert all(torch.equal(p_, faulted[name]) or (p_.isnan() == faulted[name].isnan()).all() for name, p_ in model.named_parameters())
+        assert replayed.report.to_dict()["weights"]["storage"].keys() == fields.keys()
+        assert sum(s.changed_elements for s in replayed.report.weights) == len(saved)
+    assert all(torch.equal(p_, clean[name]) for name, p_ in model.named_parameters())
+    with pytest.raises(FaultSpecError, match=r"replay=.* is invalid: a map replays in the storage it was saved in"):
+        FaultSpec(replay=str(path), storage=storage)

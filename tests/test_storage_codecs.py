@@ -156,3 +156,35 @@ def test_a_torchao_int8_code_fault_moves_its_weight_by_two_to_the_k_scales():
     assert moved.nonzero().flatten().tolist() == [70]
     step = 2**5 * float(weight.scale.view(-1)[1])
     assert math.isclose(abs(float(moved[70])), step, rel_tol=1e-6) and (int(weight.qdata.view(-1)[70]) > code) == (float(moved[70]) > 0)
+
+
+def test_the_report_has_a_row_per_stored_field_that_adds_up_to_its_components():
+    model = tiny_model()
+    with inject(model, p=3e-3, storage="q4_1", target="mlp", seed=2) as faults:
+        (row,) = faults.report.to_dict()["weights"]["storage"].values()
+        sites = faults.report.weights
+        fields = row["fields"]
+        assert set(fields) == {"scales", "mins", "codes"}
+        assert sum(f["eligible_bits"] for f in fields.values()) == row["stored_bits"] == sum(s.eligible_bits for s in sites)
+        assert sum(f["bits_hit"] for f in fields.values()) == sum(s.fault_bits for s in sites)
+        assert row["faults_per_weight"] == sum(s.fault_bits for s in sites) / row["weights"]
+        assert fields["codes"]["weights_affected"] <= fields["codes"]["words_changed"] * 2  # a byte holds two codes
+        assert fields["scales"]["weights_affected"] <= fields["scales"]["words_changed"] * 32  # a scale, its block
+        assert (
+            max(f["weights_affected"] for f in fields.values())
+            <= row["weights_affected"]
+            <= sum(f["weights_affected"] for f in fields.values())
+        )
+        assert "field scales" in faults.report.format_table()
+
+
+def test_a_scale_turned_inf_is_counted_as_its_blocks_weights_made_non_finite():
+    weight = torch.nn.Parameter(torch.randn(2, 64))
+    encoding = encoding_of(weight, "q4_1", 128, "w")
+    with torch.no_grad():
+        encoding.install()
+        encoding.fields["scales"].view(torch.int16)[1] = 0x7C00  # +Inf: block 1's weights are Inf, or NaN where the code is 0
+        encoding.refresh("scales", np.array([1]))
+    largest, created = encoding.damage("scales")
+    assert created == 32 == int((~weight.detach().isfinite()).sum()) and largest == math.inf
+    assert encoding.damage("codes") == (0.0, 0)

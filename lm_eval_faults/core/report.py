@@ -132,8 +132,9 @@ class ReportPart:
     per_call: bool = False
     settle: Callable[[], None] | None = None
     storage: Callable[[], dict[str, Any]] | None = None
-    """With simulated storage (`storage=`): per component, its weights, stored bits, weights the
-    faults changed, and the clean quantization error; shown under the part's `storage` key."""
+    """With simulated storage (`storage=`): per component, its weights, stored bits, faults per
+    weight, weights the faults changed (the largest relative change, the non-finite ones), the
+    clean quantization error, and the same per stored field; shown under the part's `storage` key."""
 
     def sites(self) -> list[SiteStats]:
         if self.settle is not None:
@@ -179,12 +180,22 @@ def stored_bits_per_weight(summary: Mapping[str, Mapping[str, Any]]) -> float:
 
 
 def _storage_lines(summary: dict[str, Any]) -> list[str]:
-    """The stored form per component: bits per weight, weights the faults changed, the clean error."""
-    return [
-        f"stored as {row['storage']} ({component}): {row['bits_per_weight']:.2f} bits per weight, "
-        f"{row['weights_affected']:,} of {row['weights']:,} weights changed by faults, clean relative RMS error {row['clean_relative_rms']:.2e}"
-        for component, row in summary.items()
-    ]
+    """The stored form per component (bits and faults per weight, weights the faults changed, the
+    clean error), then a row per stored field."""
+    lines = []
+    for component, row in summary.items():
+        clean = "the file is the reference" if row["storage"] == "file" else f"clean relative RMS error {row['clean_relative_rms']:.2e}"
+        lines.append(
+            f"stored as {row['storage']} ({component}): {row['bits_per_weight']:.2f} bits and {row.get('faults_per_weight', 0.0):.2e} "
+            f"faults per weight, {row['weights_affected']:,} of {row['weights']:,} weights changed by faults, {clean}"
+        )
+        for field_name, stats in row.get("fields", {}).items():
+            lines.append(
+                f"  field {field_name:<10} ({stats['layout']}): {stats['eligible_bits']:,} bits, {stats['bits_hit']:,} hit, "
+                f"{stats['words_changed']:,} words changed, {stats['weights_affected']:,} weights moved, "
+                f"largest change {stats['largest_relative_change']:.3g} RMS, {stats['nonfinite_created']:,} made non-finite"
+            )
+    return lines
 
 
 def _layer_label(site: SiteStats) -> str:

@@ -245,7 +245,7 @@ class FaultSpec:
             if not self.on_weights:
                 raise _error("storage", self.storage, "storage encodes stored weights; use site=weights or weights+activations")
             if self.replay is not None:
-                raise _error("replay", self.replay, "a map of simulated storage can't be replayed yet; drop storage= or replay=")
+                raise _error("replay", self.replay, "a map replays in the storage it was saved in (its spec says which); drop storage=")
             if self.ecc == "parity" or (self.ecc == "secded" and self.ecc_policy == "zero"):
                 raise _error(
                     "ecc",

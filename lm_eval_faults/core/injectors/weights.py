@@ -24,7 +24,7 @@ from lm_eval_faults.core.random.streams import site_key, spec_key
 from lm_eval_faults.core.report import ReportPart, SiteStats
 from lm_eval_faults.core.sampling.host import Hits
 from lm_eval_faults.core.sites.registry import SiteKind, register_site
-from lm_eval_faults.core.sites.targets import ParamSite, all_param_sites, select_params
+from lm_eval_faults.core.sites.targets import ParamSite, all_param_sites, encoded_sites, select_params
 from lm_eval_faults.core.spec import FaultSpec
 from lm_eval_faults.core.storage.codecs import Encoding
 from lm_eval_faults.core.storage.layouts import BitLayout, resolve_bits
@@ -73,25 +73,42 @@ class WeightInjector:
         self.stats = self.apply_map(fault_map) if fault_map is not None else self.apply(progress=progress)
 
     def part(self) -> ReportPart:
-        return ReportPart(self.stats, storage=self._storage_summary if self._installed else None)
+        """The report of what `attach` did; a storage summary is taken now, while the faults are
+        in (it reads the faulted weights, which `restore` gives back)."""
+        if not self._installed:
+            return ReportPart(self.stats)
+        summary = self._storage_summary()
+        return ReportPart(self.stats, storage=lambda: summary)
 
     def _storage_summary(self) -> dict[str, dict[str, Any]]:
-        """Per component, the stored form of its weights (see `ReportPart.storage`)."""
-        component = {id(site.encoding): site.component for site in self.sites if site.encoding is not None}
-        by_component: dict[str, list[Encoding]] = {}
-        for encoding in self._installed:
-            by_component.setdefault(component[id(encoding)], []).append(encoding)
+        """Per component, the stored form of its weights, and per stored field what its faults
+        did (see `ReportPart.storage`)."""
+        by_component: dict[str, dict[int, Encoding]] = {}
+        fields: dict[str, dict[str, list[tuple[ParamSite, SiteStats]]]] = {}
+        counted = {stats.name: stats for stats in self.stats}  # a replay counts only the tensors its map names
+        for site in self.sites:
+            if site.encoding is not None:
+                stats = counted.get(site.name) or self._site_stats(site)
+                by_component.setdefault(site.component, {})[id(site.encoding)] = site.encoding
+                fields.setdefault(site.component, {}).setdefault(site.field_name, []).append((site, stats))
         rows: dict[str, dict[str, Any]] = {}
-        for name, encodings in sorted(by_component.items()):
+        for name, chosen in sorted(by_component.items()):
+            encodings = list(chosen.values())
             weights, stored = sum(e.weight.numel() for e in encodings), sum(e.stored_bits() for e in encodings)
             norm = sum(e.original_norm for e in encodings)
+            largest, created = _damage(encodings, None)
+            hit = sum(stats.fault_bits for members in fields[name].values() for _, stats in members)
             rows[name] = {
                 "storage": self.spec.storage,
                 "weights": weights,
                 "stored_bits": stored,
-                "weights_affected": sum(e.weights_affected() for e in encodings),
                 "bits_per_weight": stored / weights,
+                "faults_per_weight": hit / weights,
+                "weights_affected": sum(e.weights_affected() for e in encodings),
+                "largest_relative_change": largest,
+                "nonfinite_created": created,
                 "clean_relative_rms": (sum(e.clean_error for e in encodings) / norm) ** 0.5 if norm else 0.0,
+                "fields": {field: _field_row(members) for field, members in fields[name].items()},
             }
         return rows
 
@@ -234,6 +251,7 @@ class WeightInjector:
         word is checked before anything is written, so a foreign or stale map changes nothing."""
         if self._undo:
             raise RuntimeError("faults are already applied; call restore() first")
+        self.sites = self.sites + self._stored_fields(fault_map)
         by_name = {name: index for index, site in enumerate(self.sites) for name in site.names}
         plan = []
         for number, info in enumerate(fault_map.params):
@@ -258,11 +276,15 @@ class WeightInjector:
                 )
             plan.append((site, layout, access, rows))
         stats = []
+        self._install()
         with torch.no_grad():
             for site, layout, access, rows in plan:
                 positions, old, new = fault_map.index[rows], fault_map.old[rows], fault_map.new[rows]
                 self._undo.append(UndoEntry(site, access, positions, old, new))
                 access.write(positions, new)
+                encoding = self.sites[site].encoding
+                if encoding is not None:
+                    encoding.refresh(self.sites[site].field_name, positions)
                 site_stats = self._site_stats(self.sites[site])
                 site_stats.expected_elements = float(len(rows))  # a replay is deterministic: it expects what it holds
                 site_stats.expected_bits = float(np.bitwise_count(old ^ new).sum())
@@ -270,6 +292,21 @@ class WeightInjector:
                 count_by_site(FaultBatch(hits, old ^ new, old, new), 1, layout).add_to([site_stats])
                 stats.append(site_stats)
         return stats
+
+    def _stored_fields(self, fault_map: FaultMap) -> list[ParamSite]:
+        """With a map saved under `storage=`, the stored fields its rows name ("<weight>.<field>"),
+        encoded as the map's spec says: only the weights the map touches are encoded."""
+        storage = str(fault_map.spec.get("storage", "none"))
+        if storage == "none":
+            return []
+        spec = FaultSpec(storage=storage, group_size=int(fault_map.spec.get("group_size", 128)))
+        plain = {name: site for site in self.sites for name in site.names}
+        wanted = {info.name.rpartition(".")[0] for info in fault_map.params}
+        missing = sorted(name for name in wanted if name not in plain)
+        if missing:
+            raise FaultMapError(f"fault map parameter {missing[0]!r} (stored as {storage}) is not a weight of this model")
+        chosen = {id(plain[name]): plain[name] for name in wanted}.values()
+        return [field for site in chosen for field in encoded_sites(site, spec)]
 
     def restore(self) -> None:
         """Write the original words back: the model is bit-identical to before `apply` (a simulated
@@ -286,6 +323,28 @@ class WeightInjector:
         self._installed = list({id(site.encoding): site.encoding for site in self.sites if site.encoding is not None}.values())
         for encoding in self._installed:
             encoding.install()
+
+
+def _damage(encodings: list[Encoding], field: str | None) -> tuple[float, int]:
+    """The largest relative weight change and the non-finite weights created, over encodings."""
+    damage = [encoding.damage(field) for encoding in encodings]
+    return max((largest for largest, _ in damage), default=0.0), sum(created for _, created in damage)
+
+
+def _field_row(members: list[tuple[ParamSite, SiteStats]]) -> dict[str, Any]:
+    """One stored field of one component: its bits, faults, changed words, and the weights they moved."""
+    encodings = list({id(site.encoding): site.encoding for site, _ in members if site.encoding is not None}.values())
+    field = members[0][0].field_name
+    largest, created = _damage(encodings, field)
+    return {
+        "layout": members[0][0].layout.name,
+        "eligible_bits": sum(stats.eligible_bits for _, stats in members),
+        "bits_hit": sum(stats.fault_bits for _, stats in members),
+        "words_changed": sum(stats.changed_elements for _, stats in members),
+        "weights_affected": sum(encoding.weights_affected(field) for encoding in encodings),
+        "largest_relative_change": largest,
+        "nonfinite_created": created,
+    }
 
 
 def _concatenate(parts: list[np.ndarray]) -> np.ndarray:

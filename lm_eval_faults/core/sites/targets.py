@@ -258,10 +258,10 @@ def select_params(model: nn.Module, spec: FaultSpec) -> list[ParamSite]:
         raise UnsupportedStorageError(
             f"selected weights have dtypes {', '.join(unsupported)}, which cannot be faulted; supported: {supported}"
         )
-    return sites if spec.storage == "none" else [part for site in sites for part in _encoded_sites(site, spec)]
+    return sites if spec.storage == "none" else [part for site in sites for part in encoded_sites(site, spec)]
 
 
-def _encoded_sites(site: ParamSite, spec: FaultSpec) -> list[ParamSite]:
+def encoded_sites(site: ParamSite, spec: FaultSpec) -> list[ParamSite]:
     """A selected weight as the fields of its encoding in `spec.storage`, one site each."""
     encoding = encoding_of(site.param, spec.storage, spec.group_size, site.name)
     return [

@@ -15,6 +15,7 @@ sweep's points reuse it: faults are undone in its words, which then hold the cle
 
 from __future__ import annotations
 
+import math
 import weakref
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -108,9 +109,9 @@ class Encoding:
     source: object = field(default=None, repr=False)
     """Where a stored form came from, for writing it back (a GGUF file's tensor); None when it
     was encoded here."""
-    affected: list[np.ndarray] = field(default_factory=list, repr=False)
-    """Flat indices of the weights faults changed since the last install (a scale fault: its
-    group), one array per refresh; a weight changed twice is counted once (`weights_affected`)."""
+    affected: dict[str, list[np.ndarray]] = field(default_factory=dict, repr=False)
+    """Per field, flat indices of the weights its faults changed since the last install (a scale
+    fault: its group), one array per refresh; a weight changed twice is counted once."""
 
     @property
     def weight(self) -> torch.Tensor:
@@ -138,7 +139,7 @@ class Encoding:
             self.clean_error = float(((self.decoded.double() - self.original.double()) ** 2).sum())
             self.original_norm = float((self.original.double() ** 2).sum())
         self.weight.copy_(self.decoded)
-        self.affected = []
+        self.affected = {}
 
     @torch.no_grad()
     def uninstall(self) -> None:
@@ -159,12 +160,34 @@ class Encoding:
         flat = self.weight.view(-1)
         old = flat[targets]
         moved = (new != old) & ~(new.isnan() & old.isnan())
-        self.affected.append(targets[moved].cpu().numpy())
+        self.affected.setdefault(name, []).append(targets[moved].cpu().numpy())
         flat[targets] = new
 
-    def weights_affected(self) -> int:
-        """Distinct weights faults changed since the last install."""
-        return len(np.unique(np.concatenate(self.affected))) if self.affected else 0
+    def changed_weights(self, name: str | None = None) -> np.ndarray:
+        """Distinct flat indices of the weights faults changed since the last install: those of
+        field `name`'s faults, or of any field's."""
+        parts = [part for field_name, arrays in self.affected.items() if name in (None, field_name) for part in arrays]
+        return np.unique(np.concatenate(parts)) if parts else np.empty(0, dtype=np.int64)
+
+    def weights_affected(self, name: str | None = None) -> int:
+        return len(self.changed_weights(name))
+
+    @torch.no_grad()
+    def damage(self, name: str | None = None) -> tuple[float, int]:
+        """Over the weights `changed_weights(name)`: the largest change as a multiple of the clean
+        weights' RMS (relative to each weight's own value, a weight that decodes to nearly zero
+        would make any change look enormous; Inf where a finite weight became non-finite), and how
+        many finite weights the faults made non-finite (an fp16 scale turned Inf or NaN)."""
+        index = self.changed_weights(name)
+        if not len(index) or self.decoded is None:
+            return 0.0, 0
+        where = torch.from_numpy(index).to(self.weight.device)
+        now, clean = self.weight.view(-1)[where].double(), self.decoded.view(-1)[where].double()
+        created = int((~now.isfinite() & clean.isfinite()).sum())
+        rms = math.sqrt(self.original_norm / self.weight.numel()) or 1.0
+        measured = clean.isfinite() & now.isfinite()
+        largest = float((now - clean)[measured].abs().max()) / rms if bool(measured.any()) else 0.0
+        return (math.inf if created else largest), created
 
     def stored_bits(self) -> int:
         return sum(words.numel() * self.codec.field_layouts[name].width for name, words in self.fields.items())
