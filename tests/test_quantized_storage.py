@@ -283,3 +283,30 @@ def test_a_storage_map_names_weight_field_and_word_and_replays_to_the_same_weigh
     assert all(torch.equal(p_, clean[name]) for name, p_ in model.named_parameters())
     with pytest.raises(FaultSpecError, match=r"replay=.* is invalid: a map replays in the storage it was saved in"):
         FaultSpec(replay=str(path), storage=storage)
+
+
+def test_bisection_of_a_storage_map_names_the_culprits_fields():
+    from lm_eval_faults.core.injection import Injection
+    from lm_eval_faults.core.sites.targets import all_param_sites
+    from lm_eval_faults.study.bisect import bisect
+
+    model = tiny_model()
+    with inject(model, p=0, storage="q4_1", target="mlp", modules="down_proj"):
+        decoded = model.get_parameter(MLP).detach().clone()
+    with inject(model, p=2e-3, storage="q4_1", target="mlp", modules="down_proj", seed=3) as faults:
+        fault_map = faults.fault_map()
+
+    def score(subset):  # 1 for the clean stored form, falling with the largest weight change
+        injection = (
+            inject(model, p=0, storage="q4_1", target="mlp", modules="down_proj") if subset is None else Injection.replay(model, subset)
+        )
+        with injection:
+            change = float((model.get_parameter(MLP).detach() - decoded).abs().nan_to_num(1e9).max())
+        return 1 / (1 + change)
+
+    sites = {name: (site.component, site.layer) for site in all_param_sites(model) for name in site.names}
+    outcome = bisect(fault_map, score, score(fault_map) + 0.01, sites)  # damage: as bad as the whole map, nearly
+    assert outcome.culprits and outcome.clean_score == 1.0
+    assert all(
+        c.param.rpartition(".")[2] in ("scales", "mins", "codes") and c.component == "mlp" and c.layer == 1 for c in outcome.culprits
+    )

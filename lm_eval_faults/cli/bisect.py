@@ -66,9 +66,15 @@ def main(args: argparse.Namespace) -> int:
     first, more = expected_evaluations(len(fault_map))
     line = ProgressLine("lm-eval-faults bisect", first, unit="trials", approximate=True, regrow=more)
 
+    storage = str(fault_map.spec.get("storage", "none"))
+    clean = FaultSpec(storage=storage, group_size=int(fault_map.spec.get("group_size", 128)))  # a storage's clean form at p=0
+
     def score(subset: FaultMap | None) -> float:
         with quiet_lm_eval():  # the replay's "injecting faults" bar too
-            lm.replay_faults(subset)
+            if subset is None:
+                lm.set_faults(clean)
+            else:
+                lm.replay_faults(subset)
             value = evaluation_score(lm, tasks, task_manager, args.limit)
         line.advance(f"{0 if subset is None else len(subset)} faults -> {value:.4g}")
         return value
@@ -114,10 +120,6 @@ def check_inputs(args: argparse.Namespace, model_args: dict[str, Any], tasks: li
     spec = to_spec(args.fault_args) if args.fault_args else None
     if spec is not None and not (spec.active and spec.on_weights):
         raise FaultSpecError(f"--fault_args {args.fault_args!r} draws no weight faults: bisection needs a map of weight faults")
-    if spec is not None and spec.storage != "none":
-        raise FaultSpecError(
-            f"--fault_args storage={spec.storage}: bisection replays maps, and a simulated storage's map can't be replayed yet"
-        )
     if spec is not None:
         load_args = {"pretrained": str(demo_model_dir()), **model_args}
         check_against_config(spec, load_args, read_config(load_args))

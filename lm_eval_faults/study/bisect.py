@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 
 from lm_eval_faults.core.fault_map import FaultMap
-from lm_eval_faults.core.storage.layouts import LAYOUTS, word_value
+from lm_eval_faults.core.storage.layouts import layout_named, word_value
 
 
 def minimal_failing_subset(indices: np.ndarray, fails: Callable[[np.ndarray], bool]) -> np.ndarray:
@@ -184,9 +184,11 @@ def bisect(
     outcome.rest_score = subset_score(rest)
     for fault in found:
         info = fault_map.params[int(fault_map.param[fault])]
-        layout = next(layout for layout in LAYOUTS.values() if layout.name == info.dtype)
+        layout = layout_named(info.dtype)
+        assert layout is not None  # a loaded map's dtypes are checked
         old, new = int(fault_map.old[fault]), int(fault_map.new[fault])
-        component, layer = sites.get(info.name, ("?", None))
+        stored = fault_map.spec.get("storage", "none") != "none"  # rows name "<weight>.<field>"
+        component, layer = sites.get(info.name.rpartition(".")[0] if stored else info.name, ("?", None))
         outcome.culprits.append(
             Culprit(
                 param=info.name,

@@ -479,12 +479,12 @@ def _check_spec(spec: FaultSpec, lm: FaultyHFLM) -> None:
     from lm_eval_faults.core.sites.targets import select_modules, select_params
     from lm_eval_faults.core.storage.layouts import layout_of, resolve_bits
 
-    dtypes = set()
+    layouts = set()
     if spec.on_weights:
-        dtypes |= {site.param.dtype for site in select_params(lm.model, spec)}
+        layouts |= {site.layout for site in select_params(lm.model, spec)}  # a stored field's own layout
     if spec.on_activations:
         select_modules(lm.model, spec)
-        dtypes.add(lm.model.dtype)
+        layouts.add(layout_of(lm.model.dtype))
     if spec.per_bit and spec.active:
-        for dtype in dtypes:
-            resolve_bits(layout_of(dtype), spec.bits)
+        for layout in layouts:
+            resolve_bits(layout, spec.bits)
