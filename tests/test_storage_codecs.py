@@ -188,3 +188,15 @@ def test_a_scale_turned_inf_is_counted_as_its_blocks_weights_made_non_finite():
     largest, created = encoding.damage("scales")
     assert created == 32 == int((~weight.detach().isfinite()).sum()) and largest == math.inf
     assert encoding.damage("codes") == (0.0, 0)
+
+
+@pytest.mark.parametrize("storage", ["int8", "nf4", "fp8_e4m3"])
+def test_tied_weights_are_one_stored_form_faulted_once(storage):
+    model = tiny_model(tie_word_embeddings=True, hidden_size=64)
+    assert model.get_parameter("lm_head.weight") is model.get_parameter("model.embed_tokens.weight")
+    with inject(model, p=1e-3, storage=storage, target="embedding+lm_head", seed=1) as faults:
+        sites = faults.report.weights
+        assert all(site.name.startswith("model.embed_tokens.weight.") for site in sites)
+        assert all(site.shared_with == [f"lm_head.weight.{site.name.rpartition('.')[2]}"] for site in sites)
+        (row,) = faults.report.to_dict()["weights"]["storage"].values()
+        assert row["weights"] == model.get_parameter("lm_head.weight").numel()  # counted once
