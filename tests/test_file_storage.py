@@ -103,3 +103,21 @@ def test_a_weight_without_a_stored_form_from_a_file_is_refused_by_name():
 
     with pytest.raises(StorageError, match="has no stored form from a file"):
         inject(tiny_model(), p=1e-3, storage="file", target="mlp")
+
+
+def test_a_safetensors_export_reloads_to_the_faulted_weights(tmp_path):
+    from lm_eval_faults.cli import main
+    from lm_eval_faults.harness.loading import load_model
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / "faulted"
+    assert main(["export", "--model_args", "p=1e-3,target=mlp,seed=4", "--out", str(out)]) == 0
+    reloaded = AutoModelForCausalLM.from_pretrained(out).eval()
+    model = load_model({})
+    with inject(model, p=1e-3, target="mlp", seed=4):
+        expected = {name: p.detach().clone() for name, p in model.named_parameters()}
+    changed = [name for name, p in model.named_parameters() if not _same(p, expected[name])]
+    assert changed and all(".mlp." in name for name in changed)
+    assert all(_same(p, expected[name]) for name, p in reloaded.named_parameters())
+    assert (out / "tokenizer_config.json").is_file()
+    assert main(["export", "--model_args", "p=1e-3", "--out", str(out)]) == 2  # not an empty folder: refused, nothing written
