@@ -198,12 +198,12 @@ _CACHE_ATTRIBUTE = "_lm_eval_faults_encodings"
 cache keyed by the tensor would keep every model it ever saw alive)."""
 
 
-@torch.no_grad()
 def attach_stored_form(weight: torch.Tensor, encoding: Encoding) -> None:
     """Give `weight` the stored form it was loaded from: `storage=file` faults it there."""
     weight.__dict__.setdefault(_CACHE_ATTRIBUTE, {})[(FILE, 0)] = encoding
 
 
+@torch.no_grad()
 def encoding_of(weight: torch.Tensor, storage: str, group_size: int, name: str) -> Encoding:
     """`weight` encoded in `storage` (once per weight and storage: later calls reuse it)."""
     cache: dict[tuple[str, int], Encoding] = weight.__dict__.setdefault(_CACHE_ATTRIBUTE, {})
