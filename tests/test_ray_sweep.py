@@ -13,6 +13,7 @@ import argparse
 import json
 import logging
 import sys
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +30,7 @@ CONFIG = SweepConfig(
     model_args=f"pretrained={demo_model_dir()}", tasks="faults_demo", p="1e-3,1e-2", targets="attention,mlp", device="cpu", limit=8
 )
 EXPECTED = [point.point_id for point in plan_points(CONFIG, None)]
+EXPECTED_STORAGE_POINT = "bitflip|weights|all|all|p=0.003|seed=0"
 RUN_ONLY = ("elapsed_s", "retries")
 """Record fields that describe the run rather than the result."""
 
@@ -99,6 +101,19 @@ def test_a_ray_sweep_writes_the_single_process_records_point_for_point(ray_insta
     resumed = run_sweep(tmp_path, CONFIG, **in_process, report=False, progress=False)
     assert resumed.skipped == [point_id for point_id in EXPECTED if point_id in kept] and len(resumed.ran) == 2
     _assert_same_results(tmp_path, reference)
+
+
+@pytest.mark.slow
+def test_a_storage_sweep_on_ray_writes_the_single_process_records(ray_instance, in_process, tmp_path):
+    """Each actor encodes its own model into the storage; the faults and scores are the same as in one process."""
+    config = replace(CONFIG, targets="all", p="3e-3", fault_args="storage=q4_1")
+    run_sweep(tmp_path / "local", config, **in_process, report=False, progress=False)
+    run_sweep(tmp_path / "ray", config, ray=_ray(), report=False, progress=False)
+    local, on_ray = _by_id(tmp_path / "local"), _by_id(tmp_path / "ray")
+    assert sorted(on_ray) == sorted(local) == ["baseline", EXPECTED_STORAGE_POINT]
+    for point_id, expected in local.items():
+        assert {k: v for k, v in on_ray[point_id].items() if k not in RUN_ONLY} == {k: v for k, v in expected.items() if k not in RUN_ONLY}
+    assert sum(row["weights_affected"] for row in on_ray[EXPECTED_STORAGE_POINT]["storage"].values()) > 0
 
 
 @pytest.mark.slow

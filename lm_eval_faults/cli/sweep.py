@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 from dataclasses import fields
+from pathlib import Path
 
 from lm_eval_faults.core.sites.registry import site_names
 from lm_eval_faults.core.spec import FAULT_KINDS, FaultSpecError
@@ -44,6 +45,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--protections",
         default="none",
         help="protection schemes, one series each, separated by ';': none;protect_bits=exponent_msb;ecc=secded;protect=norm+lm_head",
+    )
+    grid.add_argument(
+        "--storages",
+        default=None,
+        help="storage formats, one sweep each under RUN_DIR/<storage>/ plus RUN_DIR/storages.md comparing them, separated by ';': "
+        "none;int8;int4,group_size=32;q4_1 (the float model, none, is always one of them)",
     )
     grid.add_argument("--fault_args", default="", help="fault keys fixed across the grid, e.g. bits=exponent or value_range=-1:1")
     evaluation = parser.add_argument_group("lm-eval options")
@@ -106,6 +113,15 @@ def main(args: argparse.Namespace) -> int:
     try:
         config = config_from_args(args)
         ray = ray_options_from_args(args)
+        if args.storages is not None:
+            from lm_eval_faults.study.storage_sweeps import run_storage_sweeps  # matplotlib only for this comparison
+            from lm_eval_faults.study.storage_table import TABLE_FILE
+
+            curves = run_storage_sweeps(
+                args.run_dir, config, args.storages, ray=ray, report=not args.no_report, progress=not args.no_progress
+            )
+            print(f"lm-eval-faults sweep: {len(curves)} storages compared in {Path(args.run_dir) / TABLE_FILE}", file=sys.stderr)
+            return 0
         outcome = run_sweep(args.run_dir, config, ray=ray, report=not args.no_report, progress=not args.no_progress)
     except (SweepConfigError, FaultSpecError) as err:  # FaultSpecError: a typo of a fault key in --model_args
         print(f"lm-eval-faults sweep: {err}", file=sys.stderr)
