@@ -10,7 +10,7 @@ import pytest
 import torch
 from gguf import GGUFReader
 from lm_eval_faults import attach_gguf_storage, inject
-from lm_eval_faults.core.spec import FaultSpecError
+from lm_eval_faults.core.spec import FaultSpec, FaultSpecError
 from lm_eval_faults.core.storage.codecs import StorageError, encoding_of
 from lm_eval_faults.core.storage.gguf_file import write_gguf
 
@@ -121,3 +121,18 @@ def test_a_safetensors_export_reloads_to_the_faulted_weights(tmp_path):
     assert all(_same(p, expected[name]) for name, p in reloaded.named_parameters())
     assert (out / "tokenizer_config.json").is_file()
     assert main(["export", "--model_args", "p=1e-3", "--out", str(out)]) == 2  # not an empty folder: refused, nothing written
+
+
+def test_a_sweeps_storage_file_points_are_checked_against_the_files_blocks(smollm_dir):
+    """A sweep loads the model once, clean and in float, then checks what each point selects: a
+    storage=file point selects the file's blocks (Q4_1 codes, scales, mins), so they are attached
+    for the check rather than the float weights being refused as having no stored form."""
+    from lm_eval_faults.harness.model import FaultyHFLM
+    from lm_eval_faults.study.grid import SweepConfigError, SweepPoint, check_selections
+
+    lm = FaultyHFLM(pretrained=str(smollm_dir), gguf_file=SMOLLM_GGUF, dtype="float32", device="cpu")
+    file_points = [SweepPoint("p0", FaultSpec(storage="file", p=1e-6, target=("attention",)))]
+    check_selections(file_points, lm)
+    assert encoding_of(lm.model.model.layers[0].self_attn.q_proj.weight, "file", 128, "q_proj").fields
+    with pytest.raises(SweepConfigError, match="20"):  # Q4_1's scales and mins are float16: bits 0-15
+        check_selections([SweepPoint("p1", FaultSpec(storage="file", p=1e-6, bits="20", fields=("scales",)))], lm)

@@ -128,7 +128,7 @@ class FaultyHFLM(HFLM):
             return self.set_faults(FaultSpec())
         self.injection.restore()
         self._accounting.reset()
-        self._attach_file_storage(str(fault_map.spec.get("storage", "none")))
+        self.prepare_storage(str(fault_map.spec.get("storage", "none")))
         self.injection = Injection.replay(self.model, fault_map)
         return self.injection
 
@@ -136,7 +136,7 @@ class FaultyHFLM(HFLM):
         """Inject `spec` into the (clean) model, with fresh request counters. Range restriction on
         activations waits, with the model clean, for the first requests to calibrate on."""
         self._accounting.reset()
-        self._attach_file_storage(spec.storage if spec.replay is None else str(FaultMap.load(spec.replay).spec.get("storage", "none")))
+        self.prepare_storage(spec.storage if spec.replay is None else str(FaultMap.load(spec.replay).spec.get("storage", "none")))
         needs_bounds = spec.active and "activations" in spec.clamp and self._activation_bounds is None
         self._pending = spec if needs_bounds else None
         self.injection = Injection.apply(
@@ -144,9 +144,10 @@ class FaultyHFLM(HFLM):
         )
         return self.injection
 
-    def _attach_file_storage(self, storage: str) -> None:
-        """Before the first `storage=file` injection (or replay of one's map): give the weights the
-        blocks of the GGUF file they were loaded from."""
+    def prepare_storage(self, storage: str) -> None:
+        """Before the first `storage=file` injection, replay of one's map, or check of what a
+        sweep's `storage=file` points select: give the weights the blocks of the GGUF file they
+        were loaded from (once; the blocks stay attached, unfaulted, for later points)."""
         if storage == FILE and not self._file_storage_attached:
             attach_gguf_storage(self.model, gguf_path(str(self._pretrained), str(self._gguf_file)))
             self._file_storage_attached = True

@@ -462,7 +462,7 @@ def check_selections(points: list[SweepPoint], lm: FaultyHFLM) -> None:
     checked: set[tuple[Any, ...]] = set()
     messages: set[str] = set()
     for spec in (point.spec for point in points):
-        key = (spec.site, spec.target, spec.layers, spec.modules, spec.fault, spec.bits, spec.active)
+        key = (spec.site, spec.target, spec.layers, spec.modules, spec.fault, spec.bits, spec.active, spec.storage, spec.group_size, spec.fields)
         if key in checked:
             continue
         checked.add(key)
@@ -479,6 +479,7 @@ def _check_spec(spec: FaultSpec, lm: FaultyHFLM) -> None:
     from lm_eval_faults.core.sites.targets import select_modules, select_params
     from lm_eval_faults.core.storage.layouts import layout_of, resolve_bits
 
+    lm.prepare_storage(spec.storage)  # storage=file: the file's blocks are what a point selects
     layouts = set()
     if spec.on_weights:
         layouts |= {site.layout for site in select_params(lm.model, spec)}  # a stored field's own layout
