@@ -4,23 +4,32 @@ from __future__ import annotations
 
 import argparse
 import json
+from collections.abc import Callable
+from contextlib import ExitStack
 from typing import Any
 
 from lm_eval_faults.cli.paths import check_output_path, prepare_output_path
 from lm_eval_faults.core.analysis.exact import analyze, check_analysable
 from lm_eval_faults.core.analysis.protected import expected_nonfinite
 from lm_eval_faults.core.spec import FAULT_KEYS, PROTECTION_KEYS, FaultSpec, FaultSpecError, parse_arg_string, parse_fault_args, to_spec
+from lm_eval_faults.core.storage.codecs import FILE
 from lm_eval_faults.core.text_table import Column, text_table
+from lm_eval_faults.harness.gguf_storage import attach_gguf_storage, gguf_path
 from lm_eval_faults.harness.loading import LOAD_KEYS, load_model
 from lm_eval_faults.harness.package_data import demo_model_dir
 from lm_eval_faults.harness.preflight import check_against_config, read_config
+from lm_eval_faults.study.progress import ProgressLine
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("pretrained", nargs="?", help="model path or hub id (default: the embedded demo model)")
     parser.add_argument("--model_args", default="", help="p=1e-7,target=attention[,dtype=float16,gguf_file=F,bits=exponent,...]")
     parser.add_argument(
-        "--threshold", type=float, default=None, help="magnitude counted as 'huge' (default: half the dtype's largest finite value)"
+        "--threshold",
+        type=float,
+        default=None,
+        help="magnitude counted as 'huge' (default: half the dtype's largest finite value); under storage=, a weight's move "
+        "in RMS of its tensor (default 10)",
     )
     parser.add_argument("--json", default=None, help="also write the full analysis (per site) to this JSON file")
     parser.add_argument(
@@ -40,6 +49,13 @@ def main(args: argparse.Namespace) -> int:
     check_analysable(spec)
     check_output_path("--json", args.json)
     schemes = [item.strip() for item in (args.protections or "").split(";") if item.strip()]
+    if schemes and spec.storage != "none":
+        raise FaultSpecError(
+            f"analyze: --protections compares schemes on float weights, not under storage={spec.storage}; give one scheme's "
+            "keys in --model_args (protect_fields=scales, protect_bits=...) to analyse the stored fields under it"
+        )
+    if spec.storage != "none":
+        schemes = []  # under storage=, protect_fields= and protect_bits= are part of the stored analysis itself
     if spec.protected and not schemes:
         schemes = [",".join(f"{key}={value}" for key, value in model_args.items() if key in PROTECTION_KEYS)]
     base = {key: value for key, value in model_args.items() if key in FAULT_KEYS and key not in PROTECTION_KEYS}
@@ -49,7 +65,10 @@ def main(args: argparse.Namespace) -> int:
     for scheme_spec_ in scheme_specs:
         check_against_config(scheme_spec_, load_config, config)
     model = load_model(load_args, spec)
-    analysis = analyze(model, spec, threshold=args.threshold)
+    if spec.storage == FILE:
+        attach_gguf_storage(model, gguf_path(str(load_config["pretrained"]), str(load_args.get("gguf_file"))))
+    with ExitStack() as stack:
+        analysis = analyze(model, spec, threshold=args.threshold, progress=_progress_line(stack))
     print(analysis.format_table())
     if schemes:
         print(protection_table(model, base, schemes))
@@ -57,6 +76,19 @@ def main(args: argparse.Namespace) -> int:
         with open(prepare_output_path(args.json), "w") as handle:
             json.dump(analysis.to_dict(), handle, indent=2)
     return 0
+
+
+def _progress_line(stack: ExitStack) -> Callable[[str, int], None]:
+    """One progress line over the stored fields, drawn from the first one done (a stored
+    analysis decodes the model many times; a float one never calls it)."""
+    line: list[ProgressLine] = []
+
+    def advance(name: str, total: int) -> None:
+        if not line:
+            line.append(stack.enter_context(ProgressLine("lm-eval-faults analyze", total, unit="stored fields")))
+        line[0].advance(name)
+
+    return advance
 
 
 def scheme_spec(base: dict[str, Any], scheme: str) -> FaultSpec:

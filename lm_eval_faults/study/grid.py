@@ -462,7 +462,18 @@ def check_selections(points: list[SweepPoint], lm: FaultyHFLM) -> None:
     checked: set[tuple[Any, ...]] = set()
     messages: set[str] = set()
     for spec in (point.spec for point in points):
-        key = (spec.site, spec.target, spec.layers, spec.modules, spec.fault, spec.bits, spec.active, spec.storage, spec.group_size, spec.fields)
+        key = (
+            spec.site,
+            spec.target,
+            spec.layers,
+            spec.modules,
+            spec.fault,
+            spec.bits,
+            spec.active,
+            spec.storage,
+            spec.group_size,
+            spec.fields,
+        )
         if key in checked:
             continue
         checked.add(key)

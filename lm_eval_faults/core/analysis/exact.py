@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import math
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -35,6 +36,7 @@ import torch
 from torch import nn
 
 from lm_eval_faults.core.analysis.risk import RiskModel, bit_rates, count_log, log1m
+from lm_eval_faults.core.analysis.stored import StoredAnalysis, analyze_stored, check_storage_analysable
 from lm_eval_faults.core.analysis.word_stats import WordStats, word_stats
 from lm_eval_faults.core.sampling.host import element_rate
 from lm_eval_faults.core.sites.targets import ParamSite, select_params
@@ -265,10 +267,7 @@ def check_analysable(spec: FaultSpec) -> None:
             "run that replays it), or analyze the spec it was drawn from"
         )
     if spec.storage != "none":
-        raise FaultSpecError(
-            f"analyze: storage={spec.storage!r} is not analysed yet: its figures would be of the stored words (codes, "
-            "scales, half-precision words), not of the float model's weights; analyze the float model, or measure the storage with a run"
-        )
+        check_storage_analysable(spec)
     if not spec.on_weights:
         raise FaultSpecError(
             f"analyze: site={spec.site!r} is invalid here: analyze covers faults in the stored weights, and activation "
@@ -286,15 +285,22 @@ def analysis_notes(spec: FaultSpec) -> list[str]:
     return notes
 
 
-def analyze(model: nn.Module, spec: FaultSpec | str, threshold: float | None = None) -> Analysis:
+def analyze(
+    model: nn.Module, spec: FaultSpec | str, threshold: float | None = None, progress: Callable[[str, int], None] | None = None
+) -> Analysis | StoredAnalysis:
     """Expected damage of weight faults under `spec`, computed exactly from the stored words.
 
     `threshold` is the magnitude above which a finite value counts as "huge" (default: half the
-    dtype's largest finite value). Activation faults are not analysed: their operands are not
-    known before a run; a spec on activations alone, or a replay, is refused (`check_analysable`).
+    dtype's largest finite value); under `storage=`, the move in RMS of the weight's tensor (see
+    `analysis.stored`, which analyses each stored field). Activation faults are not analysed:
+    their operands are not known before a run; a spec on activations alone, or a replay, is
+    refused (`check_analysable`). `progress` is the stored analysis's (`analyze_stored`), which
+    decodes the model many times; the float analysis takes seconds and does not call it.
     """
     spec = to_spec(spec)
     check_analysable(spec)
+    if spec.storage != "none":
+        return analyze_stored(model, spec, threshold, progress)
     analysis = Analysis(spec)
     with torch.no_grad():
         for site in select_params(model, spec):

@@ -12,6 +12,8 @@ from lm_eval_faults.core.storage.layouts import LAYOUTS, BitLayout
 
 
 class FloatWords:
+    coupled_fields: frozenset[str] = frozenset()
+
     def __init__(self, dtype: torch.dtype, bits: str) -> None:
         self.name = LAYOUTS[dtype].name
         self.description = f"each weight one {self.name} word ({bits})"

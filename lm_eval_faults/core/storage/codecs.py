@@ -32,6 +32,10 @@ class BlockCodec(Protocol):
 
     name: str
     description: str
+    coupled_fields: frozenset[str]
+    """Fields of which one weight reads several words of its block (Q4_K's 6-bit sub-scales and
+    mins, packed across 12 bytes); in every other field a weight reads one word (its code, its
+    block's scale), which is what lets `analysis.stored` flip a bit in all of a field's words at once."""
 
     @property
     def field_layouts(self) -> Mapping[str, BitLayout]:

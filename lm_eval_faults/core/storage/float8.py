@@ -18,6 +18,8 @@ from lm_eval_faults.core.storage.layouts import FIELD_LAYOUTS, LAYOUTS, BitLayou
 
 
 class Float8PerChannel:
+    coupled_fields: frozenset[str] = frozenset()
+
     def __init__(self, name: str, dtype: torch.dtype) -> None:
         self.name = name
         self._dtype = dtype

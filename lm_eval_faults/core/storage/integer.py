@@ -22,6 +22,8 @@ def _fp16(values: torch.Tensor) -> torch.Tensor:
 
 
 class Int8PerChannel:
+    coupled_fields: frozenset[str] = frozenset()
+
     name = "int8"
     description = "int8 codes, symmetric, one float16 scale per output channel (8.x bits per weight)"
 
@@ -41,6 +43,8 @@ class Int8PerChannel:
 
 
 class Int4Groups:
+    coupled_fields: frozenset[str] = frozenset()
+
     name = "int4"
     description = "4-bit codes packed two per byte, float16 scale and min per group of group_size (4 + 32/group_size bits per weight)"
 

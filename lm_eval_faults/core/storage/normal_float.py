@@ -40,6 +40,8 @@ rounds it to four decimals)."""
 
 
 class NormalFloat4:
+    coupled_fields: frozenset[str] = frozenset()
+
     name = "nf4"
     description = "NF4 (QLoRA): 4-bit indices into a normal-quantile table, one float32 absmax per block of 64 (4.5 bits per weight)"
     block = 64
