@@ -1,10 +1,12 @@
 """Eval time and peak memory of `faulty_hf` (p=0 and p=1e-5) against lm-eval's own `hf`.
 
-    python bench/bench_eval.py [--repeats 3] [--model DIR] [--tasks faults_demo]
+    python bench/bench_eval.py [--repeats 3] [--model DIR] [--tasks faults_demo] [--storages "int4,group_size=32;q4_1"]
 
 Each configuration is one whole `lm_eval` process; the three run in turn (A B C A B C ...) so
 machine drift hits all alike, and each process's peak RSS comes from the kernel (`wait4`).
-Prints medians and the ratios to `hf`. Default model: SmolLM2-135M-Instruct from ../shared/models
+Prints medians and the ratios to `hf`. `--storages` adds `faulty_hf` at p=0 under each storage
+(";"-separated `storage=` values with their keys): the model computes with the decoded stored
+form, so this is the cost of encoding it once and holding its fields beside the float weights. Default model: SmolLM2-135M-Instruct from ../shared/models
 (converted once from GGUF to safetensors in a temporary directory), else the embedded demo model.
 """
 
@@ -62,6 +64,7 @@ def main() -> None:
     parser.add_argument("--model", default=None)
     parser.add_argument("--tasks", default="faults_demo")
     parser.add_argument("--batch_size", default="16")
+    parser.add_argument("--storages", default="", help='e.g. "int4,group_size=32;q4_1": faulty_hf at p=0 under each')
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as workdir:
         model = prepare_model(args.model, Path(workdir))
@@ -71,6 +74,8 @@ def main() -> None:
             "faulty_hf p=0": [*base, "--model", "faulty_hf", "--model_args", f"pretrained={model},p=0"],
             "faulty_hf p=1e-5": [*base, "--model", "faulty_hf", "--model_args", f"pretrained={model},p=1e-5"],
         }
+        for storage in filter(None, (item.strip() for item in args.storages.split(";"))):
+            configs[f"storage={storage} p=0"] = [*base, "--model", "faulty_hf", "--model_args", f"pretrained={model},p=0,storage={storage}"]
         print(f"model: {model}; tasks: {args.tasks}; {args.repeats} runs each, interleaved")
         samples: dict[str, list[tuple[float, float]]] = {name: [] for name in configs}
         for _ in range(args.repeats):
@@ -78,11 +83,12 @@ def main() -> None:
                 samples[name].append(run_once(command))
     reference_wall = statistics.median(w for w, _ in samples["hf"])
     reference_rss = statistics.median(r for _, r in samples["hf"])
-    print(f"{'config':<20}{'wall s (median)':>16}{'peak RSS MiB':>14}{'wall / hf':>11}{'RSS / hf':>10}")
+    width = max(20, *(len(name) + 2 for name in samples))
+    print(f"{'config':<{width}}{'wall s (median)':>16}{'peak RSS MiB':>14}{'wall / hf':>11}{'RSS / hf':>10}")
     for name, runs in samples.items():
         wall = statistics.median(w for w, _ in runs)
         rss = statistics.median(r for _, r in runs)
-        print(f"{name:<20}{wall:>16.2f}{rss:>14.0f}{wall / reference_wall:>11.3f}{rss / reference_rss:>10.3f}")
+        print(f"{name:<{width}}{wall:>16.2f}{rss:>14.0f}{wall / reference_wall:>11.3f}{rss / reference_rss:>10.3f}")
 
 
 if __name__ == "__main__":
