@@ -54,9 +54,7 @@ def main(args: argparse.Namespace) -> int:
             f"analyze: --protections compares schemes on float weights, not under storage={spec.storage}; give one scheme's "
             "keys in --model_args (protect_fields=scales, protect_bits=...) to analyse the stored fields under it"
         )
-    if spec.storage != "none":
-        schemes = []  # under storage=, protect_fields= and protect_bits= are part of the stored analysis itself
-    if spec.protected and not schemes:
+    if spec.protected and not schemes and spec.storage == "none":  # under storage=, the stored analysis applies them itself
         schemes = [",".join(f"{key}={value}" for key, value in model_args.items() if key in PROTECTION_KEYS)]
     base = {key: value for key, value in model_args.items() if key in FAULT_KEYS and key not in PROTECTION_KEYS}
     scheme_specs = [scheme_spec(base, scheme) for scheme in schemes]  # a bad scheme fails before the model loads

@@ -25,7 +25,6 @@ so its cost does not grow with the model.
 
 from __future__ import annotations
 
-import math
 from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -35,7 +34,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from lm_eval_faults.core.analysis.risk import RiskModel, bit_rates, count_log, log1m
+from lm_eval_faults.core.analysis.risk import AtLeastOne, RiskModel, bit_rates, count_log, log1m
 from lm_eval_faults.core.analysis.stored import StoredAnalysis, analyze_stored, check_storage_analysable
 from lm_eval_faults.core.analysis.word_stats import WordStats, word_stats
 from lm_eval_faults.core.sampling.host import element_rate
@@ -51,7 +50,7 @@ from lm_eval_faults.core.text_table import Column, text_table
 
 
 @dataclass
-class Expectation:
+class Expectation(AtLeastOne):
     """Expected damage at one site or group of sites.
 
     `hit_elements` counts fault events as the injector reports them (a stuck bit that already
@@ -72,16 +71,6 @@ class Expectation:
     huge: float = 0.0
     log_no_nonfinite: float = 0.0
     log_no_bad: float = 0.0
-
-    @property
-    def p_any_nonfinite(self) -> float:
-        """P(at least one element becomes NaN or Inf)."""
-        return 0.0 - math.expm1(self.log_no_nonfinite)
-
-    @property
-    def p_any_bad(self) -> float:
-        """P(at least one element becomes NaN, Inf or huge)."""
-        return 0.0 - math.expm1(self.log_no_bad)
 
     @property
     def huge_share(self) -> float | None:

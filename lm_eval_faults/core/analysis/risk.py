@@ -271,6 +271,25 @@ def count_log(count: np.ndarray, log_probability: float) -> np.ndarray:
         return np.where(count > 0, count * log_probability, 0.0)
 
 
+class AtLeastOne:
+    """P(at least one weight goes bad), for an expectation that carries sums of log(1 - p) over
+    its independent events (`log_no_nonfinite`, `log_no_bad`): sums add across sites and fields,
+    probabilities do not."""
+
+    log_no_nonfinite: float
+    log_no_bad: float
+
+    @property
+    def p_any_nonfinite(self) -> float:
+        """P(at least one element becomes NaN or Inf)."""
+        return 0.0 - math.expm1(self.log_no_nonfinite)
+
+    @property
+    def p_any_bad(self) -> float:
+        """P(at least one element becomes NaN, Inf or huge)."""
+        return 0.0 - math.expm1(self.log_no_bad)
+
+
 def log_of(probability: float) -> float:
     return math.log(probability) if probability > 0 else -math.inf
 

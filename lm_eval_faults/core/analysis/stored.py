@@ -37,6 +37,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from lm_eval_faults.core.analysis.risk import AtLeastOne, log1m
 from lm_eval_faults.core.protection.schemes import backed_up, protected_positions
 from lm_eval_faults.core.sites.targets import ParamSite, select_params
 from lm_eval_faults.core.spec import FaultSpec, FaultSpecError
@@ -54,7 +55,7 @@ CHUNK_WEIGHTS = 1 << 20
 
 
 @dataclass
-class FieldExpectation:
+class FieldExpectation(AtLeastOne):
     """Expected damage from faults in one stored field (or a sum of fields).
 
     `words` and `eligible_bits` count the field's stored words and the bits that can be hit.
@@ -75,14 +76,6 @@ class FieldExpectation:
     huge: float = 0.0
     log_no_nonfinite: float = 0.0
     log_no_bad: float = 0.0
-
-    @property
-    def p_any_nonfinite(self) -> float:
-        return 0.0 - math.expm1(self.log_no_nonfinite)
-
-    @property
-    def p_any_bad(self) -> float:
-        return 0.0 - math.expm1(self.log_no_bad)
 
     def add(self, other: FieldExpectation) -> None:
         for name in asdict(self):
@@ -250,10 +243,7 @@ def analyze_stored(
             analysis.sites.append(
                 StoredFieldExpectation(site.name, site.field_name, site.component, site.layer, site.layout.name, expectation)
             )
-            block_bits = max(
-                block_bits,
-                sum(words.numel() * encoding.codec.field_layouts[name].width for name, words in encoding.fields.items()) // encoding.blocks,
-            )
+            block_bits = max(block_bits, encoding.stored_bits() // encoding.blocks)
             if progress is not None:
                 progress(site.name, len(sites))
     rate = max(spec.bit_rates()) if spec.kind.per_bit else spec.p
@@ -265,9 +255,9 @@ def field_expectation(encoding: Encoding, site: ParamSite, spec: FaultSpec, thre
     """The expectation for one field of one weight (see the module docstring)."""
     codec, name, layout = encoding.codec, site.field_name, site.layout
     words_per_block = encoding.words_per_block(name)
-    rms = math.sqrt(float((encoding.original.double() ** 2).sum()) / encoding.weight.numel()) or 1.0
     if backed_up(spec, site):  # kept in fault-free storage: nothing reaches its weights
         return FieldExpectation(words=site.param.numel(), weights=encoding.weight.numel())
+    rms = math.sqrt(float((encoding.original.double() ** 2).sum()) / encoding.weight.numel()) or 1.0
     eligible = resolve_bits(layout, spec.bits) if spec.kind.per_bit else layout.all_bits
     protected = set(protected_positions(spec, layout)) if spec.kind.per_bit else set()
     eligible = tuple(bit for bit in eligible if bit not in protected)
@@ -370,8 +360,8 @@ def _count(result: FieldExpectation, new: torch.Tensor, clean: torch.Tensor, cha
             result,
             name,
             getattr(result, name)
-            + float((hit & change.held).sum()) * _log1m(change.rate_if_set)
-            + float((hit & ~change.held).sum()) * _log1m(change.rate_if_clear),
+            + float((hit & change.held).sum()) * log1m(change.rate_if_set)
+            + float((hit & ~change.held).sum()) * log1m(change.rate_if_clear),
         )
 
 
@@ -379,10 +369,6 @@ def _rated(flags: torch.Tensor, held: torch.Tensor, change: _Change) -> float:
     """Sum of flagged weights, each at its word's rate."""
     set_ = float((flags & held).sum())
     return change.rate_if_set * set_ + change.rate_if_clear * (float(flags.sum()) - set_)
-
-
-def _log1m(rate: float) -> float:
-    return math.log1p(-rate)
 
 
 def _expected_faults(words: torch.Tensor, layout: BitLayout, eligible: tuple[int, ...], spec: FaultSpec) -> float:
