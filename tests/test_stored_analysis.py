@@ -176,3 +176,14 @@ def test_cli_analyze_prints_the_per_field_table_of_the_demo_model(capsys, tmp_pa
     assert set(data["by_field"]) == {"codes", "scales", "mins"} and {s["component"] for s in data["sites"]} == {"mlp"}
     assert main(["analyze", "--model_args", "storage=int4,p=1e-6", "--protections", "ecc=secded"]) == 2
     assert "--protections" in capsys.readouterr().err
+
+
+def test_at_a_rate_where_first_order_fails_the_analysis_says_so_and_stays_finite():
+    """At p=1 every bit flips: the first-order counts exceed the weights, so a note says they are
+    not expectations, and the probabilities are 1, not NaN (0 events x log(0) counts as none)."""
+    analysis = analyze(_one_linear(2, 256), "storage=q4_1,p=1")
+    assert isinstance(analysis, StoredAnalysis)
+    assert any("too high" in note for note in analysis.notes())
+    total = analysis.total()
+    assert total.p_any_bad == 1.0 and not math.isnan(total.p_any_nonfinite)
+    assert not any("too high" in note for note in analyze(_one_linear(2, 256), "storage=q4_1,p=1e-4").notes())

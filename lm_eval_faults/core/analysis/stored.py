@@ -126,6 +126,11 @@ class StoredAnalysis:
             f"first order in p: a second fault in one block is left out; it changes these figures by less than "
             f"{self.second_order_bound:.2g} of their value"
         ]
+        if self.second_order_bound >= 1:
+            notes.append(
+                "p is too high for these figures to be expectations: they count each fault as if alone in its block, "
+                "and can exceed the weights there are; measure this p with a run"
+            )
         if self.spec.protected:
             notes.append(
                 "after protection: a backed-up field (protect_fields=, protect=) has no faults left, and protected bits "
@@ -360,9 +365,15 @@ def _count(result: FieldExpectation, new: torch.Tensor, clean: torch.Tensor, cha
             result,
             name,
             getattr(result, name)
-            + float((hit & change.held).sum()) * log1m(change.rate_if_set)
-            + float((hit & ~change.held).sum()) * log1m(change.rate_if_clear),
+            + _log_none(float((hit & change.held).sum()), change.rate_if_set)
+            + _log_none(float((hit & ~change.held).sum()), change.rate_if_clear),
         )
+
+
+def _log_none(events: float, rate: float) -> float:
+    """log P(none of `events` independent events of probability `rate`): 0 without events, even
+    at rate 1 (where each event's log is -inf)."""
+    return events * log1m(rate) if events else 0.0
 
 
 def _rated(flags: torch.Tensor, held: torch.Tensor, change: _Change) -> float:
