@@ -310,3 +310,33 @@ def test_bisection_of_a_storage_map_names_the_culprits_fields():
     assert all(
         c.param.rpartition(".")[2] in ("scales", "mins", "codes") and c.component == "mlp" and c.layer == 1 for c in outcome.culprits
     )
+    fields = np.array([info.name.rpartition(".")[2] for info in fault_map.params])[fault_map.param]
+    assert outcome.faults_by_field == {name: int((fields == name).sum()) for name in ("codes", "mins", "scales")}
+    assert sum(outcome.culprits_by_field.values()) == len(outcome.culprits) and set(outcome.culprits_by_field) == set(
+        outcome.faults_by_field
+    )
+    assert "culprits by stored field: codes" in outcome.format_table()
+
+
+@pytest.mark.parametrize("storage", codec_names())
+def test_every_storage_composes_with_layers_bits_ecc_and_maps(storage, tmp_path):
+    """One weight of one layer, chosen by target, layers and modules; bits= inside each field's
+    own words; SECDED over each field's packed 64-bit words; a saved map replayed exactly."""
+    model = tiny_model(hidden_size=64, intermediate_size=256)  # down_proj rows of 256: Q4_K's super-blocks fit
+    clean = _weights(model)
+    where = dict(storage=storage, target="mlp", layers="1", modules="down_proj", **_groups(storage))
+    path = tmp_path / "m.npz"
+    with inject(model, p=2e-2, bits="0", seed=1, save_map=str(path), **where) as faults:
+        sites = faults.report.weights
+        assert {site.name.rpartition(".")[0] for site in sites} == {MLP}
+        assert sum(site.bit_histogram[0] for site in sites) > 0
+        assert all(sum(site.bit_histogram[1:]) == 0 for site in sites)  # bit 0 of every field's words, and no other
+        faulted = _weights(model)
+        assert all(torch.equal(value, clean[name]) for name, value in faulted.items() if name != MLP)
+        assert not torch.equal(faulted[MLP], clean[MLP])
+    with inject(model, replay=str(path)):
+        assert torch.equal(model.get_parameter(MLP).nan_to_num(), faulted[MLP].nan_to_num())
+    with inject(model, p=1e-3, ecc="secded", ecc_policy="keep", seed=2, **where) as faults:
+        counts = faults.report.totals()
+        assert counts["corrected"] > 0 and counts["corrected"] >= counts["changed_elements"]  # single errors per word are undone
+    assert all(torch.equal(value, clean[name]) for name, value in model.named_parameters())

@@ -15,8 +15,9 @@ from lm_eval_faults import inject
 from lm_eval_faults.core.storage.codecs import codec, encoding_of
 from lm_eval_faults.core.storage.k_quants import quantize_q4_k
 from lm_eval_faults.core.storage.normal_float import NF4_VALUES, NormalFloat4
+from lm_eval_faults.harness.model import FaultyHFLM
 
-from tiny import tiny_model
+from tiny import tiny_model, tiny_tokenizer
 
 WIDE = dict(hidden_size=64, intermediate_size=256)
 """Rows of 64 and 256: NF4's blocks of 64 and Q4_K's super-blocks of 256 divide them."""
@@ -135,12 +136,50 @@ def test_a_torchao_int8_weight_is_faulted_in_its_qdata_scale_and_zero_point_and_
         clean = model(tokens).logits
         with inject(model, p=1e-2, target="mlp", seed=1) as faults:
             names = {site.name for site in faults.report.weights}
-            assert {f"{DOWN}.qdata", f"{DOWN}.scale", f"{DOWN}.zero_point"} <= names
+            assert {f"{DOWN}.codes", f"{DOWN}.scales", f"{DOWN}.zeros"} <= names  # qdata, scale, zero_point
             hit = {site.name.rpartition(".")[2]: site.changed_elements for site in faults.report.weights if site.name.startswith(DOWN)}
-            assert hit["qdata"] == int((weight.qdata != stored["qdata"]).sum()) > 0
+            assert hit["codes"] == int((weight.qdata != stored["qdata"]).sum()) > 0
             assert not torch.equal(model(tokens).logits, clean)
         assert all(torch.equal(getattr(weight, name), value) for name, value in stored.items())
         assert torch.equal(model(tokens).logits, clean)
+
+
+def test_a_torchao_int8_weight_takes_the_same_code_faults_as_simulated_int8():
+    """Both store one int8 code per weight, row-major, with a scale per row: the same seed flips
+    the same bits of the same codes, and each moved weight moves by its code's change times its
+    own row's scale (torchao's float32 scale, the simulated format's float16 one)."""
+    ao = _torchao()
+    quantized, simulated = tiny_model(), tiny_model()
+    ao.quantize_(quantized, ao.Int8WeightOnlyConfig())
+    weight = quantized.get_parameter(DOWN)
+    clean_codes, clean_scale, clean_zero = weight.qdata.clone(), weight.scale.clone(), weight.zero_point.clone()
+    clean_weight = weight.dequantize()
+    encoding = encoding_of(simulated.get_parameter(DOWN), "int8", 128, DOWN)
+    spec = dict(p=2e-3, target="mlp", modules="down_proj", seed=3)
+    with inject(quantized, **spec):
+        torchao_flips = (weight.qdata.view(torch.uint8) ^ clean_codes.view(torch.uint8)).clone()
+        rows = ((weight.scale == clean_scale) & (weight.zero_point == clean_zero)).view(-1)  # rows whose scale and zero point no fault hit
+        moved = (weight.dequantize() - clean_weight)[rows]
+        delta = ((weight.qdata.float() - clean_codes.float()) * clean_scale.float().view(-1, 1))[rows]
+    simulated_codes = encoding.fields["codes"].clone()
+    with inject(simulated, storage="int8", fields="codes", **spec):
+        simulated_flips = (encoding.fields["codes"].view(torch.uint8) ^ simulated_codes.view(torch.uint8)).view(torch.uint8)
+        assert torch.equal(torchao_flips.view(-1), simulated_flips.view(-1).clone())
+    assert int(torchao_flips.count_nonzero()) > 10 and int(rows.sum()) > 0 and bool(moved.any())
+    assert torch.allclose(moved, delta, rtol=1e-5, atol=1e-7)  # q's - qs against (q' - q)s: float32 rounding apart
+
+
+def test_faulty_hf_faults_a_torchao_model_it_is_given():
+    ao = _torchao()
+    model = tiny_model()
+    ao.quantize_(model, ao.Int8WeightOnlyConfig())
+    stored = {name: getattr(model.get_parameter(DOWN), name).clone() for name in ("qdata", "scale", "zero_point")}
+    lm = FaultyHFLM(pretrained=model, tokenizer=tiny_tokenizer(), p=1e-2, target="mlp", device="cpu")
+    rows = lm.report.to_dict()["weights"]
+    assert {site.name.rpartition(".")[2] for site in lm.report.weights} == {"codes", "scales", "zeros"}
+    assert rows and lm.report.totals()["changed_elements"] > 0
+    lm.set_faults(lm.spec.__class__(p=0))
+    assert all(torch.equal(getattr(model.get_parameter(DOWN), name), value) for name, value in stored.items())
 
 
 def test_a_torchao_int8_code_fault_moves_its_weight_by_two_to_the_k_scales():

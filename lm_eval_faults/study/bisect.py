@@ -77,6 +77,9 @@ class Bisection:
     fault_bits: list[int] = field(default_factory=list)
     """Flipped bits per bit position over the whole map: what the culprits' bits compare against."""
     culprits: list[Culprit] = field(default_factory=list)
+    faults_by_field: dict[str, int] = field(default_factory=dict)
+    """Under `storage=`, the whole map's faults per stored field (codes, scales, ...): what the
+    culprits' fields compare against; empty for a map of plain tensors."""
     culprits_score: float = float("nan")
     rest_score: float = float("nan")
     """The residue's score: the map minus the culprits, replayed alone."""
@@ -109,8 +112,23 @@ class Bisection:
             "bisect again with a higher --fraction to blame them too"
         )
 
+    @property
+    def culprits_by_field(self) -> dict[str, int]:
+        """Under `storage=`, the culprits per stored field, every field of the map listed."""
+        counts = dict.fromkeys(self.faults_by_field, 0)
+        for culprit in self.culprits:
+            name = culprit.param.rpartition(".")[2]
+            counts[name] = counts.get(name, 0) + 1
+        return counts if self.faults_by_field else {}
+
     def to_dict(self) -> dict[str, Any]:
-        return {**asdict(self), "residue_cost": self.residue_cost, "explained": self.explained, "residue_warning": self.residue_warning}
+        return {
+            **asdict(self),
+            "culprits_by_field": self.culprits_by_field,
+            "residue_cost": self.residue_cost,
+            "explained": self.explained,
+            "residue_warning": self.residue_warning,
+        }
 
     def format_table(self) -> str:
         lines = [
@@ -120,6 +138,10 @@ class Bisection:
             f"residue (the map minus the culprits) scores {self.rest_score:.4g}: it costs {self.residue_cost:.1%} of the clean score",
             f"the culprits explain {self.explained:.1%} of the damage: (clean − culprits alone) / (clean − all faults), what they do alone",
         ]
+        if self.faults_by_field:
+            lines.append(
+                f"culprits by stored field: {_by_field(self.culprits_by_field)}; the map's faults: {_by_field(self.faults_by_field)}"
+            )
         for c in self.culprits:
             layer = "-" if c.layer is None else str(c.layer)
             lines.append(
@@ -129,6 +151,10 @@ class Bisection:
         if self.residue_warning:
             lines.append(self.residue_warning)
         return "\n".join(lines)
+
+
+def _by_field(counts: dict[str, int]) -> str:
+    return ", ".join(f"{name} {count}" for name, count in counts.items())
 
 
 def _share(part: float, whole: float) -> float:
@@ -168,6 +194,10 @@ def bisect(
     flipped = fault_map.flipped
     outcome = Bisection(len(fault_map), clean, subset_score(everything), threshold, tolerance=tolerance)
     outcome.fault_bits = [int(np.count_nonzero(flipped >> bit & 1)) for bit in range(32)]
+    stored = fault_map.spec.get("storage", "none") != "none"  # rows name "<weight>.<field>"
+    if stored:
+        names = np.array([info.name.rpartition(".")[2] for info in fault_map.params])[fault_map.param]
+        outcome.faults_by_field = {name: int(count) for name, count in zip(*np.unique(names, return_counts=True), strict=True)}
     if not outcome.full_score < threshold:
         raise ValueError(f"the whole map scores {outcome.full_score:.4g}, not below the threshold {threshold:.4g}: nothing to bisect")
 
@@ -187,7 +217,6 @@ def bisect(
         layout = layout_named(info.dtype)
         assert layout is not None  # a loaded map's dtypes are checked
         old, new = int(fault_map.old[fault]), int(fault_map.new[fault])
-        stored = fault_map.spec.get("storage", "none") != "none"  # rows name "<weight>.<field>"
         component, layer = sites.get(info.name.rpartition(".")[0] if stored else info.name, ("?", None))
         outcome.culprits.append(
             Culprit(

@@ -18,14 +18,24 @@ import torch
 from lm_eval_faults.core.storage.formats import StoredField, register_format
 from lm_eval_faults.core.storage.layouts import FIELD_LAYOUTS, LAYOUTS, BitLayout
 
-STORED_FIELDS: dict[str, tuple[str, ...]] = {
-    "Int8Tensor": ("qdata", "scale", "zero_point"),
-    "Int4Tensor": ("qdata", "scale", "zero_point"),
-    "IntxUnpackedToInt8Tensor": ("qdata", "scale", "zero_point"),
-    "Float8Tensor": ("qdata", "scale"),
-    "NF4Tensor": ("quantized_data", "quantized_scalers", "quantization_factor", "scaler_mean"),
+_AFFINE = {"qdata": "codes", "scale": "scales", "zero_point": "zeros"}
+STORED_FIELDS: dict[str, dict[str, str]] = {
+    "Int8Tensor": _AFFINE,
+    "Int4Tensor": _AFFINE,
+    "IntxUnpackedToInt8Tensor": _AFFINE,
+    "Float8Tensor": {"qdata": "codes", "scale": "scales"},
+    "NF4Tensor": {
+        "quantized_data": "codes",
+        "quantized_scalers": "quantized_scalers",
+        "quantization_factor": "quantization_factor",
+        "scaler_mean": "scaler_mean",
+    },
 }
-"""Per torchao class, the inner tensors that are its stored fields, in torchao's own names."""
+"""Per torchao class, its inner tensors that are stored fields (torchao's names), each with the
+field name faults, reports and maps use. Codes, scales and zero points take the names the
+simulated storages give them, so a torchao weight and `storage=` with the same layout draw the
+same faults (a site's stream is keyed by its name) and `fields=codes` means the same words in
+both; NF4's double-quantized scalers have no simulated counterpart and keep torchao's names."""
 
 _LAYOUTS_BY_DTYPE: dict[torch.dtype, BitLayout] = {
     **{layout.dtype: layout for layout in FIELD_LAYOUTS.values() if layout.is_float},
@@ -43,12 +53,12 @@ class TorchaoFormat:
     def fields(self, tensor: torch.Tensor) -> tuple[StoredField, ...]:
         stored = tensor.data
         fields = []
-        for name in STORED_FIELDS[type(stored).__name__]:
-            words = getattr(stored, name, None)
+        for attribute, name in STORED_FIELDS[type(stored).__name__].items():
+            words = getattr(stored, attribute, None)
             if words is None:  # an optional field this weight does not have (a symmetric zero point)
                 continue
             if words.dtype not in _LAYOUTS_BY_DTYPE:
-                raise TypeError(f"torchao field {name} is {words.dtype}, which has no bit layout")
+                raise TypeError(f"torchao field {attribute} is {words.dtype}, which has no bit layout")
             fields.append(StoredField(name, words, _LAYOUTS_BY_DTYPE[words.dtype]))
         return tuple(fields)
 
