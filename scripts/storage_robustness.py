@@ -31,7 +31,7 @@ from lm_eval_faults.study.runner import run_sweep
 ROOT = Path(__file__).resolve().parents[1]
 SMOLLM = "pretrained=../shared/models/smollm2-135m-instruct,gguf_file=SmolLM2-135M-Instruct.Q4_1.gguf,dtype=float32"
 MODELS = {
-    "demo": ("", "faults_demo", "none,float16,bfloat16,int8,int4:32,int4:64,q8_0,q4_0,q4_1,mxfp4"),
+    "demo": ("", "faults_demo", "none,float16,bfloat16,fp8_e4m3,int8,int4:32,int4:64,nf4,q8_0,q4_0,q4_1,mxfp4"),
     "smollm2": (SMOLLM, "faults_facts", "none,bfloat16,float16,fp8_e4m3,int8,int4:32,int4:64,nf4,q8_0,q4_1,mxfp4,file"),
 }
 """Per model: model_args (relative to the repository root), task, storages. SmolLM2's hidden size

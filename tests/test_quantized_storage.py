@@ -45,10 +45,13 @@ def _reference(storage: str, weight: torch.Tensor, group_size: int) -> torch.Ten
     if storage == "int8":
         scale = (np.abs(rows).max(axis=1, keepdims=True) / 127).astype(np.float16).astype(np.float64)
         return torch.from_numpy((np.clip(np.round(rows / scale), -127, 127) * scale).reshape(w.shape)).float()
-    low, high = rows.min(axis=1, keepdims=True), rows.max(axis=1, keepdims=True)
-    scale, low16 = ((high - low) / 15).astype(np.float16).astype(np.float32), low.astype(np.float16).astype(np.float32)
-    codes = np.clip(np.round((rows.astype(np.float32) - low16) / scale), 0, 15)
-    return torch.from_numpy((codes * scale + low16).reshape(w.shape).astype(np.float32))
+    rows32 = rows.astype(np.float32)  # GPTQ's asymmetric int4: a range widened to hold 0, an integer zero
+    low, high = np.minimum(rows32.min(axis=1, keepdims=True), 0), np.maximum(rows32.max(axis=1, keepdims=True), 0)
+    step = (high - low) / np.float32(15)
+    scale = step.astype(np.float16)
+    zero = np.clip(-np.round(low / step), 0, 15)
+    codes = np.clip(np.round(rows32 * (np.float16(1) / scale).astype(np.float32)) + zero, 0, 15)
+    return torch.from_numpy(((codes - zero) * scale.astype(np.float32)).reshape(w.shape).astype(np.float32))
 
 
 def test_every_storage_is_registered():
@@ -126,7 +129,7 @@ def test_a_q4_1_scale_fault_moves_exactly_its_block_of_32():
 
 def test_bits_select_positions_within_a_fields_layout():
     model = tiny_model()
-    with inject(model, p=5e-3, storage="int4", group_size=16, target="mlp", bits="3+7", seed=2) as faults:
+    with inject(model, p=5e-3, storage="int4", group_size=16, target="mlp", fields="codes", bits="3+7", seed=2) as faults:
         codes = [site for site in faults.report.weights if site.name.endswith(".codes")]
         histogram = np.sum([site.bit_histogram for site in codes], axis=0)
         assert histogram.sum() > 0 and set(np.flatnonzero(histogram)) <= {3, 7}  # the top bit of each 4-bit code

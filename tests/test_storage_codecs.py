@@ -110,6 +110,30 @@ def test_q4_k_blocks_decode_through_ggufs_own_dequantizer_and_its_fields_are_the
     assert len(moved) and set(moved.tolist()) <= set(range(32))
 
 
+def test_int4_is_torchaos_asymmetric_affine_quantization_bit_for_bit():
+    """GPTQ's layout through torchao's primitives: float16 scale, integer zero point, codes 0..15."""
+    pytest.importorskip("torchao.quantization", reason="torchao is an optional reference here")
+    from torchao.quantization.quant_primitives import MappingType, choose_qparams_affine, dequantize_affine, quantize_affine
+
+    weight = torch.randn(256, 128) * 0.05
+    weight[3], weight[4] = weight[3].abs(), -weight[4].abs()  # groups with no negative, no positive weight
+    scale, zero = choose_qparams_affine(
+        weight, MappingType.ASYMMETRIC, (1, 32), torch.uint8, 0, 15, scale_dtype=torch.float16, zero_point_dtype=torch.uint8
+    )
+    reference = quantize_affine(weight, (1, 32), scale, zero, torch.uint8, 0, 15)
+    fields = codec("int4").encode(weight.reshape(-1, 32))
+    codes = torch.stack([fields["codes"] & 0xF, fields["codes"] >> 4], dim=2).reshape(weight.shape)  # low nibble first
+    assert torch.equal(fields["scales"].view(-1), scale.view(-1)) and torch.equal(fields["zeros"].view(-1), zero.view(-1))
+    assert torch.equal(codes, reference)
+    decoded = dequantize_affine(reference, (1, 32), scale, zero, torch.uint8, 0, 15, output_dtype=torch.float32)
+    assert torch.equal(codec("int4").decode(fields).reshape(weight.shape), decoded)
+    crafted = {name: words.clone() for name, words in fields.items()}
+    crafted["zeros"][5, 0] ^= 1 << 3  # the zero's top bit: group 5 moves by 8 steps of its scale, as a whole
+    moved = (codec("int4").decode(crafted) - codec("int4").decode(fields)).reshape(-1)
+    assert set(moved.nonzero().flatten().tolist()) == set(range(160, 192))
+    assert torch.allclose(moved[160:192].abs(), torch.full((32,), 8 * float(scale.view(-1)[5])))
+
+
 @pytest.mark.parametrize("storage", ["fp8_e4m3", "nf4", "q4_k"])
 def test_new_storages_fault_every_field_at_p_per_stored_bit_and_restore_exactly(storage):
     model = tiny_model(**WIDE)
@@ -125,10 +149,14 @@ def test_new_storages_fault_every_field_at_p_per_stored_bit_and_restore_exactly(
     assert all(torch.equal(p_, clean[name]) for name, p_ in model.named_parameters())
 
 
-def test_a_torchao_int8_weight_is_faulted_in_its_qdata_scale_and_zero_point_and_restored():
+@pytest.mark.parametrize("config", ["Int8WeightOnlyConfig", "IntxWeightOnlyConfig"])
+def test_a_torchao_weight_is_faulted_in_its_qdata_scale_and_zero_point_and_restored(config):
+    """Int8Tensor (int8, a scale per row) and IntxUnpackedToInt8Tensor (int4 values in int8
+    words, a scale and zero point per group of 32); Int4Tensor's kernels need CUDA (mslk)."""
     ao = _torchao()
     model = tiny_model()
-    ao.quantize_(model, ao.Int8WeightOnlyConfig())
+    options = {"weight_dtype": torch.int4, "granularity": ao.PerGroup(32)} if config == "IntxWeightOnlyConfig" else {}
+    ao.quantize_(model, getattr(ao, config)(**options))
     weight = model.get_parameter(DOWN)
     stored = {name: getattr(weight, name).clone() for name in ("qdata", "scale", "zero_point")}
     tokens = torch.randint(0, 100, (2, 8))

@@ -169,11 +169,11 @@ def test_cli_analyze_prints_the_per_field_table_of_the_demo_model(capsys, tmp_pa
     out = tmp_path / "analysis.json"
     assert main(["analyze", "--model_args", "storage=int4,group_size=32,p=1e-6,target=mlp", "--json", str(out)]) == 0
     printed = capsys.readouterr().out
-    assert "stored as int4" in printed and "scales" in printed and "mins" in printed and "codes" in printed
+    assert "stored as int4" in printed and "scales" in printed and "zeros" in printed and "codes" in printed
     import json
 
     data = json.loads(out.read_text())
-    assert set(data["by_field"]) == {"codes", "scales", "mins"} and {s["component"] for s in data["sites"]} == {"mlp"}
+    assert set(data["by_field"]) == {"codes", "scales", "zeros"} and {s["component"] for s in data["sites"]} == {"mlp"}
     assert main(["analyze", "--model_args", "storage=int4,p=1e-6", "--protections", "ecc=secded"]) == 2
     assert "--protections" in capsys.readouterr().err
 

@@ -77,6 +77,7 @@ FIELD_LAYOUTS: dict[str, BitLayout] = {
     layout.name: layout
     for layout in (
         BitLayout("int4x2", torch.uint8, torch.uint8, 8, (), (), ()),
+        BitLayout("uint4", torch.uint8, torch.uint8, 4, (), (), tuple(range(4))),
         BitLayout("e8m0", torch.uint8, torch.uint8, 8, (), tuple(range(8)), ()),
         BitLayout("e2m1x2", torch.uint8, torch.uint8, 8, (), (), ()),
         BitLayout("k_scales", torch.uint8, torch.uint8, 8, (), (), ()),
@@ -86,7 +87,9 @@ FIELD_LAYOUTS: dict[str, BitLayout] = {
 }
 """Words only stored fields have (a model never computes in them, so `dtype=` and activation
 faults do not offer them): two 4-bit codes packed in a byte (low nibble first, as GGUF and GPTQ
-pack them; NF4 packs the first code high), two FP4 (E2M1) codes packed likewise, the E8M0 shared
+pack them; NF4 packs the first code high), a 4-bit integer zero point (GPTQ's and AWQ's, one per
+group, held in a byte's low nibble here: only its 4 bits are stored bits, and SECDED packs 16 of them
+per 64-bit word as GPTQ packs them 8 per int32), two FP4 (E2M1) codes packed likewise, the E8M0 shared
 exponent of MX blocks (a power of two; 0xFF is NaN), the bytes of Q4_K's 6-bit sub-block scales
 and mins (packed as llama.cpp's `get_scale_min_k4` reads them), and the two FP8 formats (E4M3
 has no Inf, and its NaN is S.1111.111; E5M2 is IEEE-like)."""

@@ -13,8 +13,9 @@ import torch
 
 from lm_eval_faults.core.storage.layouts import BitLayout, from_unsigned, to_unsigned
 
-UNSIGNED_ARRAYS = {8: np.uint8, 16: np.uint16, 32: np.uint32}
-"""The numpy unsigned type of each word width: how stored words are read on the host."""
+UNSIGNED_ARRAYS = {4: np.uint8, 8: np.uint8, 16: np.uint16, 32: np.uint32}
+"""The numpy unsigned type of each word width: how stored words are read on the host (a 4-bit
+word, an integer zero point, is held in a byte whose high nibble is always 0)."""
 
 
 def flat_words(tensor: torch.Tensor, layout: BitLayout) -> torch.Tensor:
