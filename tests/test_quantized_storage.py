@@ -144,16 +144,22 @@ def test_bits_select_positions_within_a_fields_layout():
         (dict(storage="q4_0", group_size=64), r"group_size=64 is invalid: sets the groups of storage=int4 only"),
         (dict(group_size=64), r"group_size=64 is invalid: sets the groups of storage=int4 only"),
         (dict(storage="q4_0", ecc="parity"), r"ecc='parity' is invalid: with storage=, a detected word would be zeroed"),
-        (dict(storage="mxfp4", bits="sign"), None),
+        (
+            dict(storage="mxfp4", bits="sign"),
+            r"bits='sign' is invalid: does not exist in e8m0; valid fields: all, exponent.* \(field 'exponents'",
+        ),
+        (
+            dict(storage="int4", bits="3+7"),
+            r"bits='3\+7' is invalid: position range '7' is outside 0-3 for uint4 \(field 'zeros' of storage=int4",
+        ),
+        (dict(storage="q4_1", protect_bits="exponent_msb"), r"protect_bits='exponent_msb' is invalid: does not exist in int4x2"),
     ],
 )
 def test_bad_storage_keys_fail_in_one_line_naming_the_key(fields, message):
-    if message is None:  # knowable only from the fields' layouts: refused when the sites are built
-        with pytest.raises(ValueError, match=r"bits='sign' does not exist in e8m0; valid fields: all, exponent"):
-            inject(tiny_model(), **fields, p=1e-3)
-        return
     with pytest.raises(FaultSpecError, match=message):
         FaultSpec(p=1e-3, **fields)
+    with pytest.raises(FaultSpecError, match=message):  # the Python API refuses it the same way, before anything is written
+        inject(tiny_model(), p=1e-3, **fields)
 
 
 def test_a_weight_the_blocks_do_not_divide_is_refused_by_name_before_anything_changes():
@@ -173,7 +179,7 @@ def test_the_float_spec_keeps_its_fingerprint():
     "model_args, message",
     [
         (dict(storage="int4", p=1e-3), r"storage=int4 is invalid for this model: its blocks of 128 weights do not divide hidden_size=64"),
-        (dict(storage="q4_1", p=1e-3, bits="exponent"), r"bits='exponent' does not exist in int4x2.*field 'codes' of storage=q4_1"),
+        (dict(storage="q4_1", p=1e-3, bits="exponent"), r"bits='exponent' is invalid: does not exist in int4x2.*field 'codes' of storage=q4_1"),
     ],
 )
 def test_faulty_hf_refuses_a_storage_the_config_rules_out_before_loading(model_args, message, monkeypatch):

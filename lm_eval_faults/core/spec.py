@@ -21,7 +21,8 @@ from typing import Any
 from lm_eval_faults.core.faults.kinds import FAULT_KIND_TABLE, FaultKind
 from lm_eval_faults.core.protection.codes import ECC_CODES
 from lm_eval_faults.core.sites.registry import parse_sites, site_names
-from lm_eval_faults.core.storage.codecs import FILE, codec_fields, codec_names
+from lm_eval_faults.core.storage.codecs import FILE, codec, codec_fields, codec_names
+from lm_eval_faults.core.storage.layouts import resolve_bits
 
 FAULT_KINDS = {name: kind.description for name, kind in FAULT_KIND_TABLE.items()}
 BIT_FAULTS = tuple(name for name, kind in FAULT_KIND_TABLE.items() if kind.per_bit)
@@ -255,6 +256,22 @@ class FaultSpec:
                 )
         if self.group_size != 128 and self.storage != "int4":
             raise _error("group_size", self.group_size, "sets the groups of storage=int4 only (the other storages' blocks are fixed)")
+        if self.storage not in ("none", FILE):
+            self._check_field_bits()
+
+    def _check_field_bits(self) -> None:
+        """`bits=` and `protect_bits=` name positions in every selected field's own words (a
+        file's fields are checked as each tensor is faulted, its type known only then)."""
+        layouts = codec(self.storage).field_layouts
+        for name in self.fields or tuple(layouts):
+            for key, bits in (("bits", self.bits if self.per_bit else "all"), ("protect_bits", self.protect_bits)):
+                if bits == "none":
+                    continue
+                try:
+                    resolve_bits(layouts[name], bits)
+                except ValueError as error:
+                    reason = str(error).removeprefix(f"bits={bits!r}").lstrip(": ")
+                    raise _error(key, bits, f"{reason} (field {name!r} of storage={self.storage}; fields= can leave it out)") from None
 
     def _validate_protection(self) -> None:
         """The protection keys: checked here so that a typo fails before any model loads."""

@@ -211,11 +211,9 @@ def check_bits(spec: FaultSpec, layout: BitLayout, where: str) -> None:
 
 
 def check_storage(spec: FaultSpec, config: Any) -> None:
-    """`storage=`: `bits=`/`protect_bits=` against each stored field's own layout, and the block
-    size against the widths the config gives (hidden and intermediate sizes), before loading."""
-    chosen = codec(spec.storage)
-    for field_name, layout in chosen.field_layouts.items():
-        check_bits(spec, layout, f"field {field_name!r} of storage={spec.storage}")
+    """`storage=`: the block size against the widths the config gives (hidden and intermediate
+    sizes), before loading."""
+    chosen = codec(spec.storage)  # bits= against its fields' layouts: FaultSpec checks them
     widths = {name: getattr(config, name, None) for name in ("hidden_size", "intermediate_size")}
     for name, width in widths.items():
         if not isinstance(width, int):

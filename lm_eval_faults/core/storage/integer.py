@@ -51,7 +51,9 @@ class Int4Groups:
     coupled_fields: frozenset[str] = frozenset()
 
     name = "int4"
-    description = "4-bit codes packed two per byte, float16 scale and 4-bit zero point per group of group_size (4 + 20/group_size bits per weight)"
+    description = (
+        "4-bit codes packed two per byte, float16 scale and 4-bit zero point per group of group_size (4 + 20/group_size bits per weight)"
+    )
 
     def __init__(self) -> None:
         self.field_layouts: Mapping[str, BitLayout] = {
