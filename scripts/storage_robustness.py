@@ -31,8 +31,16 @@ from lm_eval_faults.study.runner import run_sweep
 ROOT = Path(__file__).resolve().parents[1]
 SMOLLM = "pretrained=../shared/models/smollm2-135m-instruct,gguf_file=SmolLM2-135M-Instruct.Q4_1.gguf,dtype=float32"
 MODELS = {
-    "demo": ("", "faults_demo", "none,float16,bfloat16,fp8_e4m3,int8,int4:32,int4:64,nf4,q8_0,q4_0,q4_1,mxfp4"),
-    "smollm2": (SMOLLM, "faults_facts", "none,bfloat16,float16,fp8_e4m3,int8,int4:32,int4:64,nf4,q8_0,q4_1,mxfp4,file"),
+    "demo": (
+        "",
+        "faults_demo",
+        "none,float16,bfloat16,fp8_e4m3,int8,int4:32,int4:64,nf4,q8_0,q4_0,q4_1,mxfp4,int8@scales,int4:32@scales,q4_1@scales+mins",
+    ),
+    "smollm2": (
+        SMOLLM,
+        "faults_facts",
+        "none,bfloat16,float16,fp8_e4m3,int8,int4:32,int4:64,nf4,q8_0,q4_1,mxfp4,file,int8@scales,int4:32@scales,q4_1@scales+mins",
+    ),
 }
 """Per model: model_args (relative to the repository root), task, storages. SmolLM2's hidden size
 576 is not a multiple of 128 or 256, so its int4 groups are 32 and 64, and Q4_K's super-blocks of
@@ -43,13 +51,20 @@ TOLERANCE = 0.05
 
 
 def storage_args(item: str) -> tuple[str, str]:
-    """`int4:32` -> (`int4 (groups of 32)`, `storage=int4,group_size=32`); `none` is the float model."""
+    """`int4:32` -> (`int4 (groups of 32)`, `storage=int4,group_size=32`); `none` is the float
+    model; `@FIELDS` backs fields up (`int8@scales` -> `storage=int8,protect_fields=scales`)."""
+    item, _, backed = item.partition("@")
     name, _, group = item.partition(":")
     if name == "none":
-        return "float32 (the model's own)", ""
-    if name == "file":
-        return "the GGUF file's own blocks (Q4_1 + Q8_0 + F32)", "storage=file"
-    return (f"{name} (groups of {group})" if group else name), f"storage={name}" + (f",group_size={group}" if group else "")
+        label, args = "float32 (the model's own)", ""
+    elif name == "file":
+        label, args = "the GGUF file's own blocks (Q4_1 + Q8_0 + F32)", "storage=file"
+    else:
+        label = f"{name} (groups of {group})" if group else name
+        args = f"storage={name}" + (f",group_size={group}" if group else "")
+    if backed:
+        label, args = f"{label}, {backed.replace('+', ' and ')} backed up", f"{args},protect_fields={backed}"
+    return label, args
 
 
 def tolerated(points: list[tuple[float, float]], clean: float) -> float | None:
@@ -65,7 +80,9 @@ def tolerated(points: list[tuple[float, float]], clean: float) -> float | None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", choices=MODELS, default="demo")
-    parser.add_argument("--storages", help="comma list (default: the model's list above); int4:G sets the group size")
+    parser.add_argument(
+        "--storages", help="comma list (default: the model's list above); int4:G sets the group size, NAME@FIELDS backs FIELDS up"
+    )
     parser.add_argument("--p", default="1e-6:1e-1:11")
     parser.add_argument("--limit", default=None)
     parser.add_argument("--seeds", default="1")
@@ -81,7 +98,7 @@ def main() -> None:
     for item in (args.storages or storages).split(","):
         label, fault_args = storage_args(item)
         config = SweepConfig(model_args=model_args, tasks=task, p=args.p, seeds=args.seeds, fault_args=fault_args, limit=args.limit)
-        run_dir = out / "runs" / item.replace(":", "_g")
+        run_dir = out / "runs" / item.replace(":", "_g").replace("@", "_backed_").replace("+", "_")
         run_sweep(run_dir, config, report=False, progress=True)
         records = load_records(run_dir / "results.jsonl")
         tasks = baseline_tasks(records)
