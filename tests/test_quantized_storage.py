@@ -179,7 +179,10 @@ def test_the_float_spec_keeps_its_fingerprint():
     "model_args, message",
     [
         (dict(storage="int4", p=1e-3), r"storage=int4 is invalid for this model: its blocks of 128 weights do not divide hidden_size=64"),
-        (dict(storage="q4_1", p=1e-3, bits="exponent"), r"bits='exponent' is invalid: does not exist in int4x2.*field 'codes' of storage=q4_1"),
+        (
+            dict(storage="q4_1", p=1e-3, bits="exponent"),
+            r"bits='exponent' is invalid: does not exist in int4x2.*field 'codes' of storage=q4_1",
+        ),
     ],
 )
 def test_faulty_hf_refuses_a_storage_the_config_rules_out_before_loading(model_args, message, monkeypatch):
