@@ -16,7 +16,9 @@ from __future__ import annotations
 import argparse
 import json
 import math
+from collections.abc import Sequence
 from pathlib import Path
+from typing import NamedTuple
 
 import matplotlib
 
@@ -92,7 +94,9 @@ def main() -> None:
     out = args.out or ROOT / "docs" / "storage" / args.model
     saved = out / "curves.json"
     curves = {  # the storages not run this time keep the points of their last run
-        label: (curve["bits_per_weight"], [tuple(point) for point in curve["points"]], curve["clean"])
+        label: Curve(
+            curve["bits_per_weight"], curve.get("exposed_bits_per_weight", curve["bits_per_weight"]), curve["points"], curve["clean"]
+        )
         for label, curve in (json.loads(saved.read_text()).items() if saved.is_file() else ())
     }
     for item in (args.storages or storages).split(","):
@@ -109,24 +113,36 @@ def main() -> None:
                 by_p.setdefault(float(record["p"]), []).append(record_score(record, tasks))
         points = [(p, sum(scores) / len(scores)) for p, scores in sorted(by_p.items())]
         faulty = next(record for record in records if not record.get("baseline"))
-        bits_per_weight = stored_bits_per_weight(faulty)
-        curves[label] = (bits_per_weight, points, clean)
+        backed = item.partition("@")[2].split("+") if "@" in item else []
+        curves[label] = Curve(stored_bits_per_weight(faulty), stored_bits_per_weight(faulty, leaving_out=backed), points, clean)
     order = [storage_args(item)[0] for item in storages.split(",")]
     curves = dict(sorted(curves.items(), key=lambda item: order.index(item[0]) if item[0] in order else len(order)))
     rows = []
-    for label, (bits_per_weight, points, clean) in curves.items():
-        best = tolerated(points, clean)
-        rows.append((label, clean, bits_per_weight, best, None if best is None else best * bits_per_weight))
+    for label, curve in curves.items():
+        best = tolerated(curve.points, curve.clean)
+        rows.append((label, curve, best, None if best is None else best * curve.exposed))
     write_table(out, args, task, rows)
     write_figure(out, curves)
 
 
-def stored_bits_per_weight(record: dict) -> float:
-    """From a record's stored-form summary (`storage=` runs), else 32: the float32 model's own."""
+class Curve(NamedTuple):
+    """One storage's points, its clean score, and its bits per weight: all it stores, and those
+    faults can hit (fields backed up are stored in fault-free memory)."""
+
+    bits: float
+    exposed: float
+    points: list[tuple[float, float]]
+    clean: float
+
+
+def stored_bits_per_weight(record: dict, leaving_out: Sequence[str] = ()) -> float:
+    """From a record's stored-form summary (`storage=` runs), else 32: the float32 model's own;
+    without the bits of the fields `leaving_out`."""
     summary = record.get("storage")
     if not summary:
         return 32.0
-    return storage_bits(summary)
+    left_out = sum(field["eligible_bits"] for row in summary.values() for name, field in row["fields"].items() if name in leaving_out)
+    return storage_bits(summary) - left_out / sum(row["weights"] for row in summary.values())
 
 
 def write_table(out: Path, args: argparse.Namespace, task: str, rows: list[tuple]) -> None:
@@ -134,9 +150,10 @@ def write_table(out: Path, args: argparse.Namespace, task: str, rows: list[tuple
         f"| storage ({task}) | clean score | stored bits per weight | highest p within 5% of clean | faults per weight there |",
         "|---|---|---|---|---|",
     ]
-    for label, clean, bits, best, per_weight in rows:
+    for label, curve, best, per_weight in rows:
+        bits = f"{curve.bits:.2f}" + (f" ({curve.bits - curve.exposed:.2f} backed up)" if curve.exposed < curve.bits else "")
         lines.append(
-            f"| {label} | {clean:.3f} | {bits:.2f} | {'< lowest p' if best is None else f'{best:.2g}'} | "
+            f"| {label} | {curve.clean:.3f} | {bits} | {'< lowest p' if best is None else f'{best:.2g}'} | "
             f"{'—' if per_weight is None else f'{per_weight:.2g}'} |"
         )
     (out / "table.md").write_text("\n".join(lines) + "\n")
@@ -148,23 +165,36 @@ def write_table(out: Path, args: argparse.Namespace, task: str, rows: list[tuple
     print("\n".join(lines))
 
 
-def write_figure(out: Path, curves: dict[str, tuple[float, list[tuple[float, float]], float]]) -> None:
-    figure, (per_bit, per_weight) = plt.subplots(1, 2, figsize=(12, 4.5), sharey=True)
-    for label, (bits, points, clean) in curves.items():
-        ps = [p for p, _ in points]
-        relative = [score / clean if clean else math.nan for _, score in points]
-        per_bit.plot(ps, relative, marker="o", label=label)
-        per_weight.plot([p * bits for p in ps], relative, marker="o", label=label)
-    for axis, xlabel in ((per_bit, "p per stored bit"), (per_weight, "faults per weight (p x stored bits per weight)")):
+def write_figure(out: Path, curves: dict[str, Curve]) -> None:
+    figure, (per_bit, per_weight) = plt.subplots(1, 2, figsize=(15, 4.8), sharey=True)
+    colours = plt.get_cmap("tab20").colors  # one colour per storage: the default cycle repeats after 10
+    for (label, curve), colour in zip(curves.items(), colours * 2, strict=False):
+        ps = [p for p, _ in curve.points]
+        relative = [score / curve.clean if curve.clean else math.nan for _, score in curve.points]
+        style = ":" if curve.exposed < curve.bits else "-"  # backed-up storages dotted
+        per_bit.plot(ps, relative, marker="o", linestyle=style, color=colour, label=label)
+        per_weight.plot([p * curve.exposed for p in ps], relative, marker="o", linestyle=style, color=colour, label=label)
+    for axis, xlabel in ((per_bit, "p per stored bit"), (per_weight, "faults per weight (p x bits per weight faults can hit)")):
         axis.set_xscale("log")
         axis.axhline(1 - TOLERANCE, color="grey", linestyle=":", linewidth=1)
         axis.set_xlabel(xlabel)
     per_bit.set_ylabel("score / the storage's own clean score")
-    per_weight.legend(fontsize=8)
+    per_weight.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5))
     figure.tight_layout()
     figure.savefig(out / "robustness.png", dpi=120)
     (out / "curves.json").write_text(
-        json.dumps({label: {"bits_per_weight": b, "clean": c, "points": pts} for label, (b, pts, c) in curves.items()}, indent=1)
+        json.dumps(
+            {
+                label: {
+                    "bits_per_weight": curve.bits,
+                    "exposed_bits_per_weight": curve.exposed,
+                    "clean": curve.clean,
+                    "points": curve.points,
+                }
+                for label, curve in curves.items()
+            },
+            indent=1,
+        )
     )
 
 
