@@ -40,9 +40,26 @@ def test_progress_line_text(total: int, before: int, approximate: bool, regrow: 
             clock.now += seconds
             line.advance(f"p{number}")
     lines = stream.getvalue().splitlines()
-    assert lines[-1] == expected
-    assert len(lines) == len(steps) + 1, "not a TTY: one line at the start and one per item, no carriage returns"
+    assert lines[-1] == expected  # the last state is written, whenever the line before it was
+    assert len(lines) <= len(steps) + 1, "not a TTY: a line at the start and at most one per item"
     assert "\r" not in stream.getvalue()
+
+
+def test_a_log_gets_a_line_every_ten_seconds_and_the_last_not_one_per_item() -> None:
+    clock, stream = FakeClock(), io.StringIO()
+    with ProgressLine("lm-eval-faults analyze", 700, unit="stored fields", stream=stream, clock=clock) as line:
+        for number in range(700):
+            clock.now += 0.125  # 87.5 s in all
+            line.advance(f"f{number}")
+    lines = stream.getvalue().splitlines()
+    assert len(lines) == 1 + 8 + 1  # the start, one per 10 s, the end
+    assert lines[-1].startswith("lm-eval-faults analyze: 700/700 stored fields, 1m28s elapsed")
+    slow, stream = FakeClock(), io.StringIO()
+    with ProgressLine("lm-eval-faults sweep", 3, stream=stream, clock=slow) as line:
+        for _ in range(3):
+            slow.now += 12.0  # points slower than the interval: every one logged
+            line.advance()
+    assert len(stream.getvalue().splitlines()) == 4
 
 
 @pytest.mark.parametrize(("seconds", "text"), [(0.4, "0s"), (59, "59s"), (65, "1m05s"), (7620, "2h07m")])

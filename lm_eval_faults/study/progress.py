@@ -2,8 +2,9 @@
 
 A sweep or a bisection evaluates many times; lm-eval's own bars are silenced meanwhile
 (`harness.lm_eval_silencing`), so this line is all the user sees. On a terminal it is redrawn in
-place; in a log (not a TTY) each update is a line of its own, so a log shows one line per point
-instead of a carriage-return smear.
+place; in a log (not a TTY) an update is a line of its own, at most one per `LOG_EVERY` seconds
+(and the last), so a log shows the progress instead of a carriage-return smear, and an analysis
+of 700 stored fields in a minute does not write 700 lines.
 
 The time left is measured from the first item done onwards: the first one also pays for
 indexing tasks and loading data sets, and extrapolating from it (as a plain tqdm bar does)
@@ -17,6 +18,9 @@ import sys
 import time
 from collections.abc import Callable
 from typing import TextIO
+
+LOG_EVERY = 10.0
+"""Seconds between two lines in a log: a sweep of points that take longer logs every point."""
 
 _active: ProgressLine | None = None
 """The line being drawn now, so a message printed meanwhile (`note`) does not break it."""
@@ -65,6 +69,9 @@ class ProgressLine:
         """Items done since the first one in this run: what the time left is measured over."""
         self._last = ""
         self._drawn = False
+        self._logged_at: float | None = None
+        self._unlogged = False
+        """In a log: whether the latest update waits for its line (written at the next one due, or on close)."""
         self.interactive = bool(getattr(self.stream, "isatty", lambda: False)())
 
     def __enter__(self) -> ProgressLine:
@@ -124,6 +131,8 @@ class ProgressLine:
         global _active
         if _active is self:
             _active = None
+        if self.enabled and not self.interactive and self._unlogged:
+            self._write_log_line()
         if self.enabled and self.interactive and self._drawn:
             self.stream.write("\n")
             self.stream.flush()
@@ -135,10 +144,19 @@ class ProgressLine:
         if self.interactive:
             width = shutil.get_terminal_size().columns - 1  # a wrapped line cannot be redrawn with \r
             self.stream.write("\r" + self.text()[:width] + "\x1b[K")
+            self.stream.flush()
         else:
-            self.stream.write(self.text() + "\n")
-        self.stream.flush()
+            finished = not self.approximate and self.done >= self.total
+            due = self._logged_at is None or self.clock() - self._logged_at >= LOG_EVERY
+            self._unlogged = True
+            if finished or due:
+                self._write_log_line()
         self._drawn = True
+
+    def _write_log_line(self) -> None:
+        self.stream.write(self.text() + "\n")
+        self.stream.flush()
+        self._logged_at, self._unlogged = self.clock(), False
 
 
 def note(message: str, stream: TextIO | None = None) -> None:
