@@ -102,6 +102,18 @@ def test_help_lists_every_subcommand(command: str) -> None:
     assert command in doc.splitlines()[0]
 
 
+@pytest.mark.parametrize(
+    "argv", [["analyze", "--p", "1e-5"], ["sweep", "--fault_arg", "seed=1", "--tasks", "faults_demo", "--run_dir", "runs/x", "--p", "1e-3"]]
+)
+def test_options_are_never_abbreviated(argv: list[str], capsys) -> None:
+    """`analyze --p 1e-5` once meant --protections 1e-5: a prefix is an error, not a guess."""
+    from lm_eval_faults.cli import main
+
+    with pytest.raises(SystemExit) as stopped:
+        main(argv)
+    assert stopped.value.code == 2 and f"unrecognized arguments: {argv[1]}" in capsys.readouterr().err
+
+
 def test_sweep_default_batch_size_is_32() -> None:
     from lm_eval_faults.study.grid import SweepConfig
 

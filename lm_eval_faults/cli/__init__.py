@@ -25,10 +25,11 @@ SUBCOMMANDS = {
 
 def build_parser(selected: str | None = None) -> argparse.ArgumentParser:
     """The parser; only the `selected` subcommand's module is imported (the others may load torch)."""
-    parser = argparse.ArgumentParser(prog="lm-eval-faults", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="lm-eval-faults", description=__doc__.splitlines()[0], allow_abbrev=False)
     commands = parser.add_subparsers(dest="command", required=True)
     for name, (module_name, help_text) in SUBCOMMANDS.items():
-        sub = commands.add_parser(name, help=help_text, description=help_text)
+        # no abbreviations: `analyze --p 1e-5` was read as --protections, with a puzzling error
+        sub = commands.add_parser(name, help=help_text, description=help_text, allow_abbrev=False)
         sub.set_defaults(module=module_name)
         if name == selected:
             importlib.import_module(module_name).add_arguments(sub)
