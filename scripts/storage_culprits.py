@@ -62,10 +62,11 @@ def main() -> None:
     parser.add_argument("--model", choices=sorted(MODELS), default="demo")
     parser.add_argument("--storages", help="comma-separated storage items (default: the model's quantized storages)")
     parser.add_argument("--seeds", type=int, default=3, help="seeds to try, in order, for a map that breaks the model")
-    parser.add_argument("--limit", type=int, help="documents per task (as the robustness sweep used)")
+    parser.add_argument("--limit", type=int, help="documents per task: the robustness sweep's own --limit (default: all)")
+    parser.add_argument("--out", type=Path, help="the robustness sweep's --out, read and written (default: docs/storage/MODEL)")
     args = parser.parse_args()
     model_args, task, _ = MODELS[args.model]
-    folder = ROOT / "docs" / "storage" / args.model
+    folder = args.out or ROOT / "docs" / "storage" / args.model
     curves = json.loads((folder / "curves.json").read_text())
     (folder / "culprits").mkdir(exist_ok=True)
     saved = folder / "culprits" / "outcomes.json"
@@ -74,9 +75,7 @@ def main() -> None:
         label, fault_args = storage_args(item)
         p = breaking_rate(curves[label]) if label in curves else None
         if p is None:
-            sys.exit(
-                f"{label}: no point of docs/storage/{args.model}/curves.json scores below half its clean score; run storage_robustness.py first"
-            )
+            sys.exit(f"{label}: no point of {folder / 'curves.json'} scores below half its clean score; run storage_robustness.py first")
         name = item.replace(":", "_g")
         outcome = bisect_storage(model_args, task, f"{fault_args},p={p:.6g}", folder / "culprits" / name, args.seeds, args.limit)
         outcomes[label] = {"p": p, "outcome": outcome}

@@ -83,12 +83,19 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", choices=MODELS, default="demo")
     parser.add_argument(
-        "--storages", help="comma list (default: the model's list above); int4:G sets the group size, NAME@FIELDS backs FIELDS up"
+        "--storages",
+        help="comma list; int4:G sets the group size, NAME@FIELDS backs FIELDS up (default: "
+        + "; ".join(f"{model}: {items}" for model, (_, _, items) in MODELS.items())
+        + ")",
     )
-    parser.add_argument("--p", default="1e-6:1e-1:11")
-    parser.add_argument("--limit", default=None)
-    parser.add_argument("--seeds", default="1")
-    parser.add_argument("--out", type=Path)
+    parser.add_argument("--p", default="1e-6:1e-1:11", help="rates LOW:HIGH:COUNT, log-spaced, or a comma list (default: %(default)s)")
+    parser.add_argument("--limit", default=None, help="documents per task (default: all)")
+    parser.add_argument("--seeds", default="1", help="seeds per rate (default: %(default)s)")
+    parser.add_argument(
+        "--out",
+        type=Path,
+        help="where the table, figure, curves and run directories go (default: docs/storage/MODEL, the committed results)",
+    )
     args = parser.parse_args()
     model_args, task, storages = MODELS[args.model]
     out = args.out or ROOT / "docs" / "storage" / args.model

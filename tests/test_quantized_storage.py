@@ -146,7 +146,7 @@ def test_bits_select_positions_within_a_fields_layout():
         (dict(storage="q4_0", ecc="parity"), r"ecc='parity' is invalid: with storage=, a detected word would be zeroed"),
         (
             dict(storage="mxfp4", bits="sign"),
-            r"bits='sign' is invalid: does not exist in e8m0; valid fields: all, exponent.* \(field 'exponents'",
+            r"bits='sign' is invalid: does not exist in e8m0; valid names: all, exponent.* \(field 'exponents'",
         ),
         (
             dict(storage="int4", bits="3+7"),

@@ -157,7 +157,7 @@ def test_bit_fields_select_the_right_positions():
     assert resolve_bits(fp16, "0-2+15") == (0, 1, 2, 15)
     with pytest.raises(ValueError, match="outside 0-15"):
         resolve_bits(fp16, "16")
-    with pytest.raises(ValueError, match="valid fields: all, sign"):
+    with pytest.raises(ValueError, match="valid names: all, sign"):
         resolve_bits(LAYOUTS[torch.int8], "exponent")
 
 

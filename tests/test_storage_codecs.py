@@ -267,3 +267,22 @@ def test_tied_weights_are_one_stored_form_faulted_once(storage):
         assert all(site.shared_with == [f"lm_head.weight.{site.name.rpartition('.')[2]}"] for site in sites)
         (row,) = faults.report.to_dict()["weights"]["storage"].values()
         assert row["weights"] == model.get_parameter("lm_head.weight").numel()  # counted once
+
+
+def test_fp8_e4m3_counts_as_non_finite_only_its_nan_words():
+    """E4M3 has no Inf and one NaN per sign (S.1111.111): 0x78..0x7E are 256..448, finite. The
+    report's non-finite count is the number of weights the faults made NaN, read off the model."""
+    from lm_eval_faults.core.faults.counts import becomes_nonfinite
+    from lm_eval_faults.core.storage.layouts import FIELD_LAYOUTS
+
+    layout = FIELD_LAYOUTS["float8_e4m3fn"]
+    words = np.arange(256, dtype=np.int64)
+    made = becomes_nonfinite(np.zeros(256, dtype=np.int64), words, layout)
+    reference = torch.from_numpy(words.astype(np.uint8)).view(torch.float8_e4m3fn).float().isnan().numpy()
+    assert np.array_equal(made, reference) and made.sum() == 2
+    model = tiny_model(**WIDE)
+    with inject(model, p=2e-2, storage="fp8_e4m3", target="mlp", fields="codes", seed=3) as faults:
+        words = faults.report.totals()["nonfinite_created"]  # codes turned NaN, one weight each
+        (row,) = faults.report.to_dict()["weights"]["storage"].values()
+        actual = sum(int((~p.isfinite()).sum()) for name, p in model.named_parameters() if ".mlp." in name)
+        assert words == row["nonfinite_created"] == actual > 0

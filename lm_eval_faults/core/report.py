@@ -386,6 +386,7 @@ class FaultReport:
             lines.extend(text_table(columns, rows))
             storage = self.parts[part].storage
             if storage is not None:
+                lines.append("(stored words above: elements, hit, changed and non-finite count words; weights below)")
                 lines.extend(_storage_lines(storage()))
         if self.protected:
             lines.extend(self._protection_table())

@@ -95,9 +95,10 @@ def _bit_histograms(site: np.ndarray, diff: np.ndarray, sites: int, width: int) 
 def becomes_nonfinite(old: np.ndarray, new: np.ndarray, layout: BitLayout) -> np.ndarray:
     """Elements that were finite before the fault and are NaN or +-Inf after it.
 
-    A float is non-finite exactly when its exponent field is all ones: read it off the words.
+    Read off the words: a float is non-finite exactly when its `nonfinite_mask` bits are all ones
+    (the exponent field's, but for FP8 E4M3, whose only non-finite words are S.1111.111).
     """
-    if not layout.is_float:
+    mask = layout.nonfinite_mask
+    if not mask:
         return np.zeros(len(old), dtype=bool)
-    shift, ones = layout.exponent[0], (1 << len(layout.exponent)) - 1
-    return ((old >> shift) & ones != ones) & ((new >> shift) & ones == ones)
+    return (old & mask != mask) & (new & mask == mask)

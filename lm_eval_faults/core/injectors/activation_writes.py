@@ -94,7 +94,7 @@ def write_on_device(target: torch.Tensor, layout: BitLayout, index: torch.Tensor
     diff = old ^ new
     shifts = torch.arange(MAX_WIDTH, device=words.device)
     histogram = ((diff[:, None] >> shifts) & 1).sum(dim=0)
-    field = _exponent_field(layout)
+    field = layout.nonfinite_mask
     created = (((new & field) == field) & ((old & field) != field)).sum() if field else histogram.new_zeros(())
     return torch.cat([(diff != 0).sum().view(1), histogram.sum().view(1), created.view(1), histogram])
 
@@ -116,7 +116,7 @@ def flip(target: torch.Tensor, layout: BitLayout, positions: list[int], masks: l
     if positions[-1] >= target.numel():
         raise AssertionError(f"a planned fault at element {positions[-1]} of an output of shape {tuple(target.shape)}")
     words = ctypes.cast(target.data_ptr(), _WORD_POINTERS[layout.width])
-    field = _exponent_field(layout)
+    field = layout.nonfinite_mask
     created = 0
     for position, mask in zip(positions, masks, strict=True):
         old = words[position]
@@ -149,8 +149,3 @@ def add(stats: SiteStats, hits: int, fault_bits: int, changed: int, flipped: int
 def nonfinite_created(old: np.ndarray, new: np.ndarray, layout: BitLayout) -> int:
     """Elements finite before the fault and NaN or +-Inf after it (`faults.becomes_nonfinite`)."""
     return int(np.count_nonzero(becomes_nonfinite(old, new, layout)))
-
-
-def _exponent_field(layout: BitLayout) -> int:
-    """The exponent bits of a float word (0 for integer layouts, which have no non-finite values)."""
-    return ((1 << len(layout.exponent)) - 1) << layout.exponent[0] if layout.is_float else 0

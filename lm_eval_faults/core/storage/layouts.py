@@ -7,6 +7,7 @@ cell would flip them, with no rounding through float arithmetic.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -24,6 +25,17 @@ class BitLayout:
     sign: tuple[int, ...]
     exponent: tuple[int, ...]
     mantissa: tuple[int, ...]
+    nonfinite_bits: int | None = None
+    """The bits that all read 1 exactly when a word is NaN or Inf; None: the exponent's (IEEE-like
+    formats). FP8 E4M3 has no Inf and one NaN per sign, S.1111.111, so its all-ones exponent with
+    any other mantissa is a finite number (256 to 448) and its mask takes the mantissa too."""
+
+    @property
+    def nonfinite_mask(self) -> int:
+        """`nonfinite_bits`, or the exponent field's bits (0 for an integer layout: always finite)."""
+        if self.nonfinite_bits is not None:
+            return self.nonfinite_bits
+        return ((1 << len(self.exponent)) - 1) << self.exponent[0] if self.exponent else 0
 
     @property
     def all_bits(self) -> tuple[int, ...]:
@@ -39,7 +51,9 @@ class BitLayout:
         if self.is_float:
             fields.update(exponent=self.exponent, exponent_msb=self.exponent[-1:], mantissa=self.mantissa)
         if name not in fields:
-            raise ValueError(f"bits={name!r} does not exist in {self.name}; valid fields: {', '.join(fields)}")
+            raise ValueError(
+                f"bits={name!r} does not exist in {self.name}; valid names: {', '.join(fields)}, or positions 0-{self.width - 1}"
+            )
         return fields[name]
 
 
@@ -81,7 +95,7 @@ FIELD_LAYOUTS: dict[str, BitLayout] = {
         BitLayout("e8m0", torch.uint8, torch.uint8, 8, (), tuple(range(8)), ()),
         BitLayout("e2m1x2", torch.uint8, torch.uint8, 8, (), (), ()),
         BitLayout("k_scales", torch.uint8, torch.uint8, 8, (), (), ()),
-        _float_layout("float8_e4m3fn", torch.float8_e4m3fn, torch.int8, 4, 3),
+        dataclasses.replace(_float_layout("float8_e4m3fn", torch.float8_e4m3fn, torch.int8, 4, 3), nonfinite_bits=0x7F),
         _float_layout("float8_e5m2", torch.float8_e5m2, torch.int8, 5, 2),
     )
 }
