@@ -20,7 +20,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from storage_robustness import MODELS, ROOT, storage_args
+from storage_robustness import MODELS, ROOT, item_slug, storage_args
 
 STORAGES = {"smollm2": "file,q4_1,int4:32,int4:64,nf4,mxfp4,q8_0,fp8_e4m3,int8", "demo": "q4_1,int4:32,int4:64,int8,nf4,fp8_e4m3,q8_0,q4_0"}
 
@@ -76,7 +76,7 @@ def main() -> None:
         p = breaking_rate(curves[label]) if label in curves else None
         if p is None:
             sys.exit(f"{label}: no point of {folder / 'curves.json'} scores below half its clean score; run storage_robustness.py first")
-        name = item.replace(":", "_g")
+        name = item_slug(item)
         outcome = bisect_storage(model_args, task, f"{fault_args},p={p:.6g}", folder / "culprits" / name, args.seeds, args.limit)
         outcomes[label] = {"p": p, "outcome": outcome}
         saved.write_text(json.dumps(outcomes, indent=1))

@@ -55,8 +55,7 @@ TOLERANCE = 0.05
 def storage_args(item: str) -> tuple[str, str]:
     """`int4:32` -> (`int4 (groups of 32)`, `storage=int4,group_size=32`); `none` is the float
     model; `@FIELDS` backs fields up (`int8@scales` -> `storage=int8,protect_fields=scales`)."""
-    item, _, backed = item.partition("@")
-    name, _, group = item.partition(":")
+    name, _, group = item.partition("@")[0].partition(":")
     if name == "none":
         label, args = "float32 (the model's own)", ""
     elif name == "file":
@@ -64,9 +63,20 @@ def storage_args(item: str) -> tuple[str, str]:
     else:
         label = f"{name} (groups of {group})" if group else name
         args = f"storage={name}" + (f",group_size={group}" if group else "")
-    if backed:
-        label, args = f"{label}, {backed.replace('+', ' and ')} backed up", f"{args},protect_fields={backed}"
+    if backed := backed_fields(item):
+        label, args = f"{label}, {' and '.join(backed)} backed up", f"{args},protect_fields={'+'.join(backed)}"
     return label, args
+
+
+def item_slug(item: str) -> str:
+    """A storage item as a file name: `int4:32@scales` -> `int4_g32_backed_scales`."""
+    return item.replace(":", "_g").replace("@", "_backed_").replace("+", "_")
+
+
+def backed_fields(item: str) -> list[str]:
+    """The fields an item backs up: `q4_1@scales+mins` -> [scales, mins]."""
+    backed = item.partition("@")[2]
+    return backed.split("+") if backed else []
 
 
 def tolerated(points: list[tuple[float, float]], clean: float) -> float | None:
@@ -109,7 +119,7 @@ def main() -> None:
     for item in (args.storages or storages).split(","):
         label, fault_args = storage_args(item)
         config = SweepConfig(model_args=model_args, tasks=task, p=args.p, seeds=args.seeds, fault_args=fault_args, limit=args.limit)
-        run_dir = out / "runs" / item.replace(":", "_g").replace("@", "_backed_").replace("+", "_")
+        run_dir = out / "runs" / item_slug(item)
         run_sweep(run_dir, config, report=False, progress=True)
         records = load_records(run_dir / "results.jsonl")
         tasks = baseline_tasks(records)
@@ -120,8 +130,9 @@ def main() -> None:
                 by_p.setdefault(float(record["p"]), []).append(record_score(record, tasks))
         points = [(p, sum(scores) / len(scores)) for p, scores in sorted(by_p.items())]
         faulty = next(record for record in records if not record.get("baseline"))
-        backed = item.partition("@")[2].split("+") if "@" in item else []
-        curves[label] = Curve(stored_bits_per_weight(faulty), stored_bits_per_weight(faulty, leaving_out=backed), points, clean)
+        curves[label] = Curve(
+            stored_bits_per_weight(faulty), stored_bits_per_weight(faulty, leaving_out=backed_fields(item)), points, clean
+        )
     order = [storage_args(item)[0] for item in storages.split(",")]
     curves = dict(sorted(curves.items(), key=lambda item: order.index(item[0]) if item[0] in order else len(order)))
     rows = []

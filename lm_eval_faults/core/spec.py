@@ -263,10 +263,10 @@ class FaultSpec:
         """`bits=` and `protect_bits=` name positions in every selected field's own words (a
         file's fields are checked as each tensor is faulted, its type known only then)."""
         layouts = codec(self.storage).field_layouts
+        named = [("bits", self.bits)] if self.per_bit else []
+        named += [("protect_bits", self.protect_bits)] if self.protect_bits != "none" else []
         for name in self.fields or tuple(layouts):
-            for key, bits in (("bits", self.bits if self.per_bit else "all"), ("protect_bits", self.protect_bits)):
-                if bits == "none":
-                    continue
+            for key, bits in named:
                 try:
                     resolve_bits(layouts[name], bits)
                 except ValueError as error:

@@ -115,11 +115,12 @@ class Bisection:
     @property
     def culprits_by_field(self) -> dict[str, int]:
         """Under `storage=`, the culprits per stored field, every field of the map listed."""
+        if not self.faults_by_field:
+            return {}
         counts = dict.fromkeys(self.faults_by_field, 0)
         for culprit in self.culprits:
-            name = culprit.param.rpartition(".")[2]
-            counts[name] = counts.get(name, 0) + 1
-        return counts if self.faults_by_field else {}
+            counts[culprit.param.rpartition(".")[2]] += 1  # a culprit is one of the map's faults
+        return counts
 
     def to_dict(self) -> dict[str, Any]:
         return {

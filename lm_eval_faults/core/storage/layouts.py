@@ -7,7 +7,6 @@ cell would flip them, with no rounding through float arithmetic.
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -57,7 +56,9 @@ class BitLayout:
         return fields[name]
 
 
-def _float_layout(name: str, dtype: torch.dtype, int_view: torch.dtype, exp_bits: int, man_bits: int) -> BitLayout:
+def _float_layout(
+    name: str, dtype: torch.dtype, int_view: torch.dtype, exp_bits: int, man_bits: int, nonfinite_bits: int | None = None
+) -> BitLayout:
     width = 1 + exp_bits + man_bits
     return BitLayout(
         name=name,
@@ -67,6 +68,7 @@ def _float_layout(name: str, dtype: torch.dtype, int_view: torch.dtype, exp_bits
         sign=(width - 1,),
         exponent=tuple(range(man_bits, man_bits + exp_bits)),
         mantissa=tuple(range(man_bits)),
+        nonfinite_bits=nonfinite_bits,
     )
 
 
@@ -95,7 +97,7 @@ FIELD_LAYOUTS: dict[str, BitLayout] = {
         BitLayout("e8m0", torch.uint8, torch.uint8, 8, (), tuple(range(8)), ()),
         BitLayout("e2m1x2", torch.uint8, torch.uint8, 8, (), (), ()),
         BitLayout("k_scales", torch.uint8, torch.uint8, 8, (), (), ()),
-        dataclasses.replace(_float_layout("float8_e4m3fn", torch.float8_e4m3fn, torch.int8, 4, 3), nonfinite_bits=0x7F),
+        _float_layout("float8_e4m3fn", torch.float8_e4m3fn, torch.int8, 4, 3, nonfinite_bits=0x7F),
         _float_layout("float8_e5m2", torch.float8_e5m2, torch.int8, 5, 2),
     )
 }
