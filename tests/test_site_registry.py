@@ -120,5 +120,7 @@ def test_sites_join_with_plus_in_registration_order():
 
 
 def test_an_unregistered_site_is_refused_naming_the_choices():
-    with pytest.raises(FaultSpecError, match=r"site='buffers' is invalid: choose one of weights, activations, weights\+activations"):
+    with pytest.raises(
+        FaultSpecError, match=r"site='buffers' is invalid: choose one of weights, activations, kv_cache, weights\+activations\+kv_cache"
+    ):
         FaultSpec(site="buffers")

@@ -30,7 +30,7 @@ def test_aliases_and_all():
         ({"p": "2"}, "p", "[0, 1]"),
         ({"p": "often"}, "p", "probability"),
         ({"fault": "flip"}, "fault", "bitflip, stuck0, stuck1, value, zero"),
-        ({"site": "weight"}, "site", "weights, activations, weights+activations"),
+        ({"site": "weight"}, "site", "weights, activations, kv_cache, weights+activations+kv_cache"),
         ({"target": "attn"}, "target", "embedding, attention, mlp, norm, lm_head"),
         ({"layers": "3-1"}, "layers", "backwards"),
         ({"layers": "first"}, "layers", "0-3"),

@@ -135,6 +135,9 @@ class ReportPart:
     """With simulated storage (`storage=`): per component, its weights, stored bits, faults per
     weight, weights the faults changed (the largest relative change, the non-finite ones), the
     clean quantization error, and the same per stored field; shown under the part's `storage` key."""
+    entries: Callable[[], dict[str, dict[str, int]]] | None = None
+    """For the KV cache: per layer and part, the entries written, corrupted, and read while
+    corrupted (`injectors.kv_cache.EntryCounts`); shown under the part's `entries` key."""
 
     def sites(self) -> list[SiteStats]:
         if self.settle is not None:
@@ -153,6 +156,8 @@ class ReportPart:
         }
         if self.storage is not None:
             data["storage"] = self.storage()
+        if self.entries is not None:
+            data["entries"] = self.entries()
         if not self.per_call:
             data["shared_tensors"] = {s.name: s.shared_with for s in sites if s.shared_with}
             data["sites"] = [asdict(s) for s in sites]
@@ -196,6 +201,20 @@ def _storage_lines(summary: dict[str, Any]) -> list[str]:
                 f"largest change {stats['largest_relative_change']:.3g} RMS, {stats['nonfinite_created']:,} made non-finite"
             )
     return lines
+
+
+def _entry_lines(entries: dict[str, dict[str, int]]) -> list[str]:
+    """The KV cache's entries per part, summed over layers (the JSON has them per layer)."""
+    totals: dict[str, dict[str, int]] = {}
+    for name, counts in entries.items():
+        row = totals.setdefault(name.rpartition(".")[2], dict.fromkeys(counts, 0))
+        for key, value in counts.items():
+            row[key] += value
+    return [
+        f"KV cache {part}: {row['written']:,} entries written, {row['corrupted']:,} corrupted, "
+        f"{row['reads_corrupted']:,} reads of corrupted entries"
+        for part, row in totals.items()
+    ]
 
 
 def _layer_label(site: SiteStats) -> str:
@@ -384,6 +403,9 @@ class FaultReport:
                 for component, row in self.by_component(part).items()
             ]
             lines.extend(text_table(columns, rows))
+            entries = self.parts[part].entries
+            if entries is not None:
+                lines.extend(_entry_lines(entries()))
             storage = self.parts[part].storage
             if storage is not None:
                 lines.append("(stored words above: elements, hit, changed and non-finite count words; weights below)")

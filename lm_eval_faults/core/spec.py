@@ -39,6 +39,11 @@ ECC_SCHEMES = {"none": "no error-correcting code", **{name: code.description for
 ECC_POLICIES = ("zero", "keep")
 """What a SECDED word that is detected but uncorrectable reads as: all zeros, or its corrupted data."""
 CLAMP_SITES = ("none", "weights", "activations", "weights+activations")
+KV_FAULTS = {
+    "write": "each key/value entry is faulted once, as it is written; later steps read it corrupted",
+    "retention": "as write, and every stored bit is also hit at rate p per decoding step while it stays cached",
+}
+KV_PARTS = ("both", "keys", "values")
 
 
 class FaultSpecError(ValueError):
@@ -166,6 +171,9 @@ class FaultSpec:
     group_size: int = 128
     fields: tuple[str, ...] = ()
     protect_fields: tuple[str, ...] = ()
+    kv_fault: str = "write"
+    kv_layers: tuple[int, ...] | None = None
+    kv_part: str = "both"
 
     def __post_init__(self) -> None:
         def set_(name: str, value: object) -> None:
@@ -211,6 +219,28 @@ class FaultSpec:
             raise _error("act_scope", self.act_scope, "choose leaf (module outputs of leaf modules) or all (every module, nested)")
         self._validate_protection()
         self._validate_storage()
+        self._validate_kv_cache()
+
+    def _validate_kv_cache(self) -> None:
+        """The KV-cache keys: which faults the cache's entries take, in which layers and parts."""
+        set_ = object.__setattr__
+        set_(self, "kv_fault", str(self.kv_fault).strip().lower())
+        if self.kv_fault not in KV_FAULTS:
+            raise _error("kv_fault", self.kv_fault, "choose " + " or ".join(f"{name} ({text})" for name, text in KV_FAULTS.items()))
+        set_(self, "kv_part", str(self.kv_part).strip().lower())
+        if self.kv_part not in KV_PARTS:
+            raise _error("kv_part", self.kv_part, "choose keys, values or both (the cache's stored keys, its values, or both)")
+        if not isinstance(self.kv_layers, tuple):
+            try:
+                set_(self, "kv_layers", parse_layers(self.kv_layers))
+            except FaultSpecError as error:
+                raise FaultSpecError(str(error).replace("model_args layers=", "model_args kv_layers=", 1)) from None
+        if not self.on_kv_cache:
+            for key, default in (("kv_fault", "write"), ("kv_layers", None), ("kv_part", "both")):
+                if getattr(self, key) != default:
+                    value = getattr(self, key)
+                    value = layers_label(value) if key == "kv_layers" else value
+                    raise _error(key, value, f"applies to the KV cache; add site=kv_cache (site={self.site})")
 
     def _validate_storage(self) -> None:
         """`storage=`: the format the selected weights are encoded into and faulted in."""
@@ -346,6 +376,10 @@ class FaultSpec:
     def on_activations(self) -> bool:
         return "activations" in self.sites
 
+    @property
+    def on_kv_cache(self) -> bool:
+        return "kv_cache" in self.sites
+
     def sampling_key(self) -> dict[str, Any]:
         """The fields that shape a fault map at one site (target/layers/modules only choose sites)."""
         return {
@@ -371,6 +405,11 @@ class FaultSpec:
         if self.storage == "none":  # so do specs of the model's own storage
             for key in STORAGE_KEYS:
                 data.pop(key)
+        if self.on_kv_cache:
+            data["kv_layers"] = None if self.kv_layers is None else layers_label(self.kv_layers)
+        else:  # and specs that leave the KV cache alone
+            for key in KV_KEYS:
+                data.pop(key)
         return data
 
     def fingerprint(self) -> str:
@@ -390,6 +429,9 @@ class FaultSpec:
         unit = "bit" if self.per_bit else "element"
         layers = "all layers" if self.layers is None else f"layers {layers_label(self.layers)}"
         text = f"{self.fault} {rate} per {unit} on {self.site} of {'+'.join(self.target)} ({layers}, bits={self.bits}, seed={self.seed})"
+        if self.on_kv_cache:
+            kv_layers = "all layers" if self.kv_layers is None else f"layers {layers_label(self.kv_layers)}"
+            text += f"; KV cache: {self.kv_fault} faults on {self.kv_part} ({kv_layers})"
         if self.storage != "none":
             text += f"; stored as {self.storage}" + (f" (groups of {self.group_size})" if self.storage == "int4" else "")
             text += f", faults in its {'+'.join(self.fields)}" if self.fields else ""
@@ -447,6 +489,7 @@ def _validate_bits_syntax(bits: str, key: str = "bits") -> None:
 FAULT_KEYS: tuple[str, ...] = tuple(f.name for f in fields(FaultSpec))
 PROTECTION_KEYS = ("protect", "protect_bits", "ecc", "ecc_policy", "clamp", "protect_fields")
 STORAGE_KEYS = ("storage", "group_size", "fields")
+KV_KEYS = ("kv_fault", "kv_layers", "kv_part")
 """The keys that choose protection schemes rather than faults: a sweep's protection axis sets them."""
 
 

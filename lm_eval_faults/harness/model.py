@@ -27,9 +27,10 @@ from transformers import LogitsProcessorList
 
 from lm_eval_faults.core.fault_map import FaultMap
 from lm_eval_faults.core.injection import Injection, live_injections
-from lm_eval_faults.core.injectors.activations import Rows
 from lm_eval_faults.core.protection.clamping import ActivationBounds
 from lm_eval_faults.core.report import FaultReport
+from lm_eval_faults.core.sites.registry import site_kind
+from lm_eval_faults.core.sites.rows import Rows
 from lm_eval_faults.core.spec import FAULT_KEYS, FaultSpec, parse_arg_string, parse_fault_args
 from lm_eval_faults.core.storage.codecs import FILE
 from lm_eval_faults.harness.autoload import COMMAND_LINE_MODEL_ARGS
@@ -176,8 +177,10 @@ class FaultyHFLM(HFLM):
         return self.spec.active or bool(self._live)
 
     @property
-    def _faults_activations(self) -> bool:
-        return any(injection.spec.active and injection.spec.on_activations for injection in self._live)
+    def _faults_per_call(self) -> bool:
+        """Whether a live injection faults a site per forward call (activations, the KV cache),
+        whose faults are keyed by the request rows each forward declares."""
+        return any(injection.spec.active and any(site_kind(name).per_call for name in injection.spec.sites) for injection in self._live)
 
     def _next_forward(self, rows: Rows | None) -> None:
         for injection in self._live:
@@ -205,13 +208,13 @@ class FaultyHFLM(HFLM):
         return results
 
     def _model_call(self, inps: torch.Tensor, attn_mask=None, labels=None) -> torch.Tensor:
-        """One scoring forward. With activation faults, each row draws its own faults, keyed by
-        its tokens, on its real positions only (lm-eval right-pads rows with token 0)."""
+        """One scoring forward. With activation or KV-cache faults, each row draws its own faults,
+        keyed by its tokens, on its real positions only (lm-eval right-pads rows with token 0)."""
         if not self._faulted or attn_mask is not None:
             return super()._model_call(inps, attn_mask=attn_mask, labels=labels)
         rows = inps.tolist()
         lengths = [self._scoring_rows.real_length(row) for row in rows]
-        if self._faults_activations:
+        if self._faults_per_call:
             self._next_forward(scoring_rows(rows, lengths, inps.shape[1]))
         try:
             logits = super()._model_call(inps)
@@ -270,7 +273,11 @@ class FaultyHFLM(HFLM):
         guard = NonFiniteLogitsGuard()
         processors = LogitsProcessorList([*generation_kwargs.pop("logits_processor", []), guard])
         prompts = prompt_tokens(context, generation_kwargs.get("attention_mask"))
-        keyed = generation_rows(self.model, prompts, self._next_forward) if self._faults_activations else contextlib.nullcontext()
+        keyed = (
+            generation_rows(self.model, prompts, self._next_forward, context.shape[1])
+            if self._faults_per_call
+            else contextlib.nullcontext()
+        )
         with keyed:
             output = super()._model_generate(context, max_length, stop, logits_processor=processors, **generation_kwargs)
         self._accounting.note_generation(prompts, guard)

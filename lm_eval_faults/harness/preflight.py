@@ -160,7 +160,7 @@ def check_dtype(model_args: Mapping[str, Any]) -> None:
 
 
 def check_against_config(spec: FaultSpec, model_args: Mapping[str, Any], config: Any | None) -> None:
-    """`layers=` against the layer count and `bits=`/`protect_bits=` against the run dtype's width;
+    """`layers=` and `kv_layers=` against the layer count and `bits=`/`protect_bits=` against the run dtype's width;
     and the environment's `LM_EVAL_FAULTS_DEVICE_PATH`, which is otherwise read only once faults
     are drawn, after the model (and a sweep's baseline) has cost its time."""
     try:
@@ -179,6 +179,10 @@ def check_against_config(spec: FaultSpec, model_args: Mapping[str, Any], config:
     if count is not None and spec.layers is not None and max(spec.layers) >= count:
         raise FaultSpecError(
             f"model_args layers={spec.to_dict()['layers']!r} is invalid: this model has {count} decoder layers (0-{count - 1})"
+        )
+    if count is not None and spec.kv_layers is not None and max(spec.kv_layers) >= count:
+        raise FaultSpecError(
+            f"model_args kv_layers={spec.to_dict()['kv_layers']!r} is invalid: this model has {count} decoder layers (0-{count - 1})"
         )
     if spec.storage == FILE:
         return  # each file tensor has its own type: its fields' bits are checked as it is faulted

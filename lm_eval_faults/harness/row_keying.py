@@ -14,8 +14,8 @@ from collections.abc import Callable, Iterator
 import numpy as np
 import torch
 
-from lm_eval_faults.core.injectors.activations import Rows
 from lm_eval_faults.core.random.streams import request_key, row_keys
+from lm_eval_faults.core.sites.rows import Rows
 
 Tokens = tuple[int, ...]
 
@@ -59,7 +59,8 @@ class ScoringRows:
 def scoring_rows(rows: list[list[int]], lengths: list[int], width: int) -> Rows:
     """One scoring forward's rows: each keyed by its real tokens, real from position 0 to its length."""
     keys = np.array([request_key(row[:length]) for row, length in zip(rows, lengths, strict=True)], dtype=np.uint64)
-    return Rows(keys, np.zeros(len(rows), dtype=np.int64), np.array(lengths, dtype=np.int64), width)
+    zeros = np.zeros(len(rows), dtype=np.int64)
+    return Rows(keys, zeros, np.array(lengths, dtype=np.int64), width, requests=keys, pads=zeros)
 
 
 def prompt_tokens(context: torch.Tensor, attention_mask: torch.Tensor | None) -> list[Tokens]:
@@ -69,23 +70,32 @@ def prompt_tokens(context: torch.Tensor, attention_mask: torch.Tensor | None) ->
 
 
 @contextlib.contextmanager
-def generation_rows(model: torch.nn.Module, prompts: list[Tokens], next_forward: Callable[[Rows | None], None]) -> Iterator[None]:
+def generation_rows(
+    model: torch.nn.Module, prompts: list[Tokens], next_forward: Callable[[Rows | None], None], width: int | None = None
+) -> Iterator[None]:
     """Key each row's activation faults by its own prompt tokens and decoding step, on its real
-    (not left-padding) positions: a hook hands `next_forward` the rows of every decoding forward."""
+    (not left-padding) positions: a hook hands `next_forward` the rows of every decoding forward.
+    Its KV-cache entries are keyed by the prompt alone and their position after the left padding.
+
+    The rows are left-padded to `width` (the longest prompt by default). Padding is read from the
+    prompts, never from the attention mask the model is handed, which a static cache turns into
+    a 4-D one: the forwards feed cache indices [past, past + length), and a row's real ones start
+    at its padding."""
     base = np.array([request_key(prompt) for prompt in prompts], dtype=np.uint64)
+    lengths = np.array([len(prompt) for prompt in prompts], dtype=np.int64)
+    pads = (max(lengths, default=0) if width is None else width) - lengths
+    fed = 0
     step = 0
 
     def before_forward(module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
-        nonlocal step
+        nonlocal fed, step
         ids = kwargs.get("input_ids", args[0] if args else None)
         if ids is None:
             return
         length = ids.shape[1]
-        valid = kwargs.get("attention_mask")
-        valid = torch.ones_like(ids) if valid is None else valid[:, -length:]
-        starts = (length - valid.sum(dim=1)).cpu().numpy().astype(np.int64)
-        keys = row_keys(step, base)
-        next_forward(Rows(keys, starts, np.full(len(base), length, dtype=np.int64), length))
+        starts = np.clip(pads - fed, 0, length)
+        next_forward(Rows(row_keys(step, base), starts, np.full(len(base), length, dtype=np.int64), length, requests=base, pads=pads))
+        fed += length
         step += 1
 
     handle = model.register_forward_pre_hook(before_forward, with_kwargs=True)

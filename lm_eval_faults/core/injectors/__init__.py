@@ -1,5 +1,5 @@
 """The injectors, one per site, each registered by its own module (`sites.registry`): persistent
-weight faults with an undo log, transient activation faults. Importing this package registers
+weight faults with an undo log, transient activation faults, faults in the KV cache's entries. Importing this package registers
 them; `site=` is written back in registration order, so `weights` comes first."""
 
 from lm_eval_faults.core.injectors import weights
@@ -7,4 +7,7 @@ from lm_eval_faults.core.injectors import weights
 # isort: split
 from lm_eval_faults.core.injectors import activations
 
-__all__ = ["activations", "weights"]
+# isort: split
+from lm_eval_faults.core.injectors import kv_cache
+
+__all__ = ["activations", "kv_cache", "weights"]

@@ -83,6 +83,8 @@ def protection_gaps(spec: FaultSpec, selected: Mapping[str, Sequence[ParamSite |
     if spec.on_activations and weight_only:
         where = "these faults hit only activations" if not spec.on_weights else "the activation faults of this spec are not covered"
         notes.append(f"{', '.join(weight_only)} protect stored weights; {where} (use clamp=activations)")
+    if "kv_cache" in spec.sites and spec.protected:
+        notes.append("no protection scheme covers the KV cache: its entries' faults are not protected")
     return notes
 
 

@@ -11,6 +11,8 @@ is written down (the README's copy of these tables points here):
 | `CALL` | forward call c, output tensor t | activation faults of a module outside lm-eval (plain `inject`) |
 | `REQUEST` | call c of the module within the forward, output tensor t; then per row, the row's request key (`row_keys`) | activation faults of one lm-eval request row: independent of batching |
 | `CHECK_BITS` | none | faults in the check bits that protect one parameter tensor (SECDED: 8 per 64-bit word; parity: 1 per element) |
+| `KV_WRITE` | none; then per cache entry, its request key and position (`entry_keys`) | faults written with one KV-cache entry (one layer's keys or values at one position) |
+| `KV_RETAIN` | none; then per request row, its request key and the position being decoded (`entry_keys`) | faults that strike a row's stored entries of one layer and part during one decoding step |
 
 | purpose | index | what it draws |
 |---|---|---|
@@ -50,9 +52,18 @@ class StreamKind(IntEnum):
     CALL = 1
     REQUEST = 2
     CHECK_BITS = 3
+    KV_WRITE = 4
+    KV_RETAIN = 5
 
 
-STREAM_INDICES = {StreamKind.WEIGHTS: 0, StreamKind.CALL: 2, StreamKind.REQUEST: 2, StreamKind.CHECK_BITS: 0}
+STREAM_INDICES = {
+    StreamKind.WEIGHTS: 0,
+    StreamKind.CALL: 2,
+    StreamKind.REQUEST: 2,
+    StreamKind.CHECK_BITS: 0,
+    StreamKind.KV_WRITE: 0,
+    StreamKind.KV_RETAIN: 0,
+}
 """How many 64-bit indices each stream kind takes."""
 
 
@@ -92,6 +103,14 @@ def mix64(values: np.ndarray) -> np.ndarray:
 def row_keys(key: int, request_keys: np.ndarray) -> np.ndarray:
     """Per-row site keys of a REQUEST stream: the stream's key combined with each row's request key."""
     return mix64(mix64(np.asarray(request_keys, dtype=np.uint64)) ^ np.uint64(key))
+
+
+def entry_keys(key: int, request_keys: np.ndarray, positions: np.ndarray) -> np.ndarray:
+    """Per-entry site keys of a KV stream: the stream's key, each entry's request key and its
+    position in that request (one more mixing round, so position p of one request never shares a
+    key with position p of another)."""
+    positions = np.asarray(positions, dtype=np.uint64)
+    return mix64(row_keys(key, request_keys) ^ mix64((positions + np.uint64(1)) * np.uint64(GAMMA)))
 
 
 def request_key(tokens: Any) -> int:

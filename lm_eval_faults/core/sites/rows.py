@@ -17,12 +17,20 @@ class Rows:
 
     Positions index the sequence dimension (dim 1) of batch-first outputs; everything outside
     [start, end) is padding and is never faulted.
+
+    A KV cache outlives the forward call, so its entries are keyed by what stays fixed while a
+    request is decoded: `requests`, each row's request key (the same at every decoding step;
+    `keys` may mix in the step), and `pads`, the cache index of each row's first real token (its
+    left padding), so that a cache index minus `pads` is the token's position in its own request.
+    Left out (None), `keys` and no padding stand in.
     """
 
     keys: np.ndarray
     starts: np.ndarray
     ends: np.ndarray
     length: int
+    requests: np.ndarray | None = None
+    pads: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.keys)
