@@ -234,3 +234,24 @@ def test_cli_reports_a_directory_without_samples(tmp_path: Path, capsys: pytest.
 
     assert code == 2
     assert "--log_samples" in capsys.readouterr().err
+
+
+def test_cli_html_shows_generative_texts_side_by_side(runs: tuple[Path, Path], tmp_path: Path) -> None:
+    page = tmp_path / "pages" / "drift.html"
+
+    assert main(["drift", str(runs[0]), str(runs[1]), "--html", str(page)]) == 0
+    html = page.read_text()
+
+    assert html.count('class="text clean"') == 3, "one row per generative sample, none for the other tasks"
+    assert 'The answer is<span class="lost first"> 42</span>' in html
+    assert 'The answer is<span class="new first"> 41</span>' in html
+    assert html.count('data-failure="identical"') == 1 and html.count('data-failure="diverged"') == 2
+    assert "exact_match -1" in html
+
+
+def test_text_pieces_join_back_to_the_text() -> None:
+    from lm_eval_faults.study.drift_pages import text_pieces
+
+    for text in ["The answer is 42.", "  lead and trail  ", "", "a\n\nb"]:
+        assert "".join(text_pieces(text)) == text
+    assert text_pieces("a b.") == ["a", " b", "."]

@@ -26,14 +26,17 @@ def loglikelihoods(results: dict) -> list[float]:
     return [float(resp[0][0]) for sample in results["samples"]["tiny_colors"] for resp in sample["resps"]]
 
 
-@pytest.mark.parametrize("spec", ["p=2e-3,site=activations,target=mlp", "p=2e-3,site=activations,target=all,act_scope=all"])
+@pytest.mark.parametrize(
+    "spec", ["p=2e-3,site=activations,target=mlp", "p=2e-3,site=activations,target=all,act_scope=all", "p=2e-3,site=kv_cache"]
+)
 def test_activation_faults_do_not_depend_on_batching(tiny_llama_dir, task_manager, spec):
     """Same spec and seed: the same faults per request at batch sizes 1, 7 and auto (whose probe
     forwards are neither faulted nor counted). Fault totals are compared on scoring requests:
     batched generation also runs rows that already stopped, whose extra steps' faults are counted
     but reach no answer; the generations themselves must match."""
     runs = {bs: evaluate(f"pretrained={tiny_llama_dir},{spec}", task_manager, ["tiny_colors"], batch_size=bs) for bs in (1, 7, "auto")}
-    totals = {bs: run["config"]["fault_injection"]["activations"]["totals"] for bs, run in runs.items()}
+    site = spec.rpartition("site=")[2].split(",")[0]
+    totals = {bs: run["config"]["fault_injection"][site]["totals"] for bs, run in runs.items()}
     for field in ("elements", "hit_elements", "changed_elements", "flipped_bits", "expected_elements"):
         assert totals[1][field] == totals[7][field] == totals["auto"][field], field
     assert totals[1]["hit_elements"] > 0

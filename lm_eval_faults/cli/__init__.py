@@ -1,4 +1,4 @@
-"""The `lm-eval-faults` command: targets, analyze, sweep, report, bisect, export, generate, drift, tasks-path.
+"""The `lm-eval-faults` command: targets, analyze, sweep, report, bisect, export, generate, playground, drift, tasks-path.
 
 Evaluation itself stays with lm-eval (`lm_eval --model faulty_hf ...`); these subcommands do
 what lm-eval has no verb for. Each subcommand lives in its own module, imported only when used.
@@ -19,6 +19,7 @@ SUBCOMMANDS = {
     "bisect": ("lm_eval_faults.cli.bisect", "find the culprit faults: a minimal subset of a damaging fault map"),
     "export": ("lm_eval_faults.cli.export", "write the faulted model for another engine: a GGUF file (storage=file), else safetensors"),
     "generate": ("lm_eval_faults.cli.generate", "clean and faulted generations of the same prompts side by side (HTML page, table)"),
+    "playground": ("lm_eval_faults.cli.playground", "a web app of clean and faulted generations with a p slider (the playground extra)"),
     "drift": ("lm_eval_faults.cli.drift", "per-sample drift of a faulted lm-eval run against the clean one (--log_samples dirs)"),
     "tasks-path": ("lm_eval_faults.cli.tasks_path", "print the directory of this package's lm-eval task YAMLs"),
 }

@@ -53,6 +53,10 @@ class SampleDrift:
     greedy_changed: bool | None = None
     identical: bool | None = None
     first_divergent_token: int | None = None
+    prompt: str | None = None
+    clean_text: str | None = None
+    faulty_text: str | None = None
+    """A generative sample's prompt and both outputs, for the side-by-side page (`drift --html`)."""
     perplexity_ratio: float | None = None
     metric_deltas: dict[str, float] = field(default_factory=dict)
 
@@ -211,6 +215,19 @@ def _text(sample: Mapping[str, Any]) -> str:
     return str(value)
 
 
+def _prompt(sample: Mapping[str, Any]) -> str | None:
+    """The context a generative request was given (lm-eval logs it as `arguments.gen_args_0.arg_0`)."""
+    arguments = sample.get("arguments")
+    first = next(iter(arguments.values()), None) if isinstance(arguments, Mapping) else None
+    if isinstance(arguments, (list, tuple)) and arguments:
+        first = arguments[0]
+    if isinstance(first, Mapping):
+        first = first.get("arg_0")
+    elif isinstance(first, (list, tuple)) and first:
+        first = first[0]
+    return first if isinstance(first, str) else None
+
+
 def _rolling(sample: Mapping[str, Any]) -> tuple[float, float | None, str | None]:
     """A rolling sample's summed log-likelihood and its (units, unit name) when a metric carries them."""
     loglikelihood = float(_text(sample))
@@ -279,6 +296,7 @@ def _compare_generative(record: SampleDrift, clean: Mapping[str, Any], faulty: M
     clean_text, faulty_text = _text(clean), _text(faulty)
     record.identical = clean_text == faulty_text
     record.first_divergent_token = None if record.identical else first_divergent_token(clean_text, faulty_text)
+    record.prompt, record.clean_text, record.faulty_text = _prompt(clean), clean_text, faulty_text
 
 
 def _compare_rolling(

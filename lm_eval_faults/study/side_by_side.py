@@ -62,7 +62,8 @@ class PromptView:
     faulted: Sequence[FaultedView]
 
 
-def _highlighted(pieces: Sequence[str], start: int | None, css: str) -> str:
+def highlighted(pieces: Sequence[str], start: int | None, css: str) -> str:
+    """The pieces as HTML, those from `start` on in a span of class `css` (the first outlined)."""
     if start is None:
         return html.escape("".join(pieces))
     before = html.escape("".join(pieces[:start]))
@@ -76,12 +77,12 @@ def _highlighted(pieces: Sequence[str], start: int | None, css: str) -> str:
 def _row(clean_pieces: Sequence[str], view: FaultedView) -> str:
     colour = CLASS_COLOURS.get(view.failure, "#555")
     figures = " · ".join(f"{html.escape(name)} {html.escape(value)}" for name, value in view.figures.items())
-    faulted = _highlighted(view.pieces, view.diverges_at, "new") or "<em>(empty)</em>"
+    faulted = highlighted(view.pieces, view.diverges_at, "new") or "<em>(empty)</em>"
     return (
         f'<div class="row" data-failure="{html.escape(view.failure)}"><div class="head">'
         f'<span class="badge" style="background:{colour}">{html.escape(view.failure)}</span>'
         f'<span class="label">{html.escape(view.label)}</span><span class="figures">{figures}</span></div>'
-        f'<div class="pair"><div class="text clean"><h3>clean</h3>{_highlighted(clean_pieces, view.clean_diverges_at, "lost")}</div>'
+        f'<div class="pair"><div class="text clean"><h3>clean</h3>{highlighted(clean_pieces, view.clean_diverges_at, "lost")}</div>'
         f'<div class="text faulted"><h3>faulted</h3>{faulted}</div></div></div>'
     )
 
