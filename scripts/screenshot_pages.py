@@ -5,7 +5,7 @@
 Headless Chromium from the system's packages (Debian: apt-get install chromium), driven over its
 DevTools protocol with `websockets` (pip install websockets; the script's own need, not the package's). For the page:
 a screenshot, and its rendered DOM checked for both panels with text in them. For the playground
-(`--playground`): the app is started on the demo model (or `--model`), Chromium opens it and
+(`--playground`): the app is started on the demo model (or `--playground_args`), Chromium opens it and
 waits for the first answer (the app generates on load), the DOM must hold the clean and the faulted
 panel, and a screenshot is taken. Exits non-zero when a check fails.
 """
@@ -17,6 +17,7 @@ import asyncio
 import base64
 import json
 import re
+import shlex
 import shutil
 import socket
 import subprocess
@@ -166,7 +167,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
     parser.add_argument("page", nargs="?", type=Path, help="a side-by-side HTML page to check and screenshot")
     parser.add_argument("--playground", action="store_true", help="also start the playground and check it")
-    parser.add_argument("--model", nargs="*", default=[], help="the playground's model and options (default: the demo model)")
+    parser.add_argument(
+        "--playground_args", default="", help="arguments of `lm-eval-faults playground`, as one string (default: the demo model)"
+    )
     parser.add_argument("--out", type=Path, default=ROOT / "docs" / "generation", help="where the screenshots go")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
@@ -174,7 +177,7 @@ def main() -> None:
         dom = browse(args.page.resolve().as_uri(), args.out / f"{args.page.stem}.png", "1400,1100", 30)
         check(dom, str(args.page))
     if args.playground:
-        playground(args.out, args.model, 300)
+        playground(args.out, shlex.split(args.playground_args), 300)
 
 
 if __name__ == "__main__":

@@ -33,3 +33,17 @@ def test_real_model_knows_the_facts_and_loses_them_under_bit_flips(smollm_dir):
     assert accuracy() <= 0.5
     lm.set_faults(FaultSpec(p=0))
     assert accuracy() >= 0.9
+
+
+@pytest.mark.slow
+def test_the_generative_variant_is_answered_by_the_real_model_and_lost_to_kv_cache_faults(smollm_dir):
+    lm = FaultyHFLM(pretrained=str(smollm_dir), gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf", dtype="float32", device="cpu", batch_size=40)
+
+    def exact_match() -> float:
+        results = lm_eval.simple_evaluate(model=lm, tasks=["faults_facts_gen"], limit=12)
+        return results["results"]["faults_facts_gen"]["exact_match,none"]
+
+    assert exact_match() >= 0.75
+    lm.set_faults(FaultSpec(p=1e-3, site="kv_cache", seed=0))
+    assert exact_match() <= 0.25
+    assert lm.report.totals("kv_cache")["hit_elements"] > 1000

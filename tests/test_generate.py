@@ -95,3 +95,22 @@ def test_generate_refuses_bad_input_before_loading(tmp_path: Path, capsys) -> No
     assert "generate needs a ladder" in capsys.readouterr().err
     assert main(["generate", "--p", "1e-5", "--out", "/proc/nope"]) == 2
     assert "--out" in capsys.readouterr().err
+
+
+def test_token_scripts() -> None:
+    from lm_eval_faults.study.token_scripts import script_shares, token_script
+
+    assert [token_script(t) for t in [" Paris", "北京", "Москва", "ひらがな", "µ", "º", " 42", ", ", "  ", "\ufffd", ""]] == [
+        "latin",
+        "cjk",
+        "cyrillic",
+        "japanese",
+        "greek",
+        "latin",
+        "digits",
+        "punctuation",
+        "whitespace",
+        "other",
+        "other",
+    ]
+    assert script_shares(["a", "b", "北"]) == {"latin": 2 / 3, "cjk": 1 / 3}

@@ -161,7 +161,8 @@ class Generator:
 
 
 def fault_totals(report: dict[str, Any]) -> dict[str, int]:
-    """Faults hit and non-finite values made, per site that has any elements."""
+    """Per site with any elements: its faults (`SITE_hit`) and the values they wrote as NaN/Inf
+    (`SITE_nonfinite`; logits can still overflow from finite faulted values)."""
     totals = {}
     for name, part in report.items():
         if isinstance(part, dict) and "totals" in part and part["totals"].get("elements"):

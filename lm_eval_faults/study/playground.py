@@ -82,12 +82,14 @@ class Playground:
         clean_html = _panel("clean", "clean", highlighted(result.clean.pieces, view.clean_diverges_at, "lost"))
         faulted_html = _panel(
             "faulted",
-            f'<span class="badge" style="background:{CLASS_COLOURS[item.failure]}">{item.failure}</span> faulted',
+            f'<span class="badge" style="background:{CLASS_COLOURS[item.failure]};color:#fff">{item.failure}</span> faulted',
             highlighted(view.pieces, view.diverges_at, "new") or "<em>(empty)</em>",
         )
         counts = ", ".join(f"{name.replace('_', ' ')} {value:,}" for name, value in item.faults.items()) or "no faults drawn"
         divergence = "identical" if item.first_divergence is None else f"first divergence at token {item.first_divergence}"
         summary = f"{spec.describe()}\n{counts}\n{divergence}; perplexity ratio to clean {item.perplexity_ratio:.3g}"
+        if item.generated.nonfinite:
+            summary += "\nthe faulted model's logits went NaN/Inf: the text after that was chosen from sanitised logits"
         return clean_html, faulted_html, summary
 
 

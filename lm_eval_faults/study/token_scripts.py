@@ -14,7 +14,19 @@ import unicodedata
 from collections import Counter
 from collections.abc import Iterable
 
-SCRIPT_ALIASES = {"HIRAGANA": "JAPANESE", "KATAKANA": "JAPANESE", "HANGUL": "KOREAN", "CJK": "CJK"}
+SCRIPT_ALIASES = {
+    "HIRAGANA": "JAPANESE",
+    "KATAKANA": "JAPANESE",
+    "KATAKANA-HIRAGANA": "JAPANESE",
+    "HALFWIDTH": "JAPANESE",
+    "HANGUL": "KOREAN",
+    "MICRO": "GREEK",
+    "MASCULINE": "LATIN",
+    "FEMININE": "LATIN",
+    "MODIFIER": "OTHER",
+}
+"""Letters whose name does not start with their script: the kana marks, the micro sign (a Greek mu),
+the ordinal indicators (Latin), modifier letters (phonetic marks of several scripts)."""
 
 
 def char_script(char: str) -> str | None:
