@@ -191,3 +191,55 @@ def test_nan_from_a_cache_fault_does_not_crash_generation(model) -> None:
     assert out.shape[1] == len(PROMPT_A) + 3
     assert faults.report.totals("kv_cache")["nonfinite_created"] > 0
     assert np.isfinite(faults.report.totals("kv_cache")["expected_elements"])
+
+
+def fp8_generate(model, spec: str | None, prompts: list[list[int]], new_tokens: int = 6) -> tuple[torch.Tensor, list, dict]:
+    from transformers import QuantizedCache
+
+    ids, mask = left_padded(prompts)
+    kwargs = dict(attention_mask=mask, max_new_tokens=new_tokens, do_sample=False, pad_token_id=3)
+    if spec is None:
+        return model.generate(ids, past_key_values=QuantizedCache(backend="fp8", config=model.config), **kwargs), [], {}
+    with inject(model, spec) as faults, generation_rows(model, prompt_tokens(ids, mask), faults.next_forward):
+        faults.injectors["kv_cache"].log = log = []
+        out = model.generate(ids, past_key_values=QuantizedCache(backend="fp8", config=model.config), **kwargs)
+    return out, log, faults.report.to_dict()
+
+
+def test_an_fp8_quantized_cache_is_faulted_in_its_stored_codes(model) -> None:
+    """transformers' FP8 QuantizedCache (CPU, no extra package): faults hit the 8-bit E4M3 codes it
+    stores, keyed as in any cache, and later steps read the corrupted codes."""
+    clean, _, _ = fp8_generate(model, None, [PROMPT_A], new_tokens=12)
+    zero, _, _ = fp8_generate(model, "p=0,site=kv_cache", [PROMPT_A], new_tokens=12)
+    assert torch.equal(clean, zero)
+    faulted, log, report = fp8_generate(model, "p=2e-2,site=kv_cache,bits=6,seed=2", [PROMPT_A], new_tokens=12)
+    assert log and {mask for *_, mask in log} == {1 << 6}, "the top exponent bit of an E4M3 code"
+    assert set(report["kv_cache"]["bit_histogram"]) == {"float8_e4m3fn"}
+    assert report["kv_cache"]["totals"]["eligible_bits"] == report["kv_cache"]["totals"]["elements"], "bits=6: one bit per code"
+    assert not torch.equal(clean, faulted)
+    _, log_batched, _ = fp8_generate(model, "p=2e-2,site=kv_cache,bits=6,seed=2", [PROMPT_B, PROMPT_A], new_tokens=12)
+    assert of_request(log_batched, PROMPT_A) == of_request(log, PROMPT_A)
+    _, retained, _ = fp8_generate(model, "p=2e-2,site=kv_cache,bits=6,seed=2,kv_fault=retention", [PROMPT_B, PROMPT_A], new_tokens=12)
+    assert set(of_request(log_batched, PROMPT_A)) < set(of_request(retained, PROMPT_A)), "retention strikes the stored codes too"
+
+
+def test_caches_that_requantize_their_history_are_refused(model) -> None:
+    from transformers.cache_utils import DynamicLayer
+
+    class QuantoLikeLayer(DynamicLayer):  # quanto's and HQQ's layers: quantized states, no per-entry codes (they need their packages)
+        _quantized_keys = None
+
+    cache = DynamicCache()
+    cache.layers = [QuantoLikeLayer() for _ in range(4)]
+    with inject(model, "p=1e-3,site=kv_cache"), pytest.raises(NotImplementedError, match="re-quantizes its whole history"):
+        model(torch.tensor([PROMPT_A]), cache=cache, use_cache=True)
+
+
+def test_the_key_table_is_entry_keys_row_by_row() -> None:
+    from lm_eval_faults.core.random.streams import entry_key_table, entry_keys
+
+    streams = np.array([3, 2**63 + 5, 77], dtype=np.uint64)
+    requests, positions = np.array([9, 9, 11], dtype=np.uint64), np.array([0, 1, 0])
+    table = entry_key_table(streams, requests, positions)
+    assert all(np.array_equal(table[i], entry_keys(int(key), requests, positions)) for i, key in enumerate(streams))
+    assert len(set(table.ravel().tolist())) == table.size

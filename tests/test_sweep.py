@@ -40,6 +40,7 @@ from lm_eval_faults.study.runner import run_sweep
 
 TASK = "tiny_colors_ppl"
 MC_TASK = "tiny_colors_choice"
+GEN_TASK = "tiny_colors_words"
 
 
 # --------------------------------------------------------------------------- grid syntax
@@ -270,6 +271,12 @@ def setup(tmp_path_factory, tiny_llama_dir, tiny_task_dir):
         f"task: {MC_TASK}\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    test: {tiny_task_dir / 'tiny_colors.jsonl'}\n"
         'test_split: test\noutput_type: multiple_choice\ndoc_to_text: "question : {{question}} answer :"\n'
         "doc_to_choice: choices\ndoc_to_target: answer\nmetric_list:\n  - metric: acc\n"
+    )
+    (tasks_dir / f"{GEN_TASK}.yaml").write_text(
+        f"task: {GEN_TASK}\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    test: {tiny_task_dir / 'tiny_colors.jsonl'}\n"
+        'test_split: test\noutput_type: generate_until\ndoc_to_text: "question : {{question}} answer :"\n'
+        'doc_to_target: "{{choices[answer]}}"\ngeneration_kwargs:\n  until: ["\\n"]\n  max_gen_toks: 6\n  do_sample: false\n'
+        "metric_list:\n  - metric: exact_match\n"
     )
     from lm_eval.tasks import TaskManager
 
@@ -563,3 +570,17 @@ def test_save_map_in_a_sweep_writes_one_map_per_point(setup, tmp_path):
     assert sorted(path.name for path in (tmp_path / "maps").iterdir()) == sorted(Path(p.spec.save_map).name for p in points)
     small, large = (len(maps[point.point_id]) for point in points)
     assert 0 < small < large  # each file holds its own point's faults
+
+
+def test_generative_points_keep_their_texts_and_the_report_shows_them_side_by_side(setup, tmp_path):
+    config = SweepConfig(**{**setup["base"], "tasks": GEN_TASK}, p=f"{HEAVY_P},1e-2", targets="all", sites="activations")
+    run = _sweep(setup, tmp_path, config)
+    _, *points = load_records(tmp_path / "results.jsonl")
+    texts = [point["drift"][GEN_TASK]["texts"] for point in points]
+    assert [len(kept) for kept in texts] == [4, 4] and texts[0][0]["prompt"] == "question : what color is the sky ? answer :"
+    assert texts[0][0]["clean"] == texts[1][0]["clean"]
+    assert any(item["faulted"] != item["clean"] for kept in texts for item in kept)
+    page = (tmp_path / "generations.html").read_text()
+    assert page.count('class="text clean"') == 4 * 2, "a row per point for each of the 4 documents"
+    assert all(point["point_id"] in page for point in points)
+    assert "[generations.html](generations.html)" in run.report.read_text()

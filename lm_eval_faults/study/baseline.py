@@ -72,13 +72,25 @@ def output_types(results: dict[str, Any]) -> dict[str, str]:
     return types
 
 
+TEXTS_KEPT = 20
+"""Generative samples whose texts a record keeps (the first by document), for the sweep's
+side-by-side page (`sweep_pages`): enough to read, few enough to keep results.jsonl small."""
+
+
 def point_drift(clean: CleanSamples, results: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    """Aggregate drift of every task the point and the baseline both sampled (no per-sample lists)."""
+    """Aggregate drift of every task the point and the baseline both sampled (no per-sample lists,
+    but for generative tasks the texts of the first `TEXTS_KEPT` documents)."""
     types = {**output_types(results), **clean.output_types}
     drift = {}
     for task, samples in (results.get("samples") or {}).items():
         if task in clean.samples:
-            drift[task] = drift_summary(compare_samples(clean.samples[task], samples, types.get(task), task=task))
+            compared = compare_samples(clean.samples[task], samples, types.get(task), task=task)
+            drift[task] = drift_summary(compared)
+            texts = sorted((s for s in compared.samples if s.clean_text is not None), key=lambda s: (str(s.doc_id), s.index))
+            if texts:
+                drift[task]["texts"] = [
+                    {"doc_id": s.doc_id, "prompt": s.prompt, "clean": s.clean_text, "faulted": s.faulty_text} for s in texts[:TEXTS_KEPT]
+                ]
     return drift
 
 

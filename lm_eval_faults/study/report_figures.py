@@ -91,19 +91,23 @@ def draw_figures(
         figures.append((f"{title}: score vs p", accuracy))
         drift = _drift_figure(members, by_id, baseline, out_dir / f"drift_vs_p__{slug}.png", chance, title, marks)
         figures.append((f"{title}: score and drift from the clean model vs p", drift))
-        by_p = plots.plot_relchange_vs_p(members, out_dir / f"relchange_vs_p__{slug}.png", fraction=fraction, title=title, marks=marks)
-        by_count = plots.plot_relchange_vs_count(
-            members,
-            out_dir / f"relchange_vs_count__{slug}.png",
-            fraction=fraction,
-            count_label=f"injected {count} (seed mean)",
-            title=title,
-            marks=marks,
-        )
-        figures += [
-            (f"{title}: relative change vs p", by_p),
-            (f"{title}: relative change vs injected {count}", by_count),
-        ]
+        if baseline == 0:  # relative change to a clean score of 0 is undefined: say so, draw nothing
+            reason = "undefined: the clean score is 0, so no relative change can be taken (the score figures above hold)"
+            figures += [(f"{title}: relative change vs p", reason), (f"{title}: relative change vs injected {count}", reason)]
+        else:
+            by_p = plots.plot_relchange_vs_p(members, out_dir / f"relchange_vs_p__{slug}.png", fraction=fraction, title=title, marks=marks)
+            by_count = plots.plot_relchange_vs_count(
+                members,
+                out_dir / f"relchange_vs_count__{slug}.png",
+                fraction=fraction,
+                count_label=f"injected {count} (seed mean)",
+                title=title,
+                marks=marks,
+            )
+            figures += [
+                (f"{title}: relative change vs p", by_p),
+                (f"{title}: relative change vs injected {count}", by_count),
+            ]
         if members[0].key.layers != ALL_LAYERS:
             figures.append(_layer_bars(members, title, slug, out_dir, p_for_layer_bars, fraction, marks))
     return figures

@@ -296,7 +296,7 @@ def _compare_generative(record: SampleDrift, clean: Mapping[str, Any], faulty: M
     clean_text, faulty_text = _text(clean), _text(faulty)
     record.identical = clean_text == faulty_text
     record.first_divergent_token = None if record.identical else first_divergent_token(clean_text, faulty_text)
-    record.prompt, record.clean_text, record.faulty_text = _prompt(clean), clean_text, faulty_text
+    record.prompt, record.clean_text, record.faulty_text = _prompt(clean) or _prompt(faulty), clean_text, faulty_text
 
 
 def _compare_rolling(

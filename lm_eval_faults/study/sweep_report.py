@@ -32,6 +32,7 @@ from lm_eval_faults.study.report_sections import (
 )
 from lm_eval_faults.study.run_dir import planned_point_ids
 from lm_eval_faults.study.series import CountUnit, build_series
+from lm_eval_faults.study.sweep_pages import write_sweep_page
 
 REPORT_FILE = "report.md"
 FIGURES_DIR = "figures"
@@ -77,6 +78,9 @@ def build_report(
             points_section(records, tasks, baseline, count),
         ]
     )
+    page = write_sweep_page(run_dir, records)
+    if page is not None:
+        text += f"\n## Generations side by side\n\nThe generative points' texts beside the clean ones: [{page.name}]({page.name}).\n"
     report = run_dir / REPORT_FILE
     report.write_text(text, encoding="utf-8")
     return report

@@ -18,6 +18,10 @@ forward): never by batch row, left padding, cache class or how a prompt was spli
 so a request's faults do not depend on its batch. Outside them (plain `inject`), a row is keyed
 by its index in the batch and a position by its cache index.
 
+transformers' FP8 `QuantizedCache` appends each entry's E4M3 codes under a frozen per-tensor scale:
+there the faults go into the stored codes, and the step reads them decoded (`_update_quantized`).
+Caches that re-quantize their whole history (quanto, HQQ) are refused.
+
 Under log-likelihood scoring a forward builds a fresh cache (or, with `use_cache=False`, none:
 the pre-hook hands the attention a `ReadOnceCache` that stores nothing, so nothing changes but
 the faults),
@@ -43,7 +47,7 @@ import torch
 from lm_eval_faults.core.fault_map import FaultMap
 from lm_eval_faults.core.faults.counts import count_by_site, expected_counts
 from lm_eval_faults.core.faults.host import FaultBatch
-from lm_eval_faults.core.random.streams import Purpose, StreamKind, entry_keys, random_words, site_key, spec_key, to_uniform
+from lm_eval_faults.core.random.streams import Purpose, StreamKind, entry_key_table, random_words, site_key, spec_key, to_uniform
 from lm_eval_faults.core.report import ReportPart, SiteStats
 from lm_eval_faults.core.sampling.host import Hits
 from lm_eval_faults.core.sampling.planned import OutputSampler
@@ -51,7 +55,7 @@ from lm_eval_faults.core.sites.registry import SiteKind, register_site
 from lm_eval_faults.core.sites.rows import Rows
 from lm_eval_faults.core.sites.targets import classify_modules, decoder_layers
 from lm_eval_faults.core.spec import FaultSpec, FaultSpecError, layers_label
-from lm_eval_faults.core.storage.layouts import LAYOUTS, BitLayout, resolve_bits
+from lm_eval_faults.core.storage.layouts import FIELD_LAYOUTS, LAYOUTS, BitLayout, resolve_bits
 from lm_eval_faults.core.storage.words import WordAccess
 
 PARTS = ("keys", "values")
@@ -112,6 +116,7 @@ class KVCacheInjector:
         self._stream_keys: dict[tuple[int, str, StreamKind], int] = {}
         """Per (layer, part, stream kind), its site key: hashed once per injection."""
         self._samplers: dict[torch.dtype, OutputSampler] = {}
+        self._eligible_bits: dict[str, tuple[int, ...]] = {}
         self._handles: list[Any] = []
         self._wrapped: weakref.WeakKeyDictionary[Any, Any] = weakref.WeakKeyDictionary()
         self._states: weakref.WeakKeyDictionary[Any, _CacheState] = weakref.WeakKeyDictionary()
@@ -209,16 +214,65 @@ class KVCacheInjector:
         stored = cache.layers[layer_idx] if layer_idx < len(getattr(cache, "layers", ())) else None
         offset = int(stored.get_seq_length()) if stored is not None and getattr(stored, "is_initialized", False) else 0
         state = self._states[cache]
+        if stored is not None and hasattr(stored, "_quantized_keys"):
+            return self._update_quantized(layer, stored, offset, state, original, keys, values, layer_idx, *args, **kwargs)
         new = {"keys": keys, "values": values}
         for part in self.parts:
             step = self._step(state, part, offset, new[part])
-            if self.spec.kv_fault == "retention" and stored is not None and offset:
-                self._retain(layer, part, stored, step, state)
+            if self.spec.kv_fault == "retention" and offset:
+                self._retain(layer, part, _held(stored, part), step, state)
             new[part] = self._write(layer, part, new[part], step, state)
         result = original(new["keys"], new["values"], layer_idx, *args, **kwargs)
+        self._count_reads(layer, state)
+        return result
+
+    def _update_quantized(
+        self,
+        layer: KVLayer,
+        stored: Any,
+        offset: int,
+        state: _CacheState,
+        original: Callable[..., Any],
+        keys: torch.Tensor,
+        values: torch.Tensor,
+        *args: Any,
+        **kwargs: Any,
+    ) -> Any:
+        """A quantized cache layer: the faults go into its stored codes. The FP8 layer appends each
+        entry's E4M3 codes (under a per-tensor scale frozen at the first write), so an entry is
+        faulted in its codes once they are stored, and what this step returns is decoded again from
+        the faulted codes; the prefill step returns its keys and values unquantized, as transformers
+        does. (Layers that re-quantize their whole history, quanto's and HQQ's, are refused.)"""
+        if getattr(stored, "fp8_dtype", None) is None:
+            raise NotImplementedError(
+                f"site=kv_cache: a {type(stored).__name__} re-quantizes its whole history at every flush (optimum-quanto or HQQ), "
+                "which this site does not simulate; use QuantizedCache(backend='fp8'), a DynamicCache or a StaticCache"
+            )
+        if self.spec.kv_fault == "retention" and offset:
+            for part in self.parts:
+                held = _held(stored, part)
+                incoming = torch.empty((*held.shape[:2], keys.shape[-2], held.shape[-1]), dtype=held.dtype, device="meta")
+                self._retain(layer, part, held, self._step(state, part, offset, incoming), state)
+        first = not getattr(stored, "is_initialized", False)
+        result = list(original(keys, values, *args, **kwargs))
+        for index, part in enumerate(PARTS):
+            if part not in self.parts:
+                continue
+            codes = _held(stored, part)
+            if not codes.is_contiguous():  # the prefill's codes keep the strides of a transposed projection
+                codes = codes.contiguous()
+                setattr(stored, f"_quantized_{part}", (codes, getattr(stored, f"_quantized_{part}")[1]))
+            new = codes[:, :, offset : offset + keys.shape[-2]]
+            hit = self._write(layer, part, new, self._step(state, part, offset, new), state, codes) is not new
+            if hit and not first:
+                quantized = stored._quantized_keys if part == "keys" else stored._quantized_values
+                result[index] = stored._dequantize(quantized)
+        self._count_reads(layer, state)
+        return tuple(result)
+
+    def _count_reads(self, layer: KVLayer, state: _CacheState) -> None:
         for part in self.parts:
             self.entries[f"{layer.name}.{part}"].reads_corrupted += len(state.corrupted.get((layer.layer, part), ()))
-        return result
 
     # -- drawing and writing -----------------------------------------------------------------
 
@@ -232,8 +286,12 @@ class KVCacheInjector:
             step = state.steps[part] = _Step(self, part, signature, _EntryRows.of(self.rows, batch, length), offset, tensor)
         return step
 
-    def _write(self, layer: KVLayer, part: str, tensor: torch.Tensor, step: _Step, state: _CacheState) -> torch.Tensor:
-        """Fault the new entries of one part, before they are stored: one site per (row, position)."""
+    def _write(
+        self, layer: KVLayer, part: str, tensor: torch.Tensor, step: _Step, state: _CacheState, stored: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Fault the new entries of one part (one site per row and position): in a copy of `tensor`
+        before the cache stores it (returned), or, with `stored`, in the stored tensor itself, where
+        `tensor` is the view of the new entries (then `tensor` is returned if nothing was hit)."""
         name = f"{layer.name}.{part}"
         self.entries[name].written += len(step.row)
         self._add_elements(name, step.layout, step.write_elements, step.write_expected)
@@ -241,19 +299,22 @@ class KVCacheInjector:
         if sites is None:
             return tensor
         _, heads, length, width = tensor.shape
+        capacity, base = (length, 0) if stored is None else (stored.shape[-2], step.offset)
         row, column = step.row[sites], step.column[sites]
         target: list[torch.Tensor] = []
 
         def flat_of(hits: Hits) -> np.ndarray:
             head, element = np.divmod(hits.position, width)
-            return ((row[hits.site] * heads + head) * length + column[hits.site]) * width + element
+            return ((row[hits.site] * heads + head) * capacity + base + column[hits.site]) * width + element
 
         def read_words(hits: Hits) -> np.ndarray:
-            target.append(tensor.detach().clone(memory_format=torch.contiguous_format))
+            target.append(tensor.detach().clone(memory_format=torch.contiguous_format) if stored is None else stored)
             return WordAccess(target[0], step.layout).read(flat_of(hits))
 
         numels = np.full(len(sites), heads * width, dtype=np.int64)
-        faults = step.sampler.draw(numels, step.write_keys[layer.layer][sites], step.sampler.zero_probability(numels), read_words)
+        faults = step.sampler.draw(
+            numels, step.write_keys[step.layer_row[layer.layer]][sites], step.sampler.zero_probability(numels), read_words
+        )
         if not len(faults):
             return tensor
         self._apply(name, target[0], step.layout, flat_of(faults.hits), faults)
@@ -263,15 +324,10 @@ class KVCacheInjector:
         self._log(layer, part, step.rows.requests[row[faults.hits.site]], positions, faults.hits.position, faults)
         return target[0]
 
-    def _retain(self, layer: KVLayer, part: str, stored: Any, step: _Step, state: _CacheState) -> None:
-        """One decoding step's faults on the entries a layer holds: one site per row, over its real
-        entries [pad, offset) in position-major order, keyed by the position being decoded."""
-        tensor = getattr(stored, part, None)
-        if not isinstance(tensor, torch.Tensor) or getattr(stored, "is_sliding", False):
-            raise NotImplementedError(
-                f"kv_fault=retention needs a cache layer that keeps every entry at its cache index; layer {layer.layer} is a "
-                f"{type(stored).__name__}; use kv_fault=write"
-            )
+    def _retain(self, layer: KVLayer, part: str, tensor: torch.Tensor, step: _Step, state: _CacheState) -> None:
+        """One decoding step's faults on the entries a layer holds (`tensor`, from `_held`): one site
+        per row, over its real entries [pad, offset) in position-major order, keyed by the position
+        being decoded."""
         name = f"{layer.name}.{part}"
         self._add_elements(name, step.layout, step.retain_elements, step.retain_expected)
         sites = step.retain_hits.get(layer.layer)
@@ -289,7 +345,7 @@ class KVCacheInjector:
 
         access = WordAccess(tensor, step.layout)
         numels = step.retain_numels[sites]
-        keys = step.retain_keys[layer.layer][sites]
+        keys = step.retain_keys[step.layer_row[layer.layer]][sites]
         faults = step.sampler.draw(numels, keys, step.sampler.zero_probability(numels), lambda hits: access.read(flat_of(hits)))
         if not len(faults):
             return
@@ -322,27 +378,34 @@ class KVCacheInjector:
         ):
             self.log.append((request, layer.layer, part, position, element, mask))
 
-    def _add_elements(self, name: str, layout: BitLayout, elements: int, expected: tuple[float, float]) -> None:
+    def _add_elements(self, name: str, layout: BitLayout, elements: int, expected: tuple[float, float, int]) -> None:
+        """Count one write or retention step of a layer's part: `expected` is (elements, bits,
+        eligible bits) from `expected`, computed once per step for every layer."""
         stats = self.stats[name]
         stats.dtype = layout.name
         stats.calls += 1
         stats.elements += elements
-        stats.eligible_bits += elements * len(self._eligible(layout))
+        stats.eligible_bits += expected[2]
         stats.expected_elements += expected[0]
         stats.expected_bits += expected[1]
 
-    def expected(self, layout: BitLayout, elements: int) -> tuple[float, float]:
-        return expected_counts(self.spec, elements, len(self._eligible(layout)))
+    def expected(self, layout: BitLayout, elements: int) -> tuple[float, float, int]:
+        """(expected faulty elements, expected fault bits, eligible bits) of `elements` words."""
+        bits = len(self._eligible(layout))
+        return (*expected_counts(self.spec, elements, bits), elements * bits)
 
     def layout(self, tensor: torch.Tensor, name: str) -> BitLayout:
-        layout = LAYOUTS.get(tensor.dtype)
+        layout = LAYOUTS.get(tensor.dtype) or next((lay for lay in FIELD_LAYOUTS.values() if lay.dtype == tensor.dtype), None)
         if layout is None or not layout.is_float:
             supported = ", ".join(lay.name for lay in LAYOUTS.values() if lay.is_float)
             raise TypeError(f"{name} stores {tensor.dtype} entries, which cannot be faulted; supported: {supported}")
         return layout
 
     def _eligible(self, layout: BitLayout) -> tuple[int, ...]:
-        return resolve_bits(layout, self.spec.bits) if self.spec.per_bit else layout.all_bits
+        eligible = self._eligible_bits.get(layout.name)
+        if eligible is None:
+            eligible = self._eligible_bits[layout.name] = resolve_bits(layout, self.spec.bits) if self.spec.per_bit else layout.all_bits
+        return eligible
 
     def sampler(self, layout: BitLayout) -> OutputSampler:
         sampler = self._samplers.get(layout.dtype)
@@ -381,33 +444,45 @@ class _Step:
         self.write_elements = len(self.row) * per_entry
         self.write_expected = injector.expected(self.layout, self.write_elements)
         write_numels = np.full(len(self.row), per_entry, dtype=np.int64)
-        self.write_keys = {
-            layer.layer: entry_keys(injector.stream_key(layer, part, StreamKind.KV_WRITE), rows.requests[self.row], self.positions)
-            for layer in layers
-        }
+        self.layer_row = {layer.layer: index for index, layer in enumerate(layers)}
+        write_streams = np.array([injector.stream_key(layer, part, StreamKind.KV_WRITE) for layer in layers], dtype=np.uint64)
+        self.write_keys = entry_key_table(write_streams, rows.requests[self.row], self.positions)
         self.write_hits = self._screen(write_numels, self.write_keys)
         held = np.maximum(offset - rows.pads, 0)
         self.retain_numels = held * per_entry
         self.retain_elements = int(self.retain_numels.sum())
         self.retain_expected = injector.expected(self.layout, self.retain_elements)
-        self.retain_keys: dict[int, np.ndarray] = {}
+        self.retain_keys = np.empty((len(layers), 0), dtype=np.uint64)
         self.retain_hits: dict[int, np.ndarray] = {}
         if injector.spec.kv_fault == "retention" and offset:
-            self.retain_keys = {
-                layer.layer: entry_keys(injector.stream_key(layer, part, StreamKind.KV_RETAIN), rows.requests, held) for layer in layers
-            }
+            retain_streams = np.array([injector.stream_key(layer, part, StreamKind.KV_RETAIN) for layer in layers], dtype=np.uint64)
+            self.retain_keys = entry_key_table(retain_streams, rows.requests, held)
             self.retain_hits = self._screen(self.retain_numels, self.retain_keys)
 
-    def _screen(self, numels: np.ndarray, keys: dict[int, np.ndarray]) -> dict[int, np.ndarray]:
-        """Per layer, the sites that may hold a fault (all of them where the sampler cannot screen)."""
+    def _screen(self, numels: np.ndarray, keys: np.ndarray) -> dict[int, np.ndarray]:
+        """Per layer, the sites that may hold a fault (all of them where the sampler cannot screen);
+        `keys` has a row per layer (`layer_row`)."""
         if not len(numels) or not self.sampler.q:
             return {}
+        layers = list(self.layer_row)
         if not self.sampler.screens:
-            return {layer: np.flatnonzero(numels) for layer in keys}
-        layers = list(keys)
-        stacked = np.stack([keys[layer] for layer in layers])
-        faulty = to_uniform(random_words(stacked.ravel(), Purpose.COUNT, 0)).reshape(stacked.shape) >= self.sampler.zero_probability(numels)
+            return {layer: np.flatnonzero(numels) for layer in layers}
+        faulty = to_uniform(random_words(keys.ravel(), Purpose.COUNT, 0)).reshape(keys.shape) >= self.sampler.zero_probability(numels)
         return {layers[i]: np.flatnonzero(faulty[i]) for i in np.flatnonzero(faulty.any(axis=1)).tolist()}
+
+
+def _held(stored: Any, part: str) -> torch.Tensor:
+    """The tensor a cache layer holds one part's entries in, at their cache indices: its keys or
+    values, or an FP8 layer's codes. Layers that keep a window (sliding) or a re-quantized history
+    hold no entry at a fixed index, and retention is refused for them."""
+    quantized = getattr(stored, f"_quantized_{part}", None)
+    tensor = quantized[0] if isinstance(quantized, tuple) else getattr(stored, part, None)
+    if not isinstance(tensor, torch.Tensor) or getattr(stored, "is_sliding", False):
+        raise NotImplementedError(
+            f"kv_fault=retention needs a cache layer that keeps every entry at its cache index; a {type(stored).__name__} "
+            "does not; use kv_fault=write"
+        )
+    return tensor
 
 
 class ReadOnceCache:

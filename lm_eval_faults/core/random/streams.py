@@ -109,8 +109,15 @@ def entry_keys(key: int, request_keys: np.ndarray, positions: np.ndarray) -> np.
     """Per-entry site keys of a KV stream: the stream's key, each entry's request key and its
     position in that request (one more mixing round, so position p of one request never shares a
     key with position p of another)."""
-    positions = np.asarray(positions, dtype=np.uint64)
-    return mix64(row_keys(key, request_keys) ^ mix64((positions + np.uint64(1)) * np.uint64(GAMMA)))
+    return entry_key_table(np.array([key], dtype=np.uint64), request_keys, positions)[0]
+
+
+def entry_key_table(keys: np.ndarray, request_keys: np.ndarray, positions: np.ndarray) -> np.ndarray:
+    """`entry_keys` of several streams at once: row s is `entry_keys(keys[s], request_keys, positions)`
+    (one vectorised pass for every layer of a decoding step)."""
+    requests = mix64(np.asarray(request_keys, dtype=np.uint64))
+    spread = mix64((np.asarray(positions, dtype=np.uint64) + np.uint64(1)) * np.uint64(GAMMA))
+    return mix64(mix64(requests[None, :] ^ np.asarray(keys, dtype=np.uint64)[:, None]) ^ spread[None, :])
 
 
 def request_key(tokens: Any) -> int:
