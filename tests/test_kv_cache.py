@@ -243,3 +243,12 @@ def test_the_key_table_is_entry_keys_row_by_row() -> None:
     table = entry_key_table(streams, requests, positions)
     assert all(np.array_equal(table[i], entry_keys(int(key), requests, positions)) for i, key in enumerate(streams))
     assert len(set(table.ravel().tolist())) == table.size
+
+
+def test_paused_writes_are_clean_and_uncounted(model) -> None:
+    with inject(model, "p=0.05,site=kv_cache") as faults:
+        with faults.paused(), torch.no_grad():
+            paused = model(torch.tensor([PROMPT_A])).logits
+        assert faults.report.totals("kv_cache")["elements"] == 0
+    with torch.no_grad():
+        assert torch.equal(paused, model(torch.tensor([PROMPT_A])).logits)

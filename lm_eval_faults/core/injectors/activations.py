@@ -32,7 +32,6 @@ Which stream a tensor draws from (see `streams.py`):
 
 from __future__ import annotations
 
-import contextlib
 import itertools
 import math
 from collections.abc import Iterator, Mapping, MutableMapping
@@ -52,7 +51,7 @@ from lm_eval_faults.core.report import ReportPart, SiteStats
 from lm_eval_faults.core.sampling.host import POSITION_BITS, Hits
 from lm_eval_faults.core.sampling.planned import OutputSampler, PlannedFaults
 from lm_eval_faults.core.sites.hooks import ForwardHooks
-from lm_eval_faults.core.sites.registry import SiteKind, register_site
+from lm_eval_faults.core.sites.registry import Pausable, SiteKind, register_site
 from lm_eval_faults.core.sites.rows import Rows
 from lm_eval_faults.core.sites.targets import ModuleSite, select_modules
 from lm_eval_faults.core.spec import FaultSpec
@@ -97,7 +96,7 @@ MAX_CACHED_SHAPES = 256
 model that makes a new size at every call keeps memory flat."""
 
 
-class ActivationInjector:
+class ActivationInjector(Pausable):
     """Attaches fault hooks to modules; `stats` accumulates per module over all calls (the
     `activations` site's `Injector`)."""
 
@@ -107,7 +106,6 @@ class ActivationInjector:
         self.selected = sites if selected is None else selected
         """What the spec selected, backed-up modules included (they compute fault-free)."""
         self.stats: dict[str, SiteStats] = {}
-        self.paused = False
         self.rows: Rows | None = None
         self.row_mix: np.ndarray | None = None
         self.row_count = 0
@@ -168,15 +166,6 @@ class ActivationInjector:
             for hook, (changed, flipped, nonfinite, *histogram) in zip(hooks, counts, strict=True):
                 hook.device_counts = None
                 add(hook.stats, 0, 0, changed, flipped, nonfinite, histogram[: hook.device_width])
-
-    @contextlib.contextmanager
-    def pause(self) -> Iterator[None]:
-        """No faults and no counts inside (lm-eval's batch-size probes, calibration passes)."""
-        previous, self.paused = self.paused, True
-        try:
-            yield
-        finally:
-            self.paused = previous
 
     def next_forward(self, rows: Rows | None) -> None:
         """Start a new forward pass (module call numbers restart); `rows` describes its batch."""

@@ -33,11 +33,10 @@ small p nothing else runs), plus one per row for retention. BENCHMARKS.md has it
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import inspect
 import weakref
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -51,7 +50,7 @@ from lm_eval_faults.core.random.streams import Purpose, StreamKind, entry_key_ta
 from lm_eval_faults.core.report import ReportPart, SiteStats
 from lm_eval_faults.core.sampling.host import Hits
 from lm_eval_faults.core.sampling.planned import OutputSampler
-from lm_eval_faults.core.sites.registry import SiteKind, register_site
+from lm_eval_faults.core.sites.registry import Pausable, SiteKind, register_site
 from lm_eval_faults.core.sites.rows import Rows
 from lm_eval_faults.core.sites.targets import classify_modules, decoder_layers
 from lm_eval_faults.core.spec import FaultSpec, FaultSpecError, layers_label
@@ -98,7 +97,7 @@ class KVLayer:
     """What protection schemes see (`protect=attention` backs up weights, not the cache's entries)."""
 
 
-class KVCacheInjector:
+class KVCacheInjector(Pausable):
     """Faults the entries a model writes to its KV cache (the `kv_cache` site's `Injector`)."""
 
     def __init__(self, spec: FaultSpec, layers: list[KVLayer]) -> None:
@@ -107,7 +106,6 @@ class KVCacheInjector:
         self.parts = PARTS if spec.kv_part == "both" else (spec.kv_part,)
         self.stats: dict[str, SiteStats] = {}
         self.entries: dict[str, EntryCounts] = {}
-        self.paused = False
         self.rows: Rows | None = None
         self.log: list[tuple[int, int, str, int, int, int]] | None = None
         """When a list: every fault written, as (request key, layer, part, position, element, bit
@@ -164,14 +162,6 @@ class KVCacheInjector:
             else:
                 cache.update = previous
         self._wrapped.clear()
-
-    @contextlib.contextmanager
-    def pause(self) -> Iterator[None]:
-        previous, self.paused = self.paused, True
-        try:
-            yield
-        finally:
-            self.paused = previous
 
     def next_forward(self, rows: Rows | None) -> None:
         self.rows = rows

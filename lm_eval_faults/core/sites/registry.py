@@ -45,6 +45,21 @@ class Injector(Protocol):
     def next_forward(self, rows: Any) -> None: ...
 
 
+class Pausable:
+    """`pause()` for a site faulted per forward call: no faults and no counts inside the block
+    (lm-eval's batch-size probes, calibration passes); the injector checks `paused` per call."""
+
+    paused: bool = False
+
+    @contextlib.contextmanager
+    def pause(self) -> Iterator[None]:
+        previous, self.paused = self.paused, True
+        try:
+            yield
+        finally:
+            self.paused = previous
+
+
 @runtime_checkable
 class MapsFaults(Protocol):
     """An injector whose faults can be saved as a fault map and replayed (persistent faults)."""
