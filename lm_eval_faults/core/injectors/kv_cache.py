@@ -205,12 +205,12 @@ class KVCacheInjector(Pausable):
         offset = int(stored.get_seq_length()) if stored is not None and getattr(stored, "is_initialized", False) else 0
         state = self._states[cache]
         if stored is not None and hasattr(stored, "_quantized_keys"):
-            return self._update_quantized(layer, stored, offset, state, original, keys, values, layer_idx, *args, **kwargs)
+            return self._update_quantized(cache, layer, stored, offset, state, original, keys, values, layer_idx, *args, **kwargs)
         new = {"keys": keys, "values": values}
         for part in self.parts:
             step = self._step(state, part, offset, new[part])
             if self.spec.kv_fault == "retention" and offset:
-                self._retain(layer, part, _held(stored, part), step, state)
+                self._retain(cache, layer, part, step, state)
             new[part] = self._write(layer, part, new[part], step, state)
         result = original(new["keys"], new["values"], layer_idx, *args, **kwargs)
         self._count_reads(layer, state)
@@ -218,6 +218,7 @@ class KVCacheInjector(Pausable):
 
     def _update_quantized(
         self,
+        cache: Any,
         layer: KVLayer,
         stored: Any,
         offset: int,
@@ -242,7 +243,7 @@ class KVCacheInjector(Pausable):
             for part in self.parts:
                 held = _held(stored, part)
                 incoming = torch.empty((*held.shape[:2], keys.shape[-2], held.shape[-1]), dtype=held.dtype, device="meta")
-                self._retain(layer, part, held, self._step(state, part, offset, incoming), state)
+                self._retain(cache, layer, part, self._step(state, part, offset, incoming), state)
         first = not getattr(stored, "is_initialized", False)
         result = list(original(keys, values, *args, **kwargs))
         for index, part in enumerate(PARTS):
@@ -314,37 +315,64 @@ class KVCacheInjector(Pausable):
         self._log(layer, part, step.rows.requests[row[faults.hits.site]], positions, faults.hits.position, faults)
         return target[0]
 
-    def _retain(self, layer: KVLayer, part: str, tensor: torch.Tensor, step: _Step, state: _CacheState) -> None:
-        """One decoding step's faults on the entries a layer holds (`tensor`, from `_held`): one site
-        per row, over its real entries [pad, offset) in position-major order, keyed by the position
-        being decoded."""
-        name = f"{layer.name}.{part}"
-        self._add_elements(name, step.layout, step.retain_elements, step.retain_expected)
-        sites = step.retain_hits.get(layer.layer)
-        if sites is None:
+    def _retain(self, cache: Any, layer: KVLayer, part: str, step: _Step, state: _CacheState) -> None:
+        """Count one decoding step's retention on a layer's entries; at the step's first layer, draw
+        and write it for every selected layer at once (`_retain_all`): each layer's entries are then
+        struck before its attention reads them, in one vectorised draw instead of one per layer."""
+        self._add_elements(f"{layer.name}.{part}", step.layout, step.retain_elements, step.retain_expected)
+        if not step.retained:
+            step.retained = True
+            self._retain_all(cache, part, step, state)
+
+    def _retain_all(self, cache: Any, part: str, step: _Step, state: _CacheState) -> None:
+        """The step's retention faults on every selected layer's held entries: one site per (layer,
+        row) the screen kept, over the row's real entries [pad, offset) in position-major order,
+        keyed by the position being decoded."""
+        screened = [(layer, rows) for layer, rows in step.retain_hits.items() if len(rows)]
+        if not screened:
             return
-        _, heads, capacity, width = tensor.shape
-        per_position = heads * width
+        held = {layer: _held(cache.layers[layer], part) for layer, _ in screened}
+        site_layer = np.concatenate([np.full(len(rows), layer, dtype=np.int64) for layer, rows in screened])
+        site_row = np.concatenate([rows for _, rows in screened])
+        keys = np.concatenate([step.retain_keys[step.layer_row[layer]][rows] for layer, rows in screened])
+        numels = step.retain_numels[site_row]
         pads = step.rows.pads
 
-        def flat_of(hits: Hits) -> np.ndarray:
-            position, rest = np.divmod(hits.position, per_position)
+        def flat_of(hits: Hits, tensor: torch.Tensor) -> np.ndarray:
+            _, heads, capacity, width = tensor.shape
+            position, rest = np.divmod(hits.position, heads * width)
             head, element = np.divmod(rest, width)
-            row = sites[hits.site]
+            row = site_row[hits.site]
             return ((row * heads + head) * capacity + pads[row] + position) * width + element
 
-        access = WordAccess(tensor, step.layout)
-        numels = step.retain_numels[sites]
-        keys = step.retain_keys[step.layer_row[layer.layer]][sites]
-        faults = step.sampler.draw(numels, keys, step.sampler.zero_probability(numels), lambda hits: access.read(flat_of(hits)))
+        def read_words(hits: Hits) -> np.ndarray:
+            old = np.empty(len(hits), dtype=np.int64)
+            for layer, tensor in held.items():
+                mine = site_layer[hits.site] == layer
+                if mine.any():
+                    old[mine] = WordAccess(tensor, step.layout).read(flat_of(hits.select(mine), tensor))
+            return old
+
+        faults = step.sampler.draw(numels, keys, step.sampler.zero_probability(numels), read_words)
         if not len(faults):
             return
-        self._apply(name, tensor, step.layout, flat_of(faults.hits), faults)
-        position, element = np.divmod(faults.hits.position, per_position)
-        row = sites[faults.hits.site]
-        corrupted = state.corrupted.setdefault((layer.layer, part), set())
-        self._mark(name, corrupted, row, pads[row] + position)
-        self._log(layer, part, step.rows.requests[row], position, element, faults)
+        changed = faults.old != faults.new
+        hit_layer = site_layer[faults.hits.site]
+        for layer, tensor in held.items():
+            mine = hit_layer == layer
+            if not mine.any():
+                continue
+            hits = faults.hits.select(mine)
+            written = changed[mine]
+            WordAccess(tensor, step.layout).write(flat_of(hits, tensor)[written], faults.new[mine][written])
+            kv_layer = self.layers[layer]
+            position, element = np.divmod(hits.position, tensor.shape[1] * tensor.shape[3])
+            row = site_row[hits.site]
+            self._mark(f"{kv_layer.name}.{part}", state.corrupted.setdefault((layer, part), set()), row, pads[row] + position)
+            ours = FaultBatch(hits, faults.fault_bits[mine], faults.old[mine], faults.new[mine])
+            self._log(kv_layer, part, step.rows.requests[row], position, element, ours)
+        sites = [self.stats[f"{self.layers[layer].name}.{part}"] for layer in site_layer.tolist()]
+        count_by_site(faults, len(sites), step.layout).add_to(sites)  # one pass for every layer's counts
 
     def _apply(self, name: str, target: torch.Tensor, layout: BitLayout, flat: np.ndarray, faults: FaultBatch) -> None:
         changed = faults.old != faults.new
@@ -424,6 +452,8 @@ class _Step:
         self.signature = signature
         self.rows = rows
         self.offset = offset
+        self.retained = False
+        """Whether this step's retention faults were drawn (at its first layer, for all of them)."""
         _, heads, length, width = tensor.shape
         layers = list(injector.layers.values())
         self.layout = injector.layout(tensor, f"{layers[0].name}.{part}")
