@@ -33,6 +33,20 @@ def test_failure_classes_follow_their_definitions(clean, faulted, text, nonfinit
     assert failure_class(clean, faulted, text, "clean text", nonfinite, ratio) == expected
 
 
+def test_flat_logits_read_as_collapsed_not_as_the_text_they_leave() -> None:
+    assert failure_class([1, 2, 3], [0] * 20, "", "clean text", flat=True) == "collapsed"
+    assert failure_class([1, 2, 3], [0] * 20, "", "clean text", nonfinite=True, flat=True) == "non-finite"
+
+
+def test_stop_strings_end_a_text_as_lm_eval_ends_it() -> None:
+    from lm_eval_faults.study.generation import cut_at_stop, stopped_at
+
+    pieces = [" Paris", ".", " The", " answer"]
+    assert stopped_at(pieces, [".", "\n"]) == 2 and cut_at_stop(pieces[:2], ["."]) == ""
+    assert stopped_at([" Ber", "lin. It"], ["."]) == 2 and cut_at_stop([" Ber", "lin. It"], ["."]) == "lin"
+    assert stopped_at(pieces, []) == 4
+
+
 def test_distinct_trigrams() -> None:
     assert distinct_trigrams([1, 2, 1, 2, 1, 2]) == 0.5
     assert distinct_trigrams([1, 2]) == 1.0
@@ -95,6 +109,14 @@ def test_generate_refuses_bad_input_before_loading(tmp_path: Path, capsys) -> No
     assert "generate needs a ladder" in capsys.readouterr().err
     assert main(["generate", "--p", "1e-5", "--out", "/proc/nope"]) == 2
     assert "--out" in capsys.readouterr().err
+    assert main(["generate", "--spec", "site=kv_cache"]) == 2
+    assert "injects nothing" in capsys.readouterr().err
+    assert main(["generate", "--p", "1e-5", "--max_new_tokens", "0"]) == 2
+    assert "--max_new_tokens 0 is invalid" in capsys.readouterr().err
+    blank = tmp_path / "blank.txt"
+    blank.write_text("\n  \n")
+    assert main(["generate", "--p", "1e-5", "--prompts", str(blank)]) == 2
+    assert "holds no prompt" in capsys.readouterr().err
 
 
 def test_token_scripts() -> None:

@@ -153,6 +153,11 @@ def test_bfloat16_entries_are_faulted_in_their_own_bits() -> None:
         ("site=kv_cache,kv_part=queries", "kv_part='queries' is invalid: choose keys, values or both"),
         ("site=kv_cache,kv_layers=3-1", "kv_layers='3-1' is invalid"),
         ("kv_fault=retention", "kv_fault='retention' is invalid: applies to the KV cache; add site=kv_cache"),
+        (
+            "site=kv_cache,layers=0",
+            "layers='0' is invalid: selects weights and module outputs, not the KV cache; choose its layers with kv_layers=",
+        ),
+        ("site=kv_cache,target=mlp", "target='mlp' is invalid: selects weights and module outputs, not the KV cache"),
     ],
 )
 def test_bad_kv_keys_fail_with_one_line(args: str, message: str) -> None:
@@ -221,6 +226,11 @@ def test_an_fp8_quantized_cache_is_faulted_in_its_stored_codes(model) -> None:
     assert of_request(log_batched, PROMPT_A) == of_request(log, PROMPT_A)
     _, retained, _ = fp8_generate(model, "p=2e-2,site=kv_cache,bits=6,seed=2,kv_fault=retention", [PROMPT_B, PROMPT_A], new_tokens=12)
     assert set(of_request(log_batched, PROMPT_A)) < set(of_request(retained, PROMPT_A)), "retention strikes the stored codes too"
+
+
+def test_bits_an_fp8_cache_lacks_fail_in_one_line(model) -> None:
+    with pytest.raises(FaultSpecError, match=r"model_args bits='10' is invalid: .*\(the KV cache stores float8_e4m3fn\)"):
+        fp8_generate(model, "p=1e-2,site=kv_cache,bits=10", [PROMPT_A])
 
 
 def test_caches_that_requantize_their_history_are_refused(model) -> None:

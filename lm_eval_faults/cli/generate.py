@@ -37,7 +37,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model_args", default="", help="how to load it: dtype=bfloat16,gguf_file=F,... (no fault keys)")
     parser.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable; default: the RRAM study's)")
     parser.add_argument("--prompts", default=None, help="a text file of prompts, one per line")
-    parser.add_argument("--task", default=None, help="an lm-eval generative task whose documents are the prompts")
+    parser.add_argument(
+        "--task", default=None, help="an lm-eval generative task whose documents are the prompts (its stop strings end every text)"
+    )
     parser.add_argument("--limit", type=int, default=5, help="documents of --task to use (default 5)")
     parser.add_argument("--include_path", default=None, help="extra lm-eval task directory for --task")
     parser.add_argument("--faults", default="", help="fault keys shared by the --p ladder: site=activations,act_scope=all")
@@ -58,26 +60,37 @@ def ladder(args: argparse.Namespace) -> list[tuple[str, FaultSpec]]:
         if text.strip():
             label = ",".join([f"p={text.strip()}", *(f"{k}={v}" for k, v in base.items())])
             rungs.append((label, to_spec({**base, "p": text.strip()})))
-    rungs += [(text, to_spec(text)) for text in args.spec]
+    for text in args.spec:
+        spec = to_spec(text)
+        if not spec.active and "p" not in parse_arg_string(text):
+            raise FaultSpecError(f"--spec {text!r} injects nothing: give it a rate (p=, or p01=/p10=); p=0 makes a clean rung")
+        rungs.append((text, spec))
     if not rungs:
         raise FaultSpecError("generate needs a ladder: --p 1e-7,1e-6 (with --faults keys) or --spec p=1e-6,site=kv_cache")
     return rungs
 
 
-def prompts_of(args: argparse.Namespace) -> list[str]:
+def prompts_of(args: argparse.Namespace) -> tuple[list[str], list[str]]:
+    """The prompts, and the strings that end every text (an lm-eval task's `until`, with --task)."""
     prompts = list(args.prompt)
     if args.prompts:
         path = Path(args.prompts)
         if not path.is_file():
             raise FileNotFoundError(f"--prompts {args.prompts!r} is not a file")
-        prompts += [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        lines = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        if not lines:
+            raise ValueError(f"--prompts {args.prompts!r} holds no prompt (one per line; blank lines are skipped)")
+        prompts += lines
+    stop: list[str] = []
     if args.task:
-        prompts += task_prompts(args.task, args.limit, args.include_path)
-    return prompts or [RRAM_PROMPT]
+        task_texts, stop = task_prompts(args.task, args.limit, args.include_path)
+        prompts += task_texts
+    return prompts or [RRAM_PROMPT], stop
 
 
-def task_prompts(task: str, limit: int, include_path: str | None) -> list[str]:
-    """The first `limit` documents of an lm-eval generative task, as its own `doc_to_text` writes them."""
+def task_prompts(task: str, limit: int, include_path: str | None) -> tuple[list[str], list[str]]:
+    """The first `limit` documents of an lm-eval generative task, as its own `doc_to_text` writes
+    them, and its stop strings (`generation_kwargs.until`), which end each text as lm-eval ends it."""
     from lm_eval.tasks import TaskManager, get_task_dict
 
     manager = TaskManager(include_path=include_path)
@@ -87,10 +100,16 @@ def task_prompts(task: str, limit: int, include_path: str | None) -> list[str]:
     if found.get_config("output_type") != "generate_until":
         raise ValueError(f"--task {task!r} is a {found.get_config('output_type')} task; generate needs a generate_until task")
     docs = found.test_docs() if found.has_test_docs() else found.validation_docs()
-    return [str(found.doc_to_text(doc)) for _, doc in zip(range(limit), docs, strict=False)]
+    until = (found.get_config("generation_kwargs") or {}).get("until") or []
+    stop = [until] if isinstance(until, str) else [str(item) for item in until]
+    return [str(found.doc_to_text(doc)) for _, doc in zip(range(limit), docs, strict=False)], stop
 
 
 def main(args: argparse.Namespace) -> int:
+    if args.max_new_tokens < 1:
+        raise ValueError(f"--max_new_tokens {args.max_new_tokens} is invalid: at least 1 token")
+    if args.limit < 1:
+        raise ValueError(f"--limit {args.limit} is invalid: at least 1 document")
     rungs = ladder(args)
     model_args = parse_arg_string(args.model_args)
     if args.pretrained:
@@ -100,14 +119,14 @@ def main(args: argparse.Namespace) -> int:
         raise FaultSpecError("--model_args loads the model; give fault keys with --faults/--p or --spec")
     if args.out:
         check_output_path("--out", str(Path(args.out) / "generations.html"))
-    prompts = prompts_of(args)
+    prompts, stop = prompts_of(args)
     load_config = {"pretrained": str(demo_model_dir()), **load_args}
     config = read_config(load_config)
     for _, spec in rungs:
         check_against_config(spec, load_config, config)
     model = load_model(load_args)
     tokenizer = load_tokenizer(load_config)
-    generator = Generator(model, tokenizer, max_new_tokens=args.max_new_tokens, chat=args.chat)
+    generator = Generator(model, tokenizer, max_new_tokens=args.max_new_tokens, chat=args.chat, stop=stop)
     results: list[PromptResult] = []
     with ProgressLine("lm-eval-faults generate", len(prompts) * len(rungs), unit="generations") as line:
         for prompt in prompts:

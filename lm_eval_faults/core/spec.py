@@ -235,6 +235,20 @@ class FaultSpec:
                 set_(self, "kv_layers", parse_layers(self.kv_layers))
             except FaultSpecError as error:
                 raise FaultSpecError(str(error).replace("model_args layers=", "model_args kv_layers=", 1)) from None
+        if self.sites == ("kv_cache",):
+            selectors: tuple[tuple[str, str | None, str | None], ...] = (
+                ("target", "+".join(self.target), "all"),
+                ("layers", None if self.layers is None else layers_label(self.layers), None),
+                ("modules", self.modules, None),
+            )
+            for key, shown, unset in selectors:
+                if shown != unset:
+                    raise _error(
+                        key,
+                        shown,
+                        "selects weights and module outputs, not the KV cache; choose its layers with kv_layers= and its "
+                        "parts with kv_part=",
+                    )
         if not self.on_kv_cache:
             for key, default in (("kv_fault", "write"), ("kv_layers", None), ("kv_part", "both")):
                 if getattr(self, key) != default:
@@ -428,6 +442,9 @@ class FaultSpec:
         rate = f"p01={self.p01 or 0:g},p10={self.p10 or 0:g}" if self.asymmetric else f"p={self.p:g}"
         unit = "bit" if self.per_bit else "element"
         layers = "all layers" if self.layers is None else f"layers {layers_label(self.layers)}"
+        if self.sites == ("kv_cache",):
+            kv_layers = "all layers" if self.kv_layers is None else f"layers {layers_label(self.kv_layers)}"
+            return f"{self.fault} {rate} per {unit} on the KV cache: {self.kv_fault} faults on {self.kv_part} ({kv_layers}, bits={self.bits}, seed={self.seed})"
         text = f"{self.fault} {rate} per {unit} on {self.site} of {'+'.join(self.target)} ({layers}, bits={self.bits}, seed={self.seed})"
         if self.on_kv_cache:
             kv_layers = "all layers" if self.kv_layers is None else f"layers {layers_label(self.kv_layers)}"

@@ -40,6 +40,8 @@ class Generated:
     tokens: list[int]
     pieces: list[str]
     nonfinite: bool = False
+    flat: bool = False
+    """Whether the logits were finite but all equal at some step (a collapsed model)."""
 
     @property
     def text(self) -> str:
@@ -100,14 +102,35 @@ def text_pieces(tokenizer: Any, tokens: Sequence[int]) -> list[str]:
     return pieces
 
 
+def stopped_at(pieces: Sequence[str], stop: Sequence[str]) -> int:
+    """How many tokens a text keeps when it ends at its first stop string: those up to and
+    including the one in which the stop begins (all of them when none appears)."""
+    text = ""
+    for index, piece in enumerate(pieces):
+        text += piece
+        if any(s and s in text for s in stop):
+            return index + 1
+    return len(pieces)
+
+
+def cut_at_stop(pieces: Sequence[str], stop: Sequence[str]) -> str:
+    """The last kept piece, cut before the first stop string (lm-eval drops the stop and what follows)."""
+    text = "".join(pieces)
+    cut = min((text.find(s) for s in stop if s and s in text), default=len(text))
+    before = len(text) - len(pieces[-1])
+    return pieces[-1][: max(cut - before, 0)]
+
+
 class Generator:
     """Greedy generation on one loaded model and tokenizer, clean or under a spec."""
 
-    def __init__(self, model: Any, tokenizer: Any, max_new_tokens: int = 64, chat: bool = False) -> None:
+    def __init__(self, model: Any, tokenizer: Any, max_new_tokens: int = 64, chat: bool = False, stop: Sequence[str] = ()) -> None:
+        """`stop`: strings that end a text where they first appear (an lm-eval task's `until`)."""
         self.model = model
         self.tokenizer = tokenizer
         self.max_new_tokens = max_new_tokens
         self.chat = chat
+        self.stop = tuple(stop)
 
     def encode(self, prompt: str) -> list[int]:
         if self.chat:
@@ -142,8 +165,14 @@ class Generator:
         if eos is not None and eos in new:
             new = new[: new.index(eos)]
         logits = torch.stack([step[0] for step in out.logits]).float() if out.logits else torch.empty(0)
-        nonfinite = bool(guard.flagged is not None and guard.flagged.any())
-        return Generated(new, text_pieces(self.tokenizer, new), nonfinite), logits, counts
+        pieces = text_pieces(self.tokenizer, new)
+        kept = stopped_at(pieces, self.stop)
+        new, pieces, logits = new[:kept], pieces[:kept], logits[:kept]
+        if kept and pieces[-1]:
+            pieces[-1] = cut_at_stop(pieces, self.stop)
+        nonfinite = bool((~torch.isfinite(logits)).any()) if len(logits) else False
+        flat = bool((logits.amax(dim=-1) == logits.amin(dim=-1)).any()) if len(logits) else False
+        return Generated(new, pieces, nonfinite, flat and not nonfinite), logits, counts
 
     def token_logprobs(self, prompt_ids: list[int], tokens: list[int]) -> torch.Tensor:
         """The clean model's log-probability of each of `tokens` after the prompt (and the ones before it)."""
@@ -219,7 +248,7 @@ def _compared(
                 faulted_gap = float(faulted_dist[faulted.tokens[position]] - faulted_dist[clean.tokens[position]])
         tail_ratio = _ratio(perplexity(faulted_lp[position:]), perplexity(clean_lp[position:]))
     ppl = perplexity(faulted_lp)
-    failure = failure_class(clean.tokens, faulted.tokens, faulted.text, clean.text, faulted.nonfinite, tail_ratio)
+    failure = failure_class(clean.tokens, faulted.tokens, faulted.text, clean.text, faulted.nonfinite, tail_ratio, faulted.flat)
     return FaultedText(
         label,
         spec.describe(),

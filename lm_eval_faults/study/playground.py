@@ -103,7 +103,10 @@ def build_app(playground: Playground, model: str, prompt: str) -> Any:
     import gradio as gr
 
     def generate(model_name: str, text: str, log10_p: float, site: str, target: str, scope: str, seed: float) -> tuple[str, str, str]:
-        return playground.run(model_name, text, Setting(float(log10_p), site, target, scope, int(seed)))
+        try:
+            return playground.run(model_name, text, Setting(float(log10_p), site, target, scope, int(seed)))
+        except (ValueError, TypeError, OSError) as error:  # bad input: shown in the app, in one line
+            raise gr.Error(str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__) from None
 
     with gr.Blocks(title="lm-eval-faults playground") as app:
         gr.Markdown("## lm-eval-faults playground: clean and faulted generations side by side")

@@ -20,6 +20,7 @@ CLASS_COLOURS = {
     "repetitive": "#ef6c00",
     "gibberish": "#c62828",
     "empty": "#6a1b9a",
+    "collapsed": "#4e342e",
     "non-finite": "#000000",
 }
 assert set(CLASS_COLOURS) == set(FAILURE_CLASSES)

@@ -5,6 +5,9 @@ that holds names the class:
 
 1. `non-finite`: the faulted model's logits held NaN or ±Inf at some step (the text after it was
    chosen from logits made safe, and means nothing).
+   `collapsed`: its logits were finite but flat (all equal) at some step: the model had no
+   preference left, and greedy decoding emits token 0 from there (what lm-eval counts as a
+   degenerate request). Such a text reads as empty or repetitive, and is neither.
 2. `identical`: the faulted tokens are the clean tokens.
 3. `empty`: the faulted continuation is empty or only whitespace (and the clean one is not).
 4. `repetitive`: at least `MIN_TOKENS_FOR_REPETITION` tokens, of which fewer than
@@ -14,14 +17,16 @@ that holds names the class:
 6. `diverged`: diverged but fluent; none of the above.
 
 Without a model to measure perplexity (texts from lm-eval output directories), classes 1 and 5
-cannot be told, and a text that would be `gibberish` or `diverged` reads `diverged`.
+cannot be told, and a text that would be `gibberish` or `diverged` reads `diverged` (and one that
+is `non-finite` or `collapsed` reads as what its text looks like: the run's drift table counts
+those requests).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
-FAILURE_CLASSES = ("identical", "diverged", "repetitive", "gibberish", "empty", "non-finite")
+FAILURE_CLASSES = ("identical", "diverged", "repetitive", "gibberish", "empty", "collapsed", "non-finite")
 """Every class, from the mildest to the worst (the order of the figures' legends)."""
 
 MIN_TOKENS_FOR_REPETITION = 12
@@ -51,10 +56,13 @@ def failure_class(
     clean_text: str,
     nonfinite: bool = False,
     tail_perplexity_ratio: float | None = None,
+    flat: bool = False,
 ) -> str:
     """The class of one faulted generation against the clean one (see the module docstring)."""
     if nonfinite:
         return "non-finite"
+    if flat:
+        return "collapsed"
     if list(clean) == list(faulted):
         return "identical"
     if not faulted_text.strip() and clean_text.strip():

@@ -422,7 +422,14 @@ class KVCacheInjector(Pausable):
     def _eligible(self, layout: BitLayout) -> tuple[int, ...]:
         eligible = self._eligible_bits.get(layout.name)
         if eligible is None:
-            eligible = self._eligible_bits[layout.name] = resolve_bits(layout, self.spec.bits) if self.spec.per_bit else layout.all_bits
+            try:
+                eligible = resolve_bits(layout, self.spec.bits) if self.spec.per_bit else layout.all_bits
+            except ValueError as error:  # the cache's dtype is known only once it stores (an FP8 cache: 8-bit codes)
+                reason = str(error).removeprefix(f"bits={self.spec.bits!r}").lstrip(": ")
+                raise FaultSpecError(
+                    f"model_args bits={self.spec.bits!r} is invalid: {reason} (the KV cache stores {layout.name})"
+                ) from None
+            self._eligible_bits[layout.name] = eligible
         return eligible
 
     def sampler(self, layout: BitLayout) -> OutputSampler:
