@@ -15,7 +15,12 @@ for run in "clean:p=0" "faulted:p=1e-7,site=activations,act_scope=all"; do
     lm_eval --model faulty_hf --model_args "$SMOL,${run#*:}" --tasks faults_facts_gen --device cpu --batch_size 8 \
         --log_samples --output_path "$OUT/harness/$name"
 done
+# lm-eval records each task's YAML by its absolute path: recorded here relative to the repository
+find "$OUT/harness" -name 'results_*.json' -exec sed -i "s#$(pwd)/##g" {} +
 lm-eval-faults drift "$OUT/harness/clean" "$OUT/harness/faulted" --html "$OUT/harness_drift.html" | tee "$OUT/harness_drift.txt"
+rm -rf "$OUT/harness_sweep"
+lm-eval-faults sweep --model_args "$SMOL" --tasks faults_facts_gen --sites activations,kv_cache --fault_args act_scope=all \
+    --p 1e-8:1e-5 --run_dir "$OUT/harness_sweep" --batch_size 40 --device cpu --no_progress
 if command -v chromium > /dev/null; then
     python scripts/screenshot_pages.py "$OUT/activations.html" --out "$OUT"
     mv "$OUT/activations.png" "$OUT/side_by_side.png"
