@@ -43,17 +43,20 @@ def drift_views(report: DriftReport, limit: int = 50) -> tuple[list[PromptView],
     return views, notes
 
 
+def text_view(label: str, clean_text: str, faulted_text: str, figures: dict[str, str] | None = None) -> FaultedView:
+    """One faulted text against the clean one, with no model at hand: divergence by word, and a
+    class that needs no logits (`drift --html` and a sweep's page alike)."""
+    clean_words = [piece.strip() for piece in text_pieces(clean_text)]
+    pieces = text_pieces(faulted_text)
+    words = [piece.strip() for piece in pieces]
+    position = first_divergence(clean_words, words)
+    failure = failure_class(clean_words, words, faulted_text, clean_text)
+    shown = {"diverges at word": "-" if position is None else str(position), **(figures or {})}
+    return FaultedView(label, pieces, position, position, failure, shown)
+
+
 def _view(label: str, sample: SampleDrift) -> PromptView:
-    clean_text, faulty_text = sample.clean_text or "", sample.faulty_text or ""
-    clean, faulty = text_pieces(clean_text), text_pieces(faulty_text)
-    words_clean, words_faulty = [p.strip() for p in clean], [p.strip() for p in faulty]
-    position = first_divergence(words_clean, words_faulty)
-    failure = failure_class(words_clean, words_faulty, faulty_text, clean_text)
-    figures = {"diverges at word": "-" if position is None else str(position)}
-    figures.update({name: f"{delta:+.3g}" for name, delta in sample.metric_deltas.items()})
-    return PromptView(
-        f"{label}, doc {sample.doc_id}",
-        sample.prompt or "(prompt not logged)",
-        clean,
-        [FaultedView("faulted run", faulty, position, position, failure, figures)],
-    )
+    clean_text = sample.clean_text or ""
+    deltas = {name: f"{delta:+.3g}" for name, delta in sample.metric_deltas.items()}
+    faulted = text_view("faulted run", clean_text, sample.faulty_text or "", deltas)
+    return PromptView(f"{label}, doc {sample.doc_id}", sample.prompt or "(prompt not logged)", text_pieces(clean_text), [faulted])

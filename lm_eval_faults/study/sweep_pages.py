@@ -10,9 +10,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from lm_eval_faults.study.drift_pages import text_pieces
-from lm_eval_faults.study.side_by_side import FaultedView, PromptView, side_by_side_page
-from lm_eval_faults.study.text_failures import failure_class, first_divergence
+from lm_eval_faults.study.drift_pages import text_pieces, text_view
+from lm_eval_faults.study.side_by_side import PromptView, side_by_side_page
 
 PAGE_FILE = "generations.html"
 
@@ -25,19 +24,15 @@ def sweep_views(records: list[dict[str, Any]]) -> list[PromptView]:
             for text in drift.get("texts") or []:
                 doc = docs.setdefault((task, str(text["doc_id"])), {"prompt": text.get("prompt"), "clean": text["clean"], "points": []})
                 doc["points"].append((str(record["point_id"]), text["faulted"]))
-    views = []
-    for (task, doc_id), doc in docs.items():
-        clean = text_pieces(doc["clean"])
-        words = [piece.strip() for piece in clean]
-        faulted = []
-        for label, text in doc["points"]:
-            pieces = text_pieces(text)
-            position = first_divergence(words, [piece.strip() for piece in pieces])
-            failure = failure_class(words, [piece.strip() for piece in pieces], text, doc["clean"])
-            figures = {"diverges at word": "-" if position is None else str(position)}
-            faulted.append(FaultedView(label, pieces, position, position, failure, figures))
-        views.append(PromptView(f"{task}, doc {doc_id}", doc["prompt"] or "(prompt not logged)", clean, faulted))
-    return views
+    return [
+        PromptView(
+            f"{task}, doc {doc_id}",
+            doc["prompt"] or "(prompt not logged)",
+            text_pieces(doc["clean"]),
+            [text_view(label, doc["clean"], text) for label, text in doc["points"]],
+        )
+        for (task, doc_id), doc in docs.items()
+    ]
 
 
 def write_sweep_page(run_dir: Path, records: list[dict[str, Any]]) -> Path | None:
