@@ -174,19 +174,22 @@ class Generator:
         flat = bool((logits.amax(dim=-1) == logits.amin(dim=-1)).any()) if len(logits) else False
         return Generated(new, pieces, nonfinite, flat and not nonfinite), logits, counts
 
-    def token_logprobs(self, prompt_ids: list[int], tokens: list[int]) -> torch.Tensor:
-        """The clean model's log-probability of each of `tokens` after the prompt (and the ones before it)."""
+    def log_distributions(self, prompt_ids: list[int], tokens: list[int]) -> torch.Tensor:
+        """The clean model's next-token log-probabilities before each of `tokens` (one row each),
+        from one forward over the prompt and the tokens."""
         if not tokens:
-            return torch.empty(0)
+            return torch.empty(0, 0)
         ids = torch.tensor([prompt_ids + tokens])
         with torch.no_grad():
             logits = self.model(ids).logits[0, len(prompt_ids) - 1 : -1].float()
-        return torch.log_softmax(logits, dim=-1).gather(1, torch.tensor(tokens)[:, None])[:, 0]
+        return torch.log_softmax(logits, dim=-1)
 
-    def clean_logprobs_at(self, prompt_ids: list[int], prefix: list[int]) -> torch.Tensor:
-        ids = torch.tensor([prompt_ids + prefix])
-        with torch.no_grad():
-            return torch.log_softmax(self.model(ids).logits[0, -1].float(), dim=-1)
+
+def token_logprobs(distributions: torch.Tensor, tokens: list[int]) -> torch.Tensor:
+    """Each token's log-probability in its row of `Generator.log_distributions`."""
+    if not tokens:
+        return torch.empty(0)
+    return distributions.gather(1, torch.tensor(tokens)[:, None])[:, 0]
 
 
 def fault_totals(report: dict[str, Any]) -> dict[str, int]:
@@ -214,11 +217,11 @@ def compare_prompt(
     """The clean generation of `prompt` and one `FaultedText` per (label, spec)."""
     prompt_ids = generator.encode(prompt)
     clean, _, _ = generator.generate(prompt_ids)
-    clean_lp = generator.token_logprobs(prompt_ids, clean.tokens)
-    result = PromptResult(prompt, clean, perplexity(clean_lp))
+    clean_dist = generator.log_distributions(prompt_ids, clean.tokens)  # once per prompt: every rung's clean gap reads it
+    result = PromptResult(prompt, clean, perplexity(token_logprobs(clean_dist, clean.tokens)))
     for label, spec in specs:
         faulted, logits, counts = generator.generate(prompt_ids, spec)
-        result.faulted.append(_compared(generator, prompt_ids, clean, clean_lp, label, spec, faulted, logits, counts))
+        result.faulted.append(_compared(generator, prompt_ids, clean, clean_dist, label, spec, faulted, logits, counts))
         if progress is not None:
             progress()
     return result
@@ -228,7 +231,7 @@ def _compared(
     generator: Generator,
     prompt_ids: list[int],
     clean: Generated,
-    clean_lp: torch.Tensor,
+    clean_dist: torch.Tensor,
     label: str,
     spec: FaultSpec,
     faulted: Generated,
@@ -236,13 +239,14 @@ def _compared(
     counts: dict[str, int],
 ) -> FaultedText:
     position = first_divergence(clean.tokens, faulted.tokens)
-    faulted_lp = generator.token_logprobs(prompt_ids, faulted.tokens)
+    clean_lp = token_logprobs(clean_dist, clean.tokens)
+    faulted_lp = token_logprobs(generator.log_distributions(prompt_ids, faulted.tokens), faulted.tokens)
     clean_gap = faulted_gap = None
     tail_ratio = None
     if position is not None:
         if position < len(clean.tokens) and position < len(faulted.tokens):
-            clean_dist = generator.clean_logprobs_at(prompt_ids, clean.tokens[:position])
-            clean_gap = float(clean_dist[clean.tokens[position]] - clean_dist[faulted.tokens[position]])
+            before = clean_dist[position]  # the clean model after the prefix both texts share
+            clean_gap = float(before[clean.tokens[position]] - before[faulted.tokens[position]])
             if position < len(logits) and torch.isfinite(logits[position]).all():
                 faulted_dist = torch.log_softmax(logits[position], dim=-1)
                 faulted_gap = float(faulted_dist[faulted.tokens[position]] - faulted_dist[clean.tokens[position]])
