@@ -15,10 +15,13 @@ import os
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, fields
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
 from lm_eval_faults.core.faults.kinds import FAULT_KIND_TABLE, FaultKind
+from lm_eval_faults.core.patterns import IID, Pattern, PatternError, parse_pattern
+from lm_eval_faults.core.patterns.fit import fit_to_probability
 from lm_eval_faults.core.protection.codes import ECC_CODES
 from lm_eval_faults.core.sites.registry import parse_sites, site_names
 from lm_eval_faults.core.storage.codecs import FILE, codec, codec_fields, codec_names
@@ -56,6 +59,10 @@ def _error(key: str, value: Any, valid: str) -> FaultSpecError:
 
 MAX_LAYER_INDEX = 100_000
 """No model has this many decoder layers; a larger index is a typo, not a request for a huge set."""
+
+MAX_INTERLEAVE = 64
+"""Bit-interleaved SECDED spreads a burst of up to `interleave` bits over that many codewords;
+64 deep already spreads a 64-bit burst."""
 
 MAX_BIT_POSITION = 31
 """The widest supported word is 32 bits (float32)."""
@@ -174,12 +181,19 @@ class FaultSpec:
     kv_fault: str = "write"
     kv_layers: tuple[int, ...] | None = None
     kv_part: str = "both"
+    pattern: str = IID
+    p_sa0: float | None = None
+    p_sa1: float | None = None
+    fit: float | None = None
+    hours: float | None = None
+    interleave: int = 1
 
     def __post_init__(self) -> None:
         def set_(name: str, value: object) -> None:
             object.__setattr__(self, name, value)  # the dataclass is frozen
 
         set_("p", _probability("p", self.p))
+        self._validate_rate_units()
         if self.fault not in FAULT_KINDS:
             raise _error("fault", self.fault, "choose one of " + ", ".join(FAULT_KINDS))
         for key in ("p01", "p10"):
@@ -220,6 +234,77 @@ class FaultSpec:
         self._validate_protection()
         self._validate_storage()
         self._validate_kv_cache()
+        self._validate_pattern()
+
+    def _validate_rate_units(self) -> None:
+        """`fit=` and `hours=` (FIT per Mbit over a deployment time) in place of p: the conversion
+        (`patterns.fit`) sets p, and the report records both. The pattern decides the bits one
+        event slot stands for, so it is parsed here first."""
+        set_ = object.__setattr__
+        if self.fit is None and self.hours is None:
+            return
+        if self.fit is None or self.hours is None:
+            given, missing = ("fit", "hours") if self.hours is None else ("hours", "fit")
+            raise _error(
+                given, getattr(self, given), f"FIT rates need both fit= (FIT per Mbit) and hours= (deployment time); add {missing}="
+            )
+        for key in ("fit", "hours"):
+            value = getattr(self, key)
+            try:
+                number = float(value) if not isinstance(value, bool) else math.nan
+            except (TypeError, ValueError):
+                number = math.nan
+            if not (math.isfinite(number) and number >= 0) or (key == "hours" and number == 0):
+                valid = "FIT per Mbit: failures per 2^20 bits per 10^9 hours, a number >= 0" if key == "fit" else "hours of operation, > 0"
+                raise _error(key, value, valid)
+            set_(self, key, number)
+        if self.p or self.p01 is not None or self.p10 is not None:
+            raise _error("fit", self.fit, "fit= and hours= set the rate; leave p (and p01/p10) out")
+        if self.p_sa0 is not None or self.p_sa1 is not None:
+            raise _error("fit", self.fit, "stuck-at clusters take p_sa0= and p_sa1=; leave fit= and hours= out")
+        shape = self._parsed_pattern()
+        if self.fit and not fit_to_probability(self.fit, self.hours, shape.bits_per_slot() if shape else 1):
+            raise _error("fit", self.fit, f"gives p=0 over hours={self.hours:g} (below float64's smallest rate); raise fit or hours")
+        set_(self, "p", fit_to_probability(self.fit, self.hours, shape.bits_per_slot() if shape else 1))
+
+    def _parsed_pattern(self) -> Pattern | None:
+        try:
+            return parse_pattern(self.pattern)
+        except PatternError as error:
+            raise _error("pattern", self.pattern, str(error)) from None
+
+    def _validate_pattern(self) -> None:
+        """`pattern=`: how the faults of one event cluster (bursts, rows, ...), and its own keys."""
+        set_ = object.__setattr__
+        shape = self._parsed_pattern()
+        set_(self, "pattern", IID if shape is None else shape.label())
+        for key in ("p_sa0", "p_sa1"):
+            if getattr(self, key) is not None:
+                set_(self, key, _probability(key, getattr(self, key)))
+                if shape is None or not shape.stuck_at:
+                    raise _error(key, getattr(self, key), "the stuck-at rates of pattern=clustered:C; add pattern=clustered:C")
+        if shape is None:
+            return
+        if self.replay is not None:
+            raise _error("pattern", self.pattern, "a map replays the words it saved; drop pattern=")
+        if self.asymmetric:
+            raise _error("pattern", self.pattern, "p01/p10 are independent flips (pattern=iid); give p, the event rate")
+        if shape.stuck_at:
+            if self.fault != "bitflip" or self.p:
+                raise _error(
+                    "pattern",
+                    self.pattern,
+                    "clustered cells are stuck at 0 or 1 by their own rates: give p_sa0= and p_sa1=, not p= or fault=",
+                )
+        elif not self.per_bit and not shape.whole_words:
+            raise _error(
+                "pattern", self.pattern, f"strikes bits within a word; fault={self.fault} replaces whole words: use row, mcu or column"
+            )
+
+    @cached_property
+    def pattern_shape(self) -> Pattern | None:
+        """The parsed `pattern=` (None for iid, the independent draw)."""
+        return parse_pattern(self.pattern)
 
     def _validate_kv_cache(self) -> None:
         """The KV-cache keys: which faults the cache's entries take, in which layers and parts."""
@@ -291,7 +376,7 @@ class FaultSpec:
                 raise _error("storage", self.storage, "storage encodes stored weights; use site=weights or weights+activations")
             if self.replay is not None:
                 raise _error("replay", self.replay, "a map replays in the storage it was saved in (its spec says which); drop storage=")
-            if self.ecc == "parity" or (self.ecc == "secded" and self.ecc_policy == "zero"):
+            if self.ecc == "parity" or (self.ecc in ("secded", "chipkill") and self.ecc_policy == "zero"):
                 raise _error(
                     "ecc",
                     self.ecc,
@@ -334,8 +419,15 @@ class FaultSpec:
             raise _error("ecc_policy", self.ecc_policy, "a detected, uncorrectable SECDED word reads as zero or keep (its corrupted data)")
         if self.clamp not in CLAMP_SITES:
             raise _error("clamp", self.clamp, "range restriction applies to " + ", ".join(CLAMP_SITES))
-        if self.ecc_policy != "zero" and self.ecc != "secded":
-            raise _error("ecc_policy", self.ecc_policy, f"applies to ecc=secded only (ecc={self.ecc}); add ecc=secded or drop ecc_policy")
+        if self.ecc_policy != "zero" and self.ecc not in ("secded", "chipkill"):
+            raise _error(
+                "ecc_policy", self.ecc_policy, f"applies to ecc=secded and ecc=chipkill (ecc={self.ecc}); add one or drop ecc_policy"
+            )
+        set_("interleave", _integer("interleave", self.interleave))
+        if self.interleave < 1 or self.interleave > MAX_INTERLEAVE:
+            raise _error("interleave", self.interleave, f"SECDED codewords interleaved bit by bit: a depth from 1 to {MAX_INTERLEAVE}")
+        if self.interleave > 1 and self.ecc != "secded":
+            raise _error("interleave", self.interleave, f"interleaves SECDED codewords; add ecc=secded (ecc={self.ecc})")
         if "activations" in self.clamp and self.act_scope != "leaf":
             raise _error(
                 "clamp", self.clamp, "activation bounds are calibrated on leaf modules' outputs; use act_scope=leaf, or clamp=weights"
@@ -366,6 +458,8 @@ class FaultSpec:
     def rate(self) -> float:
         """The probability positions are sampled at, per bit or per element: the larger of p01
         and p10 for asymmetric flips (the sampler thins each hit to its bit's own rate)."""
+        if self.p_sa0 is not None or self.p_sa1 is not None:
+            return max(self.p_sa0 or 0.0, self.p_sa1 or 0.0)
         return max(self.p01 or 0.0, self.p10 or 0.0) if self.asymmetric else self.p
 
     def bit_rates(self) -> tuple[float, float]:
@@ -375,7 +469,7 @@ class FaultSpec:
     @property
     def active(self) -> bool:
         """Whether this spec can inject anything at all (p=0 is the clean model)."""
-        return bool(self.p or self.p01 or self.p10 or self.replay)
+        return bool(self.p or self.p01 or self.p10 or self.p_sa0 or self.p_sa1 or self.replay)
 
     @property
     def sites(self) -> tuple[str, ...]:
@@ -396,7 +490,7 @@ class FaultSpec:
 
     def sampling_key(self) -> dict[str, Any]:
         """The fields that shape a fault map at one site (target/layers/modules only choose sites)."""
-        return {
+        key = {
             "fault": self.fault,
             "p": self.p,
             "p01": self.p01,
@@ -404,6 +498,9 @@ class FaultSpec:
             "bits": self.bits,
             "value_range": list(self.value_range),
         }
+        if self.pattern != IID:  # iid keys (and so iid maps) are as they were before patterns
+            key.update(pattern=self.pattern, p_sa0=self.p_sa0, p_sa1=self.p_sa1)
+        return key
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
@@ -418,6 +515,11 @@ class FaultSpec:
                 data.pop(key)
         if self.storage == "none":  # so do specs of the model's own storage
             for key in STORAGE_KEYS:
+                data.pop(key)
+        if self.interleave == 1:
+            data.pop("interleave", None)  # plain SECDED, as before interleaving existed
+        if self.pattern == IID and self.fit is None:  # and so do iid specs
+            for key in PATTERN_KEYS:
                 data.pop(key)
         if self.on_kv_cache:
             data["kv_layers"] = None if self.kv_layers is None else layers_label(self.kv_layers)
@@ -441,6 +543,11 @@ class FaultSpec:
             return f"replay of the fault map {self.replay} (weights)"
         rate = f"p01={self.p01 or 0:g},p10={self.p10 or 0:g}" if self.asymmetric else f"p={self.p:g}"
         unit = "bit" if self.per_bit else "element"
+        if self.fit is not None:
+            rate += f" (fit={self.fit:g} FIT/Mbit over {self.hours:g} h)"
+        if self.pattern_shape is not None:
+            rate = f"p_sa0={self.p_sa0 or 0:g},p_sa1={self.p_sa1 or 0:g}" if self.pattern_shape.stuck_at else rate
+            unit = f"event slot of pattern {self.pattern}"
         layers = "all layers" if self.layers is None else f"layers {layers_label(self.layers)}"
         if self.sites == ("kv_cache",):
             kv_layers = "all layers" if self.kv_layers is None else f"layers {layers_label(self.kv_layers)}"
@@ -469,8 +576,10 @@ class FaultSpec:
             parts.append(f"backed-up {'+'.join(self.protect_fields)} of the stored weights")
         if self.protect_bits != "none":
             parts.append(f"protected bits {self.protect_bits}")
-        if self.ecc == "secded":
-            parts.append(f"SECDED(72,64), detected words {'zeroed' if self.ecc_policy == 'zero' else 'kept'}")
+        if self.ecc in ("secded", "chipkill"):
+            code = "SECDED(72,64)" if self.ecc == "secded" else "chipkill RS(18,16) over bytes"
+            code += f" interleaved {self.interleave} deep" if self.interleave > 1 else ""
+            parts.append(f"{code}, detected words {'zeroed' if self.ecc_policy == 'zero' else 'kept'}")
         elif self.ecc == "parity":
             parts.append("parity per element, detected elements zeroed")
         if self.clamp != "none":
@@ -504,7 +613,8 @@ def _validate_bits_syntax(bits: str, key: str = "bits") -> None:
 
 
 FAULT_KEYS: tuple[str, ...] = tuple(f.name for f in fields(FaultSpec))
-PROTECTION_KEYS = ("protect", "protect_bits", "ecc", "ecc_policy", "clamp", "protect_fields")
+PROTECTION_KEYS = ("protect", "protect_bits", "ecc", "ecc_policy", "clamp", "protect_fields", "interleave")
+PATTERN_KEYS = ("pattern", "p_sa0", "p_sa1", "fit", "hours")
 STORAGE_KEYS = ("storage", "group_size", "fields")
 KV_KEYS = ("kv_fault", "kv_layers", "kv_part")
 """The keys that choose protection schemes rather than faults: a sweep's protection axis sets them."""

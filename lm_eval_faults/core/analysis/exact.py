@@ -171,6 +171,8 @@ class Analysis:
 
     spec: FaultSpec
     sites: list[SiteExpectation] = field(default_factory=list)
+    remainder: float = 0.0
+    """Bound on the expected elements a pattern's analysis leaves out (`analysis.patterns`)."""
 
     def total(self) -> Expectation:
         total = Expectation()
@@ -188,6 +190,7 @@ class Analysis:
         return {
             "spec": {**self.spec.to_dict(), "description": self.spec.describe()},
             "notes": analysis_notes(self.spec),
+            "remainder": self.remainder,
             "thresholds": {site.dtype: site.threshold for site in self.sites},
             "total": self.total().to_dict(),
             "by_component": {name: e.to_dict() for name, e in self.by_component().items()},
@@ -257,6 +260,10 @@ def check_analysable(spec: FaultSpec) -> None:
         )
     if spec.storage != "none":
         check_storage_analysable(spec)
+        if spec.pattern_shape is not None:
+            raise FaultSpecError(
+                f"analyze: pattern={spec.pattern!r} is invalid with storage=: the pattern analysis covers the model's own float words"
+            )
     if not spec.on_weights:
         raise FaultSpecError(
             f"analyze: site={spec.site!r} is invalid here: analyze covers faults in the stored weights, and activation "
@@ -271,6 +278,19 @@ def analysis_notes(spec: FaultSpec) -> list[str]:
         notes.append(f"site={spec.site}: only the weight faults are analysed; the activation faults are not in these figures")
     if spec.protected:
         notes.append("these figures are before protection")
+    pattern = spec.pattern_shape
+    if pattern is not None:
+        name = pattern.name
+        if name in ("mcu", "clustered"):
+            notes.append(
+                f"pattern={spec.pattern}: exact per word; upper bounds at the first and last words of each tensor, which fewer lines reach"
+            )
+        if name == "burst":
+            notes.append(
+                f"pattern={spec.pattern}: one struck start per word, enumerated; words with two or more are bounded by 'remainder'"
+            )
+        if name != "burst":
+            notes.append(f"pattern={spec.pattern} correlates neighbouring words: P(at least one) is not given (nan)")
     return notes
 
 
@@ -290,10 +310,16 @@ def analyze(
     check_analysable(spec)
     if spec.storage != "none":
         return analyze_stored(model, spec, threshold, progress)
+    from lm_eval_faults.core.analysis.patterns import pattern_expectation  # it builds on this module's expectations
+
     analysis = Analysis(spec)
     with torch.no_grad():
         for site in select_params(model, spec):
             risk, words = site_risk(site, spec, threshold)
-            expectation = expect(word_stats(words, risk), risk, spec)
+            if spec.pattern_shape is None:
+                expectation = expect(word_stats(words, risk), risk, spec)
+            else:
+                expectation, bound = pattern_expectation(words, risk, spec)
+                analysis.remainder += bound
             analysis.sites.append(SiteExpectation(site.name, site.component, site.layer, risk.layout.name, risk.threshold, expectation))
     return analysis

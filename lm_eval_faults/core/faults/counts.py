@@ -17,8 +17,20 @@ from lm_eval_faults.core.spec import FaultSpec
 from lm_eval_faults.core.storage.layouts import BitLayout
 
 
-def expected_counts(spec: FaultSpec, numel: int, eligible_bits: int) -> tuple[float, float]:
-    """Expected (hit elements, fault bits) at one site: what `check_not_silent` compares against."""
+def expected_counts(spec: FaultSpec, numel: int, eligible: tuple[int, ...], width: int) -> tuple[float, float]:
+    """Expected (hit elements, fault bits) at one site: what `check_not_silent` compares against.
+
+    Under a pattern the first figure is the expected number of *events* (each hits one or more
+    words), so that "none landed" is judged by P(no event) = exp(-events); the bits are the
+    events' bits (an upper bound: overlapping events, or a row cut off at a tensor's end, hit fewer).
+    """
+    pattern = spec.pattern_shape
+    if pattern is not None:
+        rate = (spec.p_sa0 or 0.0) + (spec.p_sa1 or 0.0) if pattern.stuck_at else spec.rate
+        events = float(pattern.slots(np.array([numel]), width, eligible)[0]) * rate
+        words = min(pattern.words_per_event(width, eligible), numel)
+        return events, events * words * (pattern.bits_per_word(width, eligible) if spec.per_bit else 0)
+    eligible_bits = len(eligible)
     if spec.per_bit:
         # For asymmetric flips the exact expectation depends on the data; this is an upper bound.
         return numel * element_rate(spec.rate, eligible_bits), numel * eligible_bits * spec.rate

@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from lm_eval_faults.core.faults.kinds import bit_fault_words
+from lm_eval_faults.core.patterns.events import pattern_hits, stuck_clusters
 from lm_eval_faults.core.sampling.host import (
     Hits,
     Purpose,
@@ -69,19 +70,50 @@ def draw_faults(
     `read_words` is only called when a fault lands, so clean sites never touch their tensors.
     """
     keys = np.asarray(keys, dtype=np.uint64)
+    if spec.pattern_shape is not None:
+        return _pattern_faults(numels, keys, read_words, spec, layout, eligible_bits)
     if spec.per_bit:
         return _bit_faults(numels, keys, read_words, spec, layout, eligible_bits)
     hits = bernoulli_hits(numels, spec.p, keys)
     if not len(hits):
         return NO_FAULTS
     old = read_words(hits)
+    return FaultBatch(hits, np.zeros_like(old), old, _element_words(spec, keys, hits, old, layout))
+
+
+def _pattern_faults(
+    numels: np.ndarray,
+    keys: np.ndarray,
+    read_words: WordReader,
+    spec: FaultSpec,
+    layout: BitLayout,
+    eligible_bits: tuple[int, ...],
+) -> FaultBatch:
+    """A correlated pattern's events (`patterns`), as the words and bit masks they hit."""
+    pattern = spec.pattern_shape
+    assert pattern is not None
+    if pattern.stuck_at:
+        hits, stuck0, stuck1, _ = stuck_clusters(pattern, numels, keys, spec.p_sa0 or 0.0, spec.p_sa1 or 0.0, layout.width, eligible_bits)
+        if not len(hits):
+            return NO_FAULTS
+        old = read_words(hits)
+        return FaultBatch(hits, stuck0 | stuck1, old, old & ~stuck0 | stuck1)
+    hits, masks, _ = pattern_hits(pattern, numels, keys, spec.rate, layout.width, eligible_bits)
+    if not len(hits):
+        return NO_FAULTS
+    old = read_words(hits)
+    if spec.per_bit:
+        return FaultBatch(hits, masks, old, bit_fault_words(spec.fault, old, masks))
+    return FaultBatch(hits, np.zeros_like(old), old, _element_words(spec, keys, hits, old, layout))
+
+
+def _element_words(spec: FaultSpec, keys: np.ndarray, hits: Hits, old: np.ndarray, layout: BitLayout) -> np.ndarray:
+    """What an element fault writes at `hits`: zeros, or uniform values drawn by hit rank."""
     if spec.kind.zeroes:
-        new = np.zeros_like(old)
-    else:
-        low, high = spec.value_range
-        u = to_uniform(random_words(keys[hits.site], Purpose.VALUE, hits.rank.astype(np.uint64)))
-        new = uniform_words(low + (high - low) * u, layout)
-    return FaultBatch(hits, np.zeros_like(old), old, new)
+        return np.zeros_like(old)
+    low, high = spec.value_range
+    u = to_uniform(random_words(keys[hits.site], Purpose.VALUE, hits.rank.astype(np.uint64)))
+    return uniform_words(low + (high - low) * u, layout)
 
 
 def _bit_faults(

@@ -197,7 +197,7 @@ class ActivationInjector(Pausable):
         numels, offsets = self._sites(per_row, np.array([size], dtype=np.int64))
         bits = len(sampler.eligible)
         elements = int(numels.sum())
-        expected_elements, expected_bits = expected_counts(self.spec, elements, bits)
+        expected_elements, expected_bits = expected_counts(self.spec, elements, sampler.eligible, sampler.layout.width)
         p_zero = sampler.zero_probability(numels) if sampler.screens else numels
         shape = _Shape(numels, offsets, p_zero, elements, elements * bits, expected_elements, expected_bits)
         if len(self._shapes) >= MAX_CACHED_SHAPES:

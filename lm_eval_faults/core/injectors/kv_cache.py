@@ -409,8 +409,8 @@ class KVCacheInjector(Pausable):
 
     def expected(self, layout: BitLayout, elements: int) -> tuple[float, float, int]:
         """(expected faulty elements, expected fault bits, eligible bits) of `elements` words."""
-        bits = len(self._eligible(layout))
-        return (*expected_counts(self.spec, elements, bits), elements * bits)
+        eligible = self._eligible(layout)
+        return (*expected_counts(self.spec, elements, eligible, layout.width), elements * len(eligible))
 
     def layout(self, tensor: torch.Tensor, name: str) -> BitLayout:
         layout = LAYOUTS.get(tensor.dtype) or next((lay for lay in FIELD_LAYOUTS.values() if lay.dtype == tensor.dtype), None)

@@ -146,7 +146,7 @@ class WeightInjector:
         layout = site.layout
         eligible = self._eligible(layout)
         numel = site.param.numel()
-        expected_elements, expected_bits = expected_counts(self.spec, numel, len(eligible))
+        expected_elements, expected_bits = expected_counts(self.spec, numel, eligible, layout.width)
         return SiteStats(
             name=site.name,
             component=site.component,
@@ -202,7 +202,8 @@ class WeightInjector:
             return old
 
         tensors = [site.param for site in sites]
-        wanted = self._protection is None and device_path_wanted(tensors)  # protection rewrites batches on the host
+        # Protection rewrites batches on the host, and patterns are drawn there (O(events) either way).
+        wanted = self._protection is None and self.spec.pattern_shape is None and device_path_wanted(tensors)
         on_device = fault_tensors(numels, keys, tensors, self.spec, layout, self._eligible(layout)) if wanted else None
         batch = draw_faults(numels, keys, read_words, self.spec, layout, self._eligible(layout)) if on_device is None else on_device.batch
         read = batch

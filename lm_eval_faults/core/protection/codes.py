@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from lm_eval_faults.core.protection import ecc
+from lm_eval_faults.core.protection import ecc, reed_solomon
 from lm_eval_faults.core.storage.layouts import BitLayout
 
 
@@ -45,9 +45,17 @@ ECC_CODES: dict[str, EccCode] = {
     for code in (
         EccCode(
             "secded",
-            "SECDED(72,64): 8 check bits per 64-bit word of the tensor's bytes; 1 error corrected, 2 detected",
+            "SECDED(72,64): 8 check bits per 64-bit word of the tensor's bytes; 1 error corrected, 2 detected; interleave=D "
+            "spreads D words bit by bit over D*64 bits, so a burst of up to D bits is one error in each",
             check_bits=ecc.CHECK_BITS,
             data_bits=ecc.DATA_BITS,
+        ),
+        EccCode(
+            "chipkill",
+            "chipkill: RS(18,16) over 8-bit symbols, 2 check bytes per 16 data bytes; any error within one byte of a codeword "
+            "corrected (a failing x8 chip), other errors detected or miscorrected",
+            check_bits=reed_solomon.CHECK_SYMBOLS * 8,
+            data_bits=reed_solomon.DATA_SYMBOLS * 8,
         ),
         EccCode("parity", "one parity bit per element: an odd number of errors is detected and the element zeroed", check_bits=1),
     )

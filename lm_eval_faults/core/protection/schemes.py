@@ -8,7 +8,8 @@ scheme then decides what the model reads. The stages run in the order the hardwa
    have no effect;
 2. protected bit fields (`protect_bits=`): faults in those bit positions are stored safely;
 3. an error-detecting or -correcting code (`ecc=`): SECDED(72,64) over each 64-bit word of the
-   tensor's bytes, or one parity bit per element. The check bits are memory too: bit faults hit
+   tensor's bytes (bit-interleaved `interleave=` deep: `codewords.py`), chipkill RS(18,16) over
+   its bytes (`reed_solomon.py`), or one parity bit per element. The check bits are memory too: bit faults hit
    them at the same rate, drawn from their own stream (`StreamKind.CHECK_BITS`), and the decoder
    sees data and check errors together (see `ecc.py`). Element faults (value, zero) corrupt the
    stored data after it was encoded, so its check bits stay intact;
@@ -28,7 +29,7 @@ import numpy as np
 import torch
 
 from lm_eval_faults.core.faults.host import NO_FAULTS, FaultBatch, draw_faults
-from lm_eval_faults.core.protection import ecc
+from lm_eval_faults.core.protection import codewords, ecc
 from lm_eval_faults.core.protection.codes import ECC_CODES
 from lm_eval_faults.core.random.streams import StreamKind, site_key
 from lm_eval_faults.core.report import PROTECTION_COUNT_FIELDS
@@ -125,7 +126,8 @@ class WeightProtection:
         site, position, old = batch.hits.site, batch.hits.position, batch.old
         new = self._mask_storage(batch, sites, layout, counts)
         if self.spec.ecc in ECC_CODES:
-            simulate = {"secded": self._secded, "parity": self._parity}[self.spec.ecc]
+            simulate = {"secded": self._secded, "parity": self._parity, "chipkill": self._codewords}[self.spec.ecc]
+            simulate = self._codewords if self.spec.interleave > 1 else simulate
             site, position, old, new = simulate(site, position, old, new, sites, layout, access, counts)
         if "weights" in self.spec.clamp:
             new = self._clamp(site, old, new, sites, layout, counts)
@@ -210,6 +212,41 @@ class WeightProtection:
         zeroed = detected & (self.spec.ecc_policy == "zero")
         read = np.where(zeroed, 0, clean ^ np.where(detected, data_error, residual))
         return _element_writes(word_site, word, clean, read, per_word, numels, layout)
+
+    def _codewords(
+        self,
+        site: np.ndarray,
+        position: np.ndarray,
+        old: np.ndarray,
+        new: np.ndarray,
+        sites: list[ParamSite],
+        layout: BitLayout,
+        access: Callable[[int], WordAccess],
+        counts: dict[str, np.ndarray],
+    ) -> Elements:
+        """Chipkill and bit-interleaved SECDED: codewords over the tensor's bit stream (`codewords`)."""
+        numels = np.array([s.param.numel() for s in sites], dtype=np.int64)
+        unprotected = np.array([not backed_up(self.spec, s) for s in sites], dtype=bool)
+
+        def check_faults(check_numels: np.ndarray, read_check: Callable[[Hits], np.ndarray]) -> FaultBatch:
+            check = self._check_faults(sites, np.where(unprotected, check_numels, 0), read_check, 8)
+            counts["check_bit_faults"] += np.bincount(check.hits.site, minlength=len(sites))
+            return check
+
+        run = codewords.simulate(
+            codewords.word_code(self.spec.ecc, self.spec.interleave),
+            site,
+            position,
+            old ^ new,
+            numels,
+            layout.width,
+            lambda s, positions: access(s).read(positions),
+            check_faults,
+            zero_detected=self.spec.ecc_policy == "zero",
+        )
+        for name, where in run.outcomes.items():
+            counts[name] += np.bincount(where, minlength=len(sites))
+        return run.site, run.element, run.old, run.new
 
     def _parity(
         self,

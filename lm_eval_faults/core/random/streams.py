@@ -22,6 +22,15 @@ is written down (the README's copy of these tables points here):
 | `MASK` | hit rank x chunks + chunk | the bit mask of each hit element, 8 bits at a time |
 | `VALUE` | hit rank | the uniform replacement value of a value fault |
 | `THIN` | hit rank x 64 + bit | asymmetric flips: whether a candidate flip survives |
+| `EVENT_COUNT` | 0 | a correlated pattern's event count (`pattern=` other than iid: bursts, rows, ...) |
+| `EVENT_POSITION` | draw number | the event slots struck (as `POSITION`, over the pattern's slots) |
+| `EVENT_DENSE` | slot index | dense Bernoulli draws of event slots when the slot rate is high |
+| `STUCK1_COUNT` | 0 | `pattern=clustered`: the count of stuck-at-1 clusters (stuck-at-0 ones use `EVENT_*`) |
+| `STUCK1_POSITION` | draw number | `pattern=clustered`: the slots of stuck-at-1 clusters |
+| `STUCK1_DENSE` | slot index | `pattern=clustered`: dense draws of stuck-at-1 clusters |
+
+Patterns other than iid draw only from the `EVENT_*` and `STUCK1_*` purposes, and their spec (so
+their site keys) differs from every iid spec's, so no iid map changes when patterns exist.
 
 Why nothing can reuse another draw's stream: the stream kind and every index are fixed-width
 fields of the hashed message (8 bytes per index, so a module output with any number of tensors
@@ -76,6 +85,12 @@ class Purpose(IntEnum):
     MASK = 4
     VALUE = 5
     THIN = 6
+    EVENT_COUNT = 7
+    EVENT_POSITION = 8
+    EVENT_DENSE = 9
+    STUCK1_COUNT = 10
+    STUCK1_POSITION = 11
+    STUCK1_DENSE = 12
 
 
 def spec_key(seed: int, sampling_key: Mapping[str, Any]) -> bytes:

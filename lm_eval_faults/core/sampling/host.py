@@ -51,6 +51,19 @@ POSITION_BITS = 40
 """Positions and site indices share one 64-bit sort key: tensors hold fewer than 2^40 elements."""
 
 
+@dataclass(frozen=True)
+class HitPurposes:
+    """The stream purposes one Bernoulli draw takes its count, positions and dense words from:
+    iid faults use COUNT/POSITION/DENSE; a correlated pattern's events use their own."""
+
+    count: Purpose
+    position: Purpose
+    dense: Purpose
+
+
+IID_PURPOSES = HitPurposes(Purpose.COUNT, Purpose.POSITION, Purpose.DENSE)
+
+
 def element_rate(p: float, eligible_bits: int) -> float:
     """Probability that at least one of `eligible_bits` independent bits is hit."""
     if p >= 1.0:
@@ -58,7 +71,7 @@ def element_rate(p: float, eligible_bits: int) -> float:
     return -math.expm1(eligible_bits * math.log1p(-p))
 
 
-def fault_counts(numels: np.ndarray, q: float, keys: np.ndarray) -> np.ndarray:
+def fault_counts(numels: np.ndarray, q: float, keys: np.ndarray, purpose: Purpose = Purpose.COUNT) -> np.ndarray:
     """Binomial(numel, q) per site, each a function of its own key only.
 
     The count is the binomial inverse CDF at the site's COUNT uniform, so a site that holds no
@@ -70,7 +83,7 @@ def fault_counts(numels: np.ndarray, q: float, keys: np.ndarray) -> np.ndarray:
         return counts
     if q >= 1.0:
         return numels.copy()
-    u = to_uniform(random_words(keys, Purpose.COUNT, 0))
+    u = to_uniform(random_words(keys, purpose, 0))
     p_zero = np.exp(numels * math.log1p(-q))
     some = np.flatnonzero(u >= p_zero)
     if not len(some):
@@ -159,17 +172,17 @@ class Hits:
         return [(int(self.site[start]), slice(start, end)) for start, end in zip(starts, ends, strict=True)]
 
 
-def bernoulli_hits(numels: np.ndarray, q: float, keys: np.ndarray) -> Hits:
+def bernoulli_hits(numels: np.ndarray, q: float, keys: np.ndarray, purposes: HitPurposes = IID_PURPOSES) -> Hits:
     """Every element of every site present independently with probability q."""
     numels = np.asarray(numels, dtype=np.int64)
     keys = np.asarray(keys, dtype=np.uint64)
     if q <= 0.0 or not len(numels):
         return _no_hits()
     if q > DENSE_ABOVE:
-        parts = [(site, _dense_positions(int(numels[site]), q, keys[site])) for site in range(len(numels))]
+        parts = [(site, _dense_positions(int(numels[site]), q, keys[site], purposes.dense)) for site in range(len(numels))]
         return _hits_from_parts(parts)
-    counts = fault_counts(numels, q, keys)
-    return distinct_uniform(numels, counts, keys)
+    counts = fault_counts(numels, q, keys, purposes.count)
+    return distinct_uniform(numels, counts, keys, purposes.position)
 
 
 def _no_hits() -> Hits:
@@ -192,7 +205,7 @@ def group_ranks(sizes: np.ndarray) -> np.ndarray:
     return np.arange(int(sizes.sum()), dtype=np.int64) - np.repeat(starts, sizes)
 
 
-def _dense_positions(n: int, q: float, key: np.uint64) -> np.ndarray:
+def _dense_positions(n: int, q: float, key: np.uint64, purpose: Purpose = Purpose.DENSE) -> np.ndarray:
     """Positions where element i's DENSE word falls below q * 2^64: chunked, so memory stays bounded."""
     if q >= 1.0:
         return np.arange(n, dtype=np.int64)
@@ -200,7 +213,7 @@ def _dense_positions(n: int, q: float, key: np.uint64) -> np.ndarray:
     chunks = []
     for start in range(0, n, DENSE_CHUNK):
         index = np.arange(start, min(n, start + DENSE_CHUNK), dtype=np.uint64)
-        chunks.append(np.flatnonzero(random_words(key, Purpose.DENSE, index) < threshold) + start)
+        chunks.append(np.flatnonzero(random_words(key, purpose, index) < threshold) + start)
     return np.concatenate(chunks).astype(np.int64, copy=False) if chunks else np.empty(0, dtype=np.int64)
 
 
@@ -209,7 +222,7 @@ def dense_threshold(q: float) -> int:
     return min(int(q * 2.0**64), 2**64 - 1)
 
 
-def distinct_uniform(numels: np.ndarray, counts: np.ndarray, keys: np.ndarray) -> Hits:
+def distinct_uniform(numels: np.ndarray, counts: np.ndarray, keys: np.ndarray, purpose: Purpose = Purpose.POSITION) -> Hits:
     """A uniformly random counts[s]-subset of [0, numels[s]) for every site s, in O(total) time.
 
     Each site's subset is the first counts[s] distinct values of its POSITION stream (uniform by
@@ -224,13 +237,13 @@ def distinct_uniform(numels: np.ndarray, counts: np.ndarray, keys: np.ndarray) -
         return _no_hits()
     sizes = counts[faulted]
     site = np.repeat(faulted, sizes)
-    words = random_words(keys[site], Purpose.POSITION, group_ranks(sizes).astype(np.uint64))
+    words = random_words(keys[site], purpose, group_ranks(sizes).astype(np.uint64))
     n = numels[site].astype(np.uint64)
     sort_key = np.sort(_site_major(site, words % n))
     redo = np.union1d(site[_rejected(words, n)], _site_of(sort_key[1:][sort_key[1:] == sort_key[:-1]]))
     if len(redo):
         sort_key = np.sort(
-            np.concatenate([sort_key[np.isin(_site_of(sort_key), redo, invert=True)], _first_distinct(numels, counts, keys, redo)])
+            np.concatenate([sort_key[np.isin(_site_of(sort_key), redo, invert=True)], _first_distinct(numels, counts, keys, redo, purpose)])
         )
     return Hits(_site_of(sort_key), (sort_key & np.uint64((1 << POSITION_BITS) - 1)).astype(np.int64), group_ranks(sizes))
 
@@ -255,7 +268,7 @@ def rejection_limit(n: np.ndarray) -> np.ndarray:
     return np.uint64(2**64 - 1) - remainder
 
 
-def _first_distinct(numels: np.ndarray, counts: np.ndarray, keys: np.ndarray, sites: np.ndarray) -> np.ndarray:
+def _first_distinct(numels: np.ndarray, counts: np.ndarray, keys: np.ndarray, sites: np.ndarray, purpose: Purpose) -> np.ndarray:
     """Site-major keys of the first counts[s] distinct accepted POSITION values of each of `sites`.
 
     Draws a prefix of each stream long enough for the expected collisions plus a margin, keeps
@@ -268,7 +281,7 @@ def _first_distinct(numels: np.ndarray, counts: np.ndarray, keys: np.ndarray, si
         k, length = counts[sites], counts[sites] + extra
         site = np.repeat(sites, length)
         draw = group_ranks(length)
-        words = random_words(keys[site], Purpose.POSITION, draw.astype(np.uint64))
+        words = random_words(keys[site], purpose, draw.astype(np.uint64))
         n = numels[site].astype(np.uint64)
         accepted = ~_rejected(words, n)
         site, value = site[accepted], _site_major(site[accepted], (words % n)[accepted])

@@ -53,7 +53,8 @@ class OutputSampler:
         self.q = element_rate(self.rate, len(eligible)) if spec.per_bit else spec.p
         """The element rate `draw_faults` hands to `bernoulli_hits`."""
         # Up to DENSE_ABOVE, `bernoulli_hits` draws a count per site first: no count, no fault.
-        self.screens = 0.0 < self.q < 1.0 and self.q <= DENSE_ABOVE
+        # A correlated pattern draws events over its own slots (`patterns`), so it is not screened.
+        self.screens = 0.0 < self.q < 1.0 and self.q <= DENSE_ABOVE and spec.pattern_shape is None
         self._log_clean = math.log1p(-self.q) if self.screens else 0.0
         # Value faults and asymmetric flips depend on the old words; symmetric and stuck-at bit
         # faults do not, so they can be drawn before the module has run.
