@@ -363,3 +363,20 @@ def test_element_faults_follow_whole_word_patterns():
     assert len(batch) and len(batch) % 16 == 0
     assert np.array_equal(np.unique(batch.hits.position // 16, return_counts=True)[1], np.full(len(batch) // 16, 16))
     assert not batch.new.any()
+
+
+# -- FIT as a sweep axis ------------------------------------------------------------------------------
+
+
+def test_a_sweep_takes_fit_rates_as_its_axis():
+    from lm_eval_faults.study.grid import SweepConfig, SweepConfigError, plan_points
+
+    config = SweepConfig(model_args="", tasks="faults_demo", p="", fit="1e3:1e5", fault_args="hours=8760,pattern=burst:2")
+    points = plan_points(config, 2)
+    assert [point.point_id.split("|")[4] for point in points[1:]] == ["fit=1000.0", "fit=10000.0", "fit=100000.0"]
+    assert points[1].spec.p == pytest.approx(fit_to_probability(1000, 8760)) and points[1].labels()["p"] == points[1].spec.p
+    assert points[0].spec.fit is None and not points[0].spec.active  # the clean baseline
+    assert "fit" not in SweepConfig(model_args="", tasks="faults_demo", p="1e-5").to_dict()  # old run directories resume
+    for bad, message in ((dict(p="1e-3", fit="1e3"), "not both"), (dict(p="", fit="1e3"), "hours=H"), (dict(p="", fit="0"), "numbers > 0")):
+        with pytest.raises(SweepConfigError, match=message):
+            SweepConfig(model_args="", tasks="faults_demo", **bad)

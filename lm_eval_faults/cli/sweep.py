@@ -31,8 +31,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="directory for sweep.json, results.jsonl and the report; rerun the same command to resume",
     )
     grid = parser.add_argument_group("grid (one point per combination, plus one clean baseline)")
+    grid.add_argument("--p", default="", help="fault rates: 1e-9:1e-1 (one per decade), 1e-9:1e-1:17 (17 log-spaced), or a list 1e-5,1e-4")
     grid.add_argument(
-        "--p", required=True, help="fault rates: 1e-9:1e-1 (one per decade), 1e-9:1e-1:17 (17 log-spaced), or a list 1e-5,1e-4"
+        "--fit",
+        default="",
+        help="instead of --p: FIT rates per Mbit in the same syntax (1e2:1e6), with --fault_args hours=H; each point's p is recorded",
     )
     grid.add_argument("--faults", default="bitflip", help=f"comma list of fault kinds ({', '.join(FAULT_KINDS)})")
     grid.add_argument("--sites", default="weights", help=f"comma list of sites ({', '.join(site_names())}, or several joined with +)")

@@ -38,7 +38,7 @@ MAX_SEEDS = 1_000
 """Most seeds one sweep may hold."""
 MAX_POINTS = 10_000
 """Most grid points one sweep may hold (the baseline not counted)."""
-GRID_KEYS = ("p", "p01", "p10", "fault", "site", "target", "layers", "seed")
+GRID_KEYS = ("p", "p01", "p10", "fault", "site", "target", "layers", "seed", "fit")
 """Fault keys the grid owns: they vary per point, so `fault_args` may not fix them."""
 
 
@@ -82,29 +82,43 @@ def _check_limit(option: str, value: Any, count: int, limit: int, what: str) -> 
         raise SweepConfigError(f"{option} {value!r} gives {count} {what}; at most {limit} are allowed")
 
 
-def _p_item(item: str) -> list[float]:
+def parse_fit_grid(value: str | tuple[float, ...] | list[float]) -> tuple[float, ...]:
+    """FIT rates (per Mbit) as a sweep axis instead of `--p`: the syntax of `parse_p_grid`, any
+    positive numbers; each point's p follows from `--fault_args hours=` (`patterns.fit`)."""
+    items = [repr(float(x)) for x in value] if isinstance(value, (tuple, list)) else _items(str(value))
+    values: set[float] = set()
+    for item in items:
+        values.update(_p_item(item, "--fit", math.inf))
+        _check_limit("--fit", value, len(values), MAX_RATES, "rates")
+    if not values:
+        raise SweepConfigError(f"--fit {value!r} gives no FIT rate; write e.g. 1e2:1e6 or 500,5000")
+    return tuple(sorted(values))
+
+
+def _p_item(item: str, option: str = "--p", highest: float = 1.0) -> list[float]:
     parts = item.split(":")
     try:
         numbers = [float(part) for part in parts[:2]]
         count = int(parts[2]) if len(parts) == 3 else None
     except ValueError:
-        raise SweepConfigError(f"--p item {item!r} is not a number, lo:hi or lo:hi:N") from None
-    if len(parts) > 3 or any(not (0 < x <= 1) for x in numbers):
-        raise SweepConfigError(f"--p item {item!r}: use rates in (0, 1] as p, lo:hi or lo:hi:N (the p=0 baseline always runs once)")
+        raise SweepConfigError(f"{option} item {item!r} is not a number, lo:hi or lo:hi:N") from None
+    if len(parts) > 3 or any(not (0 < x <= highest) for x in numbers):
+        what = "rates in (0, 1] as p" if option == "--p" else "FIT per Mbit, numbers > 0"
+        raise SweepConfigError(f"{option} item {item!r}: use {what}, lo:hi or lo:hi:N (the clean baseline always runs once)")
     if len(numbers) == 1:
         return [_round(numbers[0])]
     low, high = numbers
     if high < low:
-        raise SweepConfigError(f"--p range {item!r} runs backwards; write {parts[1]}:{parts[0]}")
+        raise SweepConfigError(f"{option} range {item!r} runs backwards; write {parts[1]}:{parts[0]}")
     decades = math.log10(high / low)
     if count is None:
         if abs(decades - round(decades)) > 1e-9:
-            raise SweepConfigError(f"--p range {item!r} is not a whole number of decades; give a point count, e.g. {item}:5")
+            raise SweepConfigError(f"{option} range {item!r} is not a whole number of decades; give a point count, e.g. {item}:5")
         count = round(decades) + 1
     if count < 1 or (count == 1 and high != low):
-        raise SweepConfigError(f"--p range {item!r} needs at least 2 points to span {parts[0]}..{parts[1]}")
+        raise SweepConfigError(f"{option} range {item!r} needs at least 2 points to span {parts[0]}..{parts[1]}")
     if count > MAX_RATES:
-        raise SweepConfigError(f"--p range {item!r} asks for {count} rates; at most {MAX_RATES} are allowed")
+        raise SweepConfigError(f"{option} range {item!r} asks for {count} rates; at most {MAX_RATES} are allowed")
     if count == 1:
         return [_round(low)]
     return [_round(low * 10 ** (decades * i / (count - 1))) for i in range(count)]
@@ -279,6 +293,8 @@ class SweepConfig:
     system_instruction: str | None = None
     bootstrap_iters: int = 100000
     random_seed: int = 0
+    fit: tuple[float, ...] = ()
+    """FIT rates per Mbit as the rate axis instead of `p` (with `fault_args` hours=)."""
 
     def __post_init__(self) -> None:
         def set_(name: str, value: object) -> None:
@@ -287,7 +303,14 @@ class SweepConfig:
         set_("tasks", _split_commas(self.tasks))
         if not self.tasks:
             raise SweepConfigError("--tasks is empty; name at least one lm-eval task")
-        set_("p", parse_p_grid(self.p))
+        if self.fit:
+            set_("fit", parse_fit_grid(self.fit))
+            if self.p:
+                raise SweepConfigError("give --p or --fit as the rate axis, not both")
+            if "hours" not in parse_arg_string(self.fault_args):
+                raise SweepConfigError("--fit needs the deployment time: add --fault_args hours=H (e.g. hours=8760, a year)")
+        else:
+            set_("p", parse_p_grid(self.p))
         set_("faults", _choices("--faults", self.faults, FAULT_KINDS))
         set_("sites", tuple(_site_set(name) for name in _split_commas(self.sites)))
         set_("targets", parse_target_series(self.targets))
@@ -304,13 +327,18 @@ class SweepConfig:
     def check_size(self, layer_groups: int) -> None:
         """Refuse a grid of more than `MAX_POINTS` points; `layer_groups` is the number of
         layer groups (known exactly only once `groups:N` meets a model)."""
-        dims = [len(self.protections), len(self.faults), len(self.sites), len(self.targets), layer_groups, len(self.p), len(self.seeds)]
+        dims = [len(self.protections), len(self.faults), len(self.sites), len(self.targets), layer_groups, len(self.rates), len(self.seeds)]
         total = math.prod(dims)
         if total > MAX_POINTS:
             raise SweepConfigError(
                 f"the grid --protections x --faults x --sites x --targets x --layers x --p x --seeds = {' x '.join(map(str, dims))} "
                 f"= {total} points; at most {MAX_POINTS} are allowed"
             )
+
+    @property
+    def rates(self) -> tuple[float, ...]:
+        """The rate axis: `p`, or `fit` (FIT per Mbit)."""
+        return self.fit or self.p
 
     def hf_args(self) -> dict[str, Any]:
         """`model_args` for the wrapped HF model; fault keys belong in the grid or `fault_args`."""
@@ -332,7 +360,7 @@ class SweepConfig:
         if grid:
             raise SweepConfigError(f"--fault_args may not set {', '.join(grid)}: the grid options set them per point")
         try:
-            _, unknown = parse_fault_args(args)
+            _, unknown = parse_fault_args({**args, **({"fit": self.fit[0]} if self.fit else {})})
         except FaultSpecError as err:
             raise SweepConfigError(f"--fault_args: {err}") from None
         if unknown:
@@ -346,6 +374,8 @@ class SweepConfig:
         data = {name: list(value) if isinstance(value, tuple) else value for name, value in asdict(self).items()}
         if self.protections == (NO_PROTECTION,):
             del data["protections"]  # run directories from before the protection axis still resume
+        if not self.fit:
+            del data["fit"]  # and those from before the FIT axis
         return data
 
     @classmethod
@@ -388,18 +418,26 @@ def plan_points(config: SweepConfig, n_layers: int | None) -> list[SweepPoint]:
     holds complete curves for its first seeds."""
     fixed = config.fixed_fault_fields()
     save_map = fixed.pop("save_map", None)
-    points = [SweepPoint(BASELINE_ID, FaultSpec(**fixed), baseline=True)]  # the clean baseline has no map to save
+    clean = {key: value for key, value in fixed.items() if key != "hours"}  # a time without a FIT rate is no rate
+    points = [SweepPoint(BASELINE_ID, FaultSpec(**clean), baseline=True)]  # the clean baseline has no map to save
     layer_groups = resolve_layer_groups(config.layers, n_layers)
     config.check_size(len(layer_groups))
-    grid = product(config.seeds, config.protections, config.faults, config.sites, config.targets, layer_groups, config.p)
-    for seed, protection, fault, site, target, layers, p in grid:
-        fields = {**fixed, **protection_fields(protection)}
+    grid = product(config.seeds, config.protections, config.faults, config.sites, config.targets, layer_groups, config.rates)
+    for seed, protection, fault, site, target, layers, rate in grid:
+        fields = {**fixed, **protection_fields(protection), **({"fit": rate} if config.fit else {"p": rate})}
         try:
-            spec = FaultSpec(p=p, fault=fault, site=site, target=parse_targets(target), layers=layers, seed=seed, **fields)
+            spec = FaultSpec(fault=fault, site=site, target=parse_targets(target), layers=layers, seed=seed, **fields)
         except FaultSpecError as err:
             raise SweepConfigError(f"grid point fault={fault}, site={site}, target={target}, protection={protection}: {err}") from None
         labels = SweepPoint("", spec, protection=protection).labels()
-        parts = [labels["fault"], labels["site"], labels["target"], labels["layers"], f"p={p!r}", f"seed={seed}"]
+        parts = [
+            labels["fault"],
+            labels["site"],
+            labels["target"],
+            labels["layers"],
+            f"fit={rate!r}" if config.fit else f"p={rate!r}",
+            f"seed={seed}",
+        ]
         if protection != NO_PROTECTION:  # unprotected ids stay as before, so older run directories resume
             parts.append(f"protection={protection}")
         point_id = "|".join(parts)
