@@ -258,14 +258,16 @@ class FaultSpec:
                 valid = "FIT per Mbit: failures per 2^20 bits per 10^9 hours, a number >= 0" if key == "fit" else "hours of operation, > 0"
                 raise _error(key, value, valid)
             set_(self, key, number)
-        if self.p or self.p01 is not None or self.p10 is not None:
-            raise _error("fit", self.fit, "fit= and hours= set the rate; leave p (and p01/p10) out")
         if self.p_sa0 is not None or self.p_sa1 is not None:
             raise _error("fit", self.fit, "stuck-at clusters take p_sa0= and p_sa1=; leave fit= and hours= out")
         shape = self._parsed_pattern()
-        if self.fit and not fit_to_probability(self.fit, self.hours, shape.bits_per_slot() if shape else 1):
+        p = fit_to_probability(self.fit, self.hours, shape.bits_per_slot() if shape else 1)
+        # A spec rebuilt from its own fields (dataclasses.replace, a record) carries the p it converted to.
+        if (self.p and self.p != p) or self.p01 is not None or self.p10 is not None:
+            raise _error("fit", self.fit, "fit= and hours= set the rate; leave p (and p01/p10) out")
+        if self.fit and not p:
             raise _error("fit", self.fit, f"gives p=0 over hours={self.hours:g} (below float64's smallest rate); raise fit or hours")
-        set_(self, "p", fit_to_probability(self.fit, self.hours, shape.bits_per_slot() if shape else 1))
+        set_(self, "p", p)
 
     def _parsed_pattern(self) -> Pattern | None:
         try:

@@ -49,7 +49,7 @@ def pattern_expectation(words: torch.Tensor, risk: RiskModel, spec: FaultSpec) -
         q0, q1 = (-math.expm1(pattern.words * math.log1p(-(rate or 0.0))) for rate in (spec.p_sa0, spec.p_sa1))
         result = expect_bit_changes(word_stats(words, risk), risk, q1, q0 * (1 - q1))
         return _without_any(result), 0.0
-    iid = replace(spec, pattern=IID)
+    iid = replace(spec, pattern=IID, fit=None, hours=None)  # the same p, per word
     if isinstance(pattern, (MultiCell, Column)):
         reach = pattern.words if isinstance(pattern, MultiCell) else 1
         lines = reach if spec.per_bit else reach * len(eligible)  # an element fault: any line through the word

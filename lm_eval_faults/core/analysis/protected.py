@@ -37,7 +37,7 @@ from lm_eval_faults.core.protection import ecc
 from lm_eval_faults.core.protection.codes import ECC_CODES
 from lm_eval_faults.core.protection.schemes import backed_up, protected_positions
 from lm_eval_faults.core.sites.targets import ParamSite, select_params
-from lm_eval_faults.core.spec import FaultSpec, to_spec
+from lm_eval_faults.core.spec import FaultSpec, FaultSpecError, to_spec
 from lm_eval_faults.core.storage.layouts import BitLayout, resolve_bits
 from lm_eval_faults.core.storage.words import flat_words
 
@@ -61,6 +61,12 @@ class ProtectedExpectation:
 def expected_nonfinite(model: nn.Module, spec: FaultSpec | str) -> ProtectedExpectation:
     """Expected finite weights turned NaN/Inf, after `spec`'s protection, per component."""
     spec = to_spec(spec)
+    if spec.pattern_shape is not None or spec.ecc == "chipkill" or spec.interleave > 1:
+        raise FaultSpecError(
+            f"analyze --protections: pattern={spec.pattern}, ecc={spec.ecc}, interleave={spec.interleave}: the protected analysis "
+            "enumerates iid flips through SECDED and parity; measure patterns and chipkill or interleaved codes with a sweep "
+            "(docs/patterns), or analyze the pattern without protection"
+        )
     if not spec.kind.flips or spec.asymmetric:
         raise ValueError(
             "the protected analysis assumes symmetric bit flips (fault=bitflip with p): other faults depend on the stored bits"
