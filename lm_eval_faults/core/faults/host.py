@@ -93,12 +93,12 @@ def _pattern_faults(
     pattern = spec.pattern_shape
     assert pattern is not None
     if pattern.stuck_at:
-        hits, stuck0, stuck1, _ = stuck_clusters(pattern, numels, keys, spec.p_sa0 or 0.0, spec.p_sa1 or 0.0, layout.width, eligible_bits)
+        hits, stuck0, stuck1 = stuck_clusters(pattern, numels, keys, spec.p_sa0 or 0.0, spec.p_sa1 or 0.0, layout.width, eligible_bits)
         if not len(hits):
             return NO_FAULTS
         old = read_words(hits)
         return FaultBatch(hits, stuck0 | stuck1, old, old & ~stuck0 | stuck1)
-    hits, masks, _ = pattern_hits(pattern, numels, keys, spec.rate, layout.width, eligible_bits)
+    hits, masks = pattern_hits(pattern, numels, keys, spec.rate, layout.width, eligible_bits)
     if not len(hits):
         return NO_FAULTS
     old = read_words(hits)

@@ -27,16 +27,14 @@ def pattern_hits(
     width: int,
     eligible: tuple[int, ...],
     purposes: HitPurposes = EVENT_PURPOSES,
-) -> tuple[Hits, np.ndarray, np.ndarray]:
-    """(hit words, their bit masks, events per site) of `pattern` at event rate `rate`."""
+) -> tuple[Hits, np.ndarray]:
+    """(hit words, their bit masks) of `pattern` at event rate `rate`."""
     numels = np.asarray(numels, dtype=np.int64)
     events = bernoulli_hits(pattern.slots(numels, width, eligible), rate, keys, purposes)
-    per_site = np.bincount(events.site, minlength=len(numels)).astype(np.int64)
     if not len(events):
-        return events, np.empty(0, dtype=np.int64), per_site
+        return events, np.empty(0, dtype=np.int64)
     event, word, mask = pattern.expand(events.position, numels[events.site], width, eligible)
-    hits, masks = merge_words(events.site[event], word, mask, len(numels))
-    return hits, masks, per_site
+    return merge_words(events.site[event], word, mask, len(numels))
 
 
 def merge_words(site: np.ndarray, word: np.ndarray, mask: np.ndarray, sites: int) -> tuple[Hits, np.ndarray]:
@@ -51,11 +49,11 @@ def merge_words(site: np.ndarray, word: np.ndarray, mask: np.ndarray, sites: int
 
 def stuck_clusters(
     pattern: Pattern, numels: np.ndarray, keys: np.ndarray, p_sa0: float, p_sa1: float, width: int, eligible: tuple[int, ...]
-) -> tuple[Hits, np.ndarray, np.ndarray, np.ndarray]:
-    """(hit words, stuck-at-0 masks, stuck-at-1 masks, events per site) of a stuck-at pattern: the
-    two values' clusters drawn from their own streams; a cell in both reads 1."""
-    zero, zero_masks, zero_events = pattern_hits(pattern, numels, keys, p_sa0, width, eligible, EVENT_PURPOSES)
-    one, one_masks, one_events = pattern_hits(pattern, numels, keys, p_sa1, width, eligible, STUCK1_PURPOSES)
+) -> tuple[Hits, np.ndarray, np.ndarray]:
+    """(hit words, stuck-at-0 masks, stuck-at-1 masks) of a stuck-at pattern: the two values'
+    clusters drawn from their own streams; a cell in both reads 1."""
+    zero, zero_masks = pattern_hits(pattern, numels, keys, p_sa0, width, eligible, EVENT_PURPOSES)
+    one, one_masks = pattern_hits(pattern, numels, keys, p_sa1, width, eligible, STUCK1_PURPOSES)
     site = np.concatenate([zero.site, one.site])
     word = np.concatenate([zero.position, one.position])
     hits, _ = merge_words(site, word, np.zeros(len(site), dtype=np.int64), len(numels))
@@ -64,4 +62,4 @@ def stuck_clusters(
     stuck1 = np.zeros(len(hits), dtype=np.int64)
     stuck0[np.searchsorted(ids, zero.site << POSITION_BITS | zero.position)] = zero_masks
     stuck1[np.searchsorted(ids, one.site << POSITION_BITS | one.position)] = one_masks
-    return hits, stuck0 & ~stuck1, stuck1, zero_events + one_events
+    return hits, stuck0 & ~stuck1, stuck1
