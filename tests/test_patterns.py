@@ -380,3 +380,19 @@ def test_a_sweep_takes_fit_rates_as_its_axis():
     for bad, message in ((dict(p="1e-3", fit="1e3"), "not both"), (dict(p="", fit="1e3"), "hours=H"), (dict(p="", fit="0"), "numbers > 0")):
         with pytest.raises(SweepConfigError, match=message):
             SweepConfig(model_args="", tasks="faults_demo", **bad)
+
+
+@pytest.mark.parametrize("ecc_name, interleave", [("secded", 4), ("chipkill", 1)])
+def test_decoding_a_chunk_of_units_at_a_time_changes_nothing(monkeypatch, ecc_name, interleave):
+    """Units are decoded CHUNK_CODEWORDS at a time to bound memory; any chunk size gives the same reads."""
+    model = tiny_model("llama").to(torch.float16)
+    site = _site(model, "model.layers.0.mlp.down_proj.weight")
+    rng = np.random.default_rng(5)
+    positions = np.sort(rng.choice(site.param.numel(), 600, replace=False)).tolist()
+    batch = _batch(site, positions, [int(m) for m in rng.integers(1, 1 << 16, 600)])
+    spec = FaultSpec(p=1e-2, ecc=ecc_name, interleave=interleave)
+    whole = _protect(spec, site, batch)
+    monkeypatch.setattr(codewords, "CHUNK_CODEWORDS", 4)
+    chunked = _protect(spec, site, batch)
+    assert np.array_equal(whole.batch.hits.position, chunked.batch.hits.position) and np.array_equal(whole.batch.new, chunked.batch.new)
+    assert {k: v.tolist() for k, v in whole.counts.items()} == {k: v.tolist() for k, v in chunked.counts.items()}

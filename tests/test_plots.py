@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import warnings
 from pathlib import Path
 
 import pytest
@@ -459,3 +460,12 @@ def test_protection_figure_marks_a_collapsed_unprotected_point(tmp_path, drawn):
     figures = report_figures(tmp_path, drawn, spoil)
     ax = figures["accuracy_vs_p__protections__bitflip_weights_mlp_layers_all.png"].axes[0]
     assert legend_texts(ax) == ["protection=none", "protection=secded (= protection=none)", "baseline (p=0)", COLLAPSED_LABEL]
+
+
+def test_the_report_names_the_fault_keys_every_point_shares(run_dir):
+    """A sweep under `--fault_args pattern=burst:4` must say so: its series keys do not."""
+    (run_dir / "sweep.json").write_text(json.dumps({"fault_args": "pattern=burst:4"}), encoding="utf-8")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        text = build_report(run_dir).read_text(encoding="utf-8")
+    assert "Fault keys fixed across the grid (`--fault_args`): `pattern=burst:4`." in text

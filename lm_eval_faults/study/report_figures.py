@@ -29,12 +29,15 @@ def protection_figures(
     by_id: Mapping[str, Mapping[str, Any]],
     figures: list[tuple[str, Path | str]],
     marks: plots.GridMarks,
+    fixed: str = "",
 ) -> dict[str, list[Tolerance]]:
     """For series that differ only in protection: score vs p for all schemes in one figure, and
-    the Pareto chart of tolerated p against overhead (appended to `figures`); returns the tables."""
+    the Pareto chart of tolerated p against overhead (appended to `figures`); returns the tables.
+    `fixed` (the sweep's fixed fault keys, e.g. a pattern) goes into the figures' titles."""
     tables = {}
-    for title, members in protection_families(series).items():
-        slug = _slug(title)
+    for family, members in protection_families(series).items():
+        slug = _slug(family)
+        title = f"{family}, {fixed}" if fixed else family
         accuracy = plots.plot_accuracy_vs_p(
             members, baseline, out_dir / f"accuracy_vs_p__protections__{slug}.png", chance=chance, title=title, marks=marks
         )

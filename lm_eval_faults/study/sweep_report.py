@@ -11,6 +11,7 @@ site and target.
 
 from __future__ import annotations
 
+import json
 import warnings
 from pathlib import Path
 from typing import Any
@@ -30,7 +31,7 @@ from lm_eval_faults.study.report_sections import (
     ranking_section,
     summary_section,
 )
-from lm_eval_faults.study.run_dir import planned_point_ids
+from lm_eval_faults.study.run_dir import CONFIG_FILE, planned_point_ids
 from lm_eval_faults.study.series import CountUnit, build_series
 from lm_eval_faults.study.sweep_pages import write_sweep_page
 
@@ -67,10 +68,14 @@ def build_report(
     by_id = {str(r["point_id"]): r for r in records}
     marks = grid_marks(series, by_id)
     figures = draw_figures(series, baseline, run_dir / FIGURES_DIR, p_for_layer_bars, fraction, count, chance, by_id, marks)
-    protection_tables = protection_figures(series, baseline, run_dir / FIGURES_DIR, tolerance, chance, by_id, figures, marks)
+    fixed = fixed_fault_args(run_dir)
+    protection_tables = protection_figures(series, baseline, run_dir / FIGURES_DIR, tolerance, chance, by_id, figures, marks, fixed)
+    header = header_section(records, series, tasks, baseline, weighting, fraction, count, sampling_of(records, tasks))
+    if fixed:  # a pattern, bits=, ...: what every point shares, which the series keys do not say
+        header += f"\nFault keys fixed across the grid (`--fault_args`): `{fixed}`.\n"
     text = "\n".join(
         [
-            header_section(records, series, tasks, baseline, weighting, fraction, count, sampling_of(records, tasks)),
+            header,
             summary_section(series, summaries, fraction, records),
             ranking_section(summaries, fraction),
             pareto_section(protection_tables, tolerance),
@@ -84,6 +89,16 @@ def build_report(
     report = run_dir / REPORT_FILE
     report.write_text(text, encoding="utf-8")
     return report
+
+
+def fixed_fault_args(run_dir: Path) -> str:
+    """The sweep's `--fault_args` from its sweep.json ("" where it has none or none is readable)."""
+    try:
+        config = json.loads((run_dir / CONFIG_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return ""
+    value = config.get("fault_args", "") if isinstance(config, dict) else ""
+    return value if isinstance(value, str) else ""
 
 
 def grid_records(run_dir: Path) -> list[dict[str, Any]]:

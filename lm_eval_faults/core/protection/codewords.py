@@ -104,6 +104,11 @@ class CodeRun:
     """outcome name -> the site of each codeword with that outcome"""
 
 
+CHUNK_CODEWORDS = 1 << 14
+"""Codewords decoded at a time: each expands to one int64 per data bit, so this bounds the
+temporary memory (a few tens of MB) whatever the number of faults."""
+
+
 def simulate(
     code: WordCode,
     batch_site: np.ndarray,
@@ -117,35 +122,93 @@ def simulate(
 ) -> CodeRun:
     """Decode every codeword that data errors (`error` at `position` of `batch_site`) or check
     faults touch. `check_faults(numels, read_check)` draws the check bytes' faults (their clean
-    values come from `read_check`); a detected codeword zeroes its whole unit if `zero_detected`."""
+    values come from `read_check`); a detected codeword zeroes its whole unit if `zero_detected`.
+    Units are independent (no element spans two), so they are decoded a chunk at a time."""
     layout = code.layout
-
-    def clean_data(site: np.ndarray, codeword: np.ndarray) -> np.ndarray:
-        bits = layout.stream_bits(codeword)
-        element, bit = np.divmod(bits, width)
-        owner = np.broadcast_to(site[:, None], bits.shape)
-        words = _read_elements(owner.ravel(), element.ravel(), numels, read).reshape(bits.shape)
-        values = (words >> bit) & 1
-        return np.packbits(values.astype(np.uint8), axis=1, bitorder="little").astype(np.int64)
 
     def read_check(hits: Hits) -> np.ndarray:
         codeword, symbol = np.divmod(hits.position, code.check_bytes)
-        return code.encode(clean_data(hits.site, codeword))[np.arange(len(hits)), symbol]
+        checks = np.empty(len(hits), dtype=np.int64)
+        for start in range(0, len(hits), CHUNK_CODEWORDS):
+            part = slice(start, start + CHUNK_CODEWORDS)
+            data = _clean_data(layout, hits.site[part], codeword[part], width, numels, read)
+            checks[part] = code.encode(data)[np.arange(len(data)), symbol[part]]
+        return checks
 
     check_numels = np.array([layout.codewords(int(n), width) * code.check_bytes for n in numels], dtype=np.int64)
     check = check_faults(check_numels, read_check)
+    data_site, stream = _error_bits(batch_site, position, error, width)
+    data_unit = data_site << POSITION_BITS | stream // layout.unit_bits
+    check_unit = check.hits.site << POSITION_BITS | check.hits.position // code.check_bytes // layout.depth
+    data_order, check_order = np.argsort(data_unit, kind="stable"), np.argsort(check_unit, kind="stable")
+    data_unit, check_unit = data_unit[data_order], check_unit[check_order]
+    units = np.unique(np.concatenate([data_unit, check_unit]))
+    bounds = units[:: max(CHUNK_CODEWORDS // layout.depth, 1)]
+    parts = []
+    flips = check.old ^ check.new
+    for index, low in enumerate(bounds.tolist()):
+        span = [low, int(bounds[index + 1]) if index + 1 < len(bounds) else np.iinfo(np.int64).max]
+        rows = data_order[slice(*np.searchsorted(data_unit, span))]
+        checks = check_order[slice(*np.searchsorted(check_unit, span))]
+        parts.append(
+            _decode_units(
+                code,
+                (data_site[rows], stream[rows]),
+                (check.hits.site[checks], check.hits.position[checks], flips[checks]),
+                numels,
+                width,
+                read,
+                zero_detected,
+            )
+        )
+    return _concatenate_runs(parts)
+
+
+def _error_bits(site: np.ndarray, position: np.ndarray, error: np.ndarray, width: int) -> tuple[np.ndarray, np.ndarray]:
+    """(site, stream bit) of every changed bit, expanded a chunk of elements at a time."""
     faulted = np.flatnonzero(error)
-    bit_rows, bit_cols = np.nonzero((error[faulted, None] >> np.arange(width)) & 1)
-    stream = position[faulted][bit_rows] * width + bit_cols
+    sites, streams = [], []
+    for start in range(0, len(faulted), CHUNK_CODEWORDS):
+        rows = faulted[start : start + CHUNK_CODEWORDS]
+        hit, bit = np.nonzero((error[rows, None] >> np.arange(width)) & 1)
+        sites.append(site[rows][hit])
+        streams.append(position[rows][hit] * width + bit)
+    empty = np.empty(0, dtype=np.int64)
+    return (np.concatenate(sites), np.concatenate(streams)) if sites else (empty, empty)
+
+
+def _clean_data(layout: CodewordLayout, site: np.ndarray, codeword: np.ndarray, width: int, numels: np.ndarray, read: Reader) -> np.ndarray:
+    """The clean data bytes (n, data bytes) of codewords, gathered bit by bit from their elements."""
+    bits = layout.stream_bits(codeword)
+    element, bit = np.divmod(bits, width)
+    owner = np.broadcast_to(site[:, None], bits.shape)
+    words = _read_elements(owner.ravel(), element.ravel(), numels, read).reshape(bits.shape)
+    return np.packbits(((words >> bit) & 1).astype(np.uint8), axis=1, bitorder="little").astype(np.int64)
+
+
+def _decode_units(
+    code: WordCode,
+    data: tuple[np.ndarray, np.ndarray],
+    checks: tuple[np.ndarray, np.ndarray, np.ndarray],
+    numels: np.ndarray,
+    width: int,
+    read: Reader,
+    zero_detected: bool,
+) -> CodeRun:
+    """Decode the codewords of one chunk of whole units and write back what their elements read:
+    `data` is (site, stream bit) of each data error bit, `checks` (site, check byte, flips)."""
+    layout = code.layout
+    data_site, stream = data
+    check_site, check_position, check_flips = checks
     codeword, within = layout.locate(stream)
-    data_ids = batch_site[faulted][bit_rows] << POSITION_BITS | codeword
-    check_ids = check.hits.site << POSITION_BITS | check.hits.position // code.check_bytes
+    data_ids = data_site << POSITION_BITS | codeword
+    check_ids = check_site << POSITION_BITS | check_position // code.check_bytes
     ids, inverse = np.unique(np.concatenate([data_ids, check_ids]), return_inverse=True)
     data_bits = np.zeros((len(ids), layout.data_bits), dtype=np.uint8)
     data_bits[inverse[: len(data_ids)], within] = 1
     data_error = np.packbits(data_bits, axis=1, bitorder="little").astype(np.int64)
     check_error = np.zeros((len(ids), code.check_bytes), dtype=np.int64)
-    np.bitwise_xor.at(check_error, (inverse[len(data_ids) :], check.hits.position % code.check_bytes), check.old ^ check.new)
+    np.bitwise_xor.at(check_error, (inverse[len(data_ids) :], check_position % code.check_bytes), check_flips)
     residual, detected, acted = code.decode(data_error, check_error)
     word_site, word = ids >> POSITION_BITS, ids & ID_MASK
     erroneous = data_error.any(axis=1) | check_error.any(axis=1)
@@ -173,6 +236,15 @@ def simulate(
         dead = np.unique(word_site[detected] << POSITION_BITS | word[detected] // layout.depth)
         unit = site << POSITION_BITS | element * width // layout.unit_bits
         new = np.where(np.isin(unit, dead), 0, new)
+    return CodeRun(site, element, old, new, outcomes)
+
+
+def _concatenate_runs(parts: list[CodeRun]) -> CodeRun:
+    empty = np.empty(0, dtype=np.int64)
+    if not parts:
+        return CodeRun(empty, empty, empty, empty, {name: empty for name in ("detected", "corrected", "miscorrected", "undetected")})
+    site, element, old, new = (np.concatenate([getattr(part, name) for part in parts]) for name in ("site", "element", "old", "new"))
+    outcomes = {name: np.concatenate([part.outcomes[name] for part in parts]) for name in parts[0].outcomes}
     return CodeRun(site, element, old, new, outcomes)
 
 
