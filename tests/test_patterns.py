@@ -396,3 +396,27 @@ def test_decoding_a_chunk_of_units_at_a_time_changes_nothing(monkeypatch, ecc_na
     chunked = _protect(spec, site, batch)
     assert np.array_equal(whole.batch.hits.position, chunked.batch.hits.position) and np.array_equal(whole.batch.new, chunked.batch.new)
     assert {k: v.tolist() for k, v in whole.counts.items()} == {k: v.tolist() for k, v in chunked.counts.items()}
+
+
+@pytest.mark.parametrize(
+    "spec",
+    [
+        "p=1e-4,pattern=burst:2,site=activations",
+        "p=1e-2,pattern=row:64,site=activations,fault=zero",
+        "p=1e-3,pattern=mcu:2,site=kv_cache",
+        "p=1e-4,pattern=burst:3,storage=int8",
+        "p=1e-4,pattern=column:8:8,storage=q4_1,ecc=secded,ecc_policy=keep",
+    ],
+)
+def test_patterns_compose_with_every_site_and_storage(spec):
+    model = tiny_model("llama")
+    ids = torch.arange(1, 17).reshape(2, 8)
+    with torch.no_grad():
+        clean = model(ids).logits
+        with inject(model, spec) as injection:
+            faulty = model(ids, use_cache="kv_cache" in spec).logits
+            part = next((site for site in ("activations", "kv_cache") if f"site={site}" in spec), "weights")
+            totals = injection.report.totals(part)
+        after = model(ids).logits
+    assert totals["hit_elements"] > 0 and not torch.equal(clean, faulty)
+    assert torch.equal(clean, after)  # restored
