@@ -420,3 +420,11 @@ def test_patterns_compose_with_every_site_and_storage(spec):
         after = model(ids).logits
     assert totals["hit_elements"] > 0 and not torch.equal(clean, faulty)
     assert torch.equal(clean, after)  # restored
+
+
+def test_a_row_that_holds_no_whole_word_fails_before_the_model_loads(tmp_path):
+    from lm_eval_faults.harness.preflight import check_bits
+
+    with pytest.raises(FaultSpecError, match=r"pattern='row:2' is invalid: row:2 does not hold whole 32-bit words.*runs in float32"):
+        check_bits(FaultSpec(p=1e-3, pattern="row:2"), layout_of(torch.float32), "the model runs in float32")
+    check_bits(FaultSpec(p=1e-3, pattern="row:2"), layout_of(torch.float16), "the model runs in float16")

@@ -25,6 +25,7 @@ import os
 from collections.abc import Iterable, Mapping
 from typing import Any
 
+import numpy as np
 import torch
 
 from lm_eval_faults.core.faults.device import device_path_mode
@@ -212,6 +213,11 @@ def check_bits(spec: FaultSpec, layout: BitLayout, where: str) -> None:
         except ValueError as error:  # resolve_bits names `bits=`; the user wrote protect_bits=
             message = str(error).replace(f"bits={spec.protect_bits!r}", f"protect_bits={spec.protect_bits!r}", 1)
             raise FaultSpecError(f"model_args {message} ({where})") from None
+    if spec.pattern_shape is not None and spec.per_bit:
+        try:  # a row must hold whole words of this width
+            spec.pattern_shape.slots(np.zeros(1, dtype=np.int64), layout.width, resolve_bits(layout, spec.bits))
+        except ValueError as error:
+            raise FaultSpecError(f"model_args pattern={spec.pattern!r} is invalid: {error} ({where})") from None
 
 
 def check_storage(spec: FaultSpec, config: Any) -> None:
