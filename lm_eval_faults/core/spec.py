@@ -260,7 +260,7 @@ class FaultSpec:
             set_(self, key, number)
         if self.p_sa0 is not None or self.p_sa1 is not None:
             raise _error("fit", self.fit, "stuck-at clusters take p_sa0= and p_sa1=; leave fit= and hours= out")
-        shape = self._parsed_pattern()
+        shape = self.pattern_shape
         p = fit_to_probability(self.fit, self.hours, shape.bits_per_slot() if shape else 1)
         # A spec rebuilt from its own fields (dataclasses.replace, a record) carries the p it converted to.
         if (self.p and self.p != p) or self.p01 is not None or self.p10 is not None:
@@ -269,16 +269,10 @@ class FaultSpec:
             raise _error("fit", self.fit, f"gives p=0 over hours={self.hours:g} (below float64's smallest rate); raise fit or hours")
         set_(self, "p", p)
 
-    def _parsed_pattern(self) -> Pattern | None:
-        try:
-            return parse_pattern(self.pattern)
-        except PatternError as error:
-            raise _error("pattern", self.pattern, str(error)) from None
-
     def _validate_pattern(self) -> None:
         """`pattern=`: how the faults of one event cluster (bursts, rows, ...), and its own keys."""
         set_ = object.__setattr__
-        shape = self._parsed_pattern()
+        shape = self.pattern_shape
         set_(self, "pattern", IID if shape is None else shape.label())
         for key in ("p_sa0", "p_sa1"):
             if getattr(self, key) is not None:
@@ -305,8 +299,12 @@ class FaultSpec:
 
     @cached_property
     def pattern_shape(self) -> Pattern | None:
-        """The parsed `pattern=` (None for iid, the independent draw)."""
-        return parse_pattern(self.pattern)
+        """The parsed `pattern=` (None for iid, the independent draw), parsed once per spec: the
+        label `_validate_pattern` writes back parses to the same pattern."""
+        try:
+            return parse_pattern(self.pattern)
+        except PatternError as error:
+            raise _error("pattern", self.pattern, str(error)) from None
 
     def _validate_kv_cache(self) -> None:
         """The KV-cache keys: which faults the cache's entries take, in which layers and parts."""

@@ -68,8 +68,7 @@ def _secded_encode(data: np.ndarray) -> np.ndarray:
 
 def _secded_decode(data_error: np.ndarray, check_error: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     word, check = _as_word(data_error), check_error[:, 0].astype(np.int64)
-    residual, detected = ecc.decode(word, check)
-    acted = ecc.DECODE[ecc.data_syndrome(word) ^ check] >= 0
+    residual, detected, acted = ecc.decode_actions(word, check)
     return residual.astype("<i8").view(np.uint8).reshape(-1, 8).astype(np.int64), detected, acted
 
 

@@ -81,8 +81,15 @@ def decode(data_error: np.ndarray, check_error: np.ndarray) -> tuple[np.ndarray,
 
     `data_error` holds 64-bit patterns as int64 (bit 63 in the sign bit), `check_error` 8-bit ones.
     """
+    residual, detected, _ = decode_actions(data_error, check_error)
+    return residual, detected
+
+
+def decode_actions(data_error: np.ndarray, check_error: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """`decode`, and whether the decoder flipped a bit (data or check): a miscorrection is a wrong
+    word the decoder acted on, an undetected error one it did not see; one syndrome decides all."""
     data_error = np.asarray(data_error, dtype=np.int64)
     action = DECODE[data_syndrome(data_error) ^ np.asarray(check_error, dtype=np.int64)]
     fixes_data = (action >= 0) & (action < DATA_BITS)
     correction = np.where(fixes_data, np.left_shift(np.int64(1), np.where(fixes_data, action, 0)), 0)
-    return data_error ^ correction, action == DETECTED
+    return data_error ^ correction, action == DETECTED, action >= 0

@@ -196,10 +196,9 @@ class WeightProtection:
         np.bitwise_or.at(data_error, inverse[: len(data_ids)], (old ^ new) << (position % per_word * layout.width))
         check_error = np.zeros(len(words), dtype=np.int64)
         check_error[inverse[len(data_ids) :]] = check.old ^ check.new
-        residual, detected = ecc.decode(data_error, check_error)
+        residual, detected, decoder_acted = ecc.decode_actions(data_error, check_error)
         word_site, word = words >> POSITION_BITS, words & ((1 << POSITION_BITS) - 1)
         erroneous = (data_error != 0) | (check_error != 0)
-        decoder_acted = ecc.DECODE[ecc.data_syndrome(data_error) ^ check_error] >= 0
         outcome = {
             "detected": detected,
             "corrected": erroneous & ~detected & (residual == 0),
